@@ -1,0 +1,3 @@
+from clcli.cli import main
+
+main()

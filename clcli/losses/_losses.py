@@ -1,0 +1,76 @@
+"""The collaborative loss terms of paper Eqs 2 and 4-6: metric (siamese or different input) and verification."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from clcli.errors import ClcliError
+
+from ._metrics import embedding_distance, get_metric
+from ._wasserstein import W2_MAX
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+
+def _pairwise(e_i: Tensor, peers: list[Tensor], kind: str) -> Tensor:
+    """Paper Eq 5: mean over peers j of D(e_i, e_j)."""
+    import torch
+
+    return torch.stack([embedding_distance(e_i, e_j, kind) for e_j in peers]).mean(dim=0)
+
+
+def _mean(e_i: Tensor, peers: list[Tensor], kind: str) -> Tensor:
+    """Paper Eq 6: D(e_i, mean of the peers' embeddings)."""
+    import torch
+
+    others = torch.stack([e_j.float() for e_j in peers]).mean(dim=0)
+    return embedding_distance(e_i, others, kind)
+
+
+_MULTI: dict[str, Callable[[Tensor, list[Tensor], str], Tensor]] = {"pairwise": _pairwise, "mean": _mean}
+
+
+def metric_loss(embeddings: Sequence[Tensor], i: int, *, kind: str = "dot", multi: str = "pairwise") -> Tensor:
+    """Siamese-input metric loss of network i (scalar, mean over the batch).
+
+    The peers' embeddings are detached: L_i trains only network i's path, so summing L_i over i trains everyone once,
+    and in iterative training the frozen peers get no gradient.
+    multi='pairwise' (paper Eq 5): mean over j != i of D(e_i, e_j).
+    multi='mean' (paper Eq 6): D(e_i, mean over j != i of e_j).
+    With 2 networks both equal D(e_i, e_j).
+    """
+    get_metric(kind)  # an unknown kind is the user's error; report it before any shape complaint
+    try:
+        combine = _MULTI[multi]
+    except KeyError:
+        raise ClcliError(f"unknown multi-network mode {multi!r}; valid: {', '.join(sorted(_MULTI))}") from None
+    if len(embeddings) < 2:
+        raise ClcliError(f"the metric loss needs at least 2 networks, got {len(embeddings)}")
+    if not 0 <= i < len(embeddings):
+        raise IndexError(f"network index {i} out of range for {len(embeddings)} embeddings")
+    peers = [e.detach() for j, e in enumerate(embeddings) if j != i]
+    return combine(embeddings[i], peers, kind).mean()
+
+
+def verification_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy of the linear softmax classifier on an embedding against the true labels."""
+    import torch.nn.functional as F
+
+    return F.cross_entropy(logits, targets)
+
+
+def different_input_metric_loss(e_i: Tensor, e_j: Tensor, w2: Tensor, *, kind: str = "dot") -> Tensor:
+    """Paper Eq 4, second line, for different inputs: mean over the batch of (D(e_i, e_j.detach()) - w2 / 2)^2.
+
+    D and W2^2 live on different scales: D is in [0, 2] (dot, cosine) or [0, 4] (l2), W2^2 in [0, 2] because the
+    ground cost is the squared distance between cell centres in [0, 1]^2. The target is W2^2 divided by that fixed
+    bound, 2, so it lies in [0, 1], inside every D's range. Natural images are close as histograms, so targets are
+    typically small: the loss asks embeddings of different images to keep the order and ratios of their W2^2.
+    """
+    distance = embedding_distance(e_i, e_j.detach(), kind)
+    if w2.shape != distance.shape:
+        raise ValueError(f"w2 must be [B] = {tuple(distance.shape)}, got {tuple(w2.shape)}")
+    # A fixed bound, not the batch maximum: a pair's target must not depend on which other pairs share its batch
+    # (that would make the target noisy and the cached W2^2 meaningless), and it is deterministic.
+    target = w2.detach().to(distance) / W2_MAX
+    return (distance - target).pow(2).mean()

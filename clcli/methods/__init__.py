@@ -1,0 +1,13 @@
+"""Training methods. Each is one small file that supplies its losses; all share one training loop.
+
+A method is an `nn.Module` in the style of timm's training tasks: `forward(batch) -> dict` with `loss` (what the
+loop back-propagates), `logits` (one tensor per network) and `parts` (every loss term, for logging).
+"""
+from __future__ import annotations
+
+from ._base import METHODS, Batch, Method, create, register
+
+# Importing the method files registers them.
+from . import cl, il  # noqa: E402,F401
+
+__all__ = ["METHODS", "Method", "Batch", "create", "register"]

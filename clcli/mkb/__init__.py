@@ -1,0 +1,107 @@
+"""Mutual Knowledge Bases and how they attach to timm models.
+
+`attach(model, halves)` registers the network's MKB halves under one prefix (`mkb.`) and hooks each into its tap
+module with a forward hook that returns the fused features: timm's classes are not edited and the base model's
+state_dict keys stay timm's own. `build_cohort_mkbs(plan, ...)` builds, for every site of a plan, one shared space
+transfer and each network's half around it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from clcli.errors import ClcliError
+
+from .spec import EMBEDDING, HalfSpec, MKBSpec, size_mkb
+
+PREFIX = "mkb"
+
+
+def site_name(index: int) -> str:
+    return f"site{index}"
+
+
+@dataclass
+class HalfPlan:
+    """Everything needed to rebuild one network's half at one site (stored in exports)."""
+
+    site: str
+    module: str
+    layout: str
+    prefix_tokens: int
+    half: HalfSpec
+    spec: MKBSpec
+    fuse: str
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return {"site": self.site, "module": self.module, "layout": self.layout,
+                "prefix_tokens": self.prefix_tokens, "half": asdict(self.half), "spec": self.spec.to_dict(),
+                "fuse": self.fuse}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HalfPlan":
+        return cls(d["site"], d["module"], d["layout"], d["prefix_tokens"], HalfSpec(**d["half"]),
+                   MKBSpec.from_dict(d["spec"]), d["fuse"])
+
+
+def half_plans(plan, network: int, fuse: str) -> list[HalfPlan]:
+    """The halves of network `network` for every chosen site of a probe plan."""
+    out = []
+    for i, site in enumerate(plan.sites):
+        tap = site.taps[network]
+        if tap.module is None:
+            raise ClcliError(
+                f"{plan.models[network].name}: tap {tap.node} is not a module output and cannot be hooked; "
+                "choose another site (clcli probe lists them)"
+            )
+        out.append(HalfPlan(site_name(i), tap.module, tap.layout, tap.prefix_tokens, site.mkb.halves[network],
+                            site.mkb, fuse))
+    return out
+
+
+def attach(model, halves: list[HalfPlan], transfers: dict | None = None) -> list:
+    """Attach MKB halves to `model` (under `model.mkb`) and hook them in. `transfers` maps site name to a shared
+    SpaceTransfer; missing ones are created (a single network, e.g. in an export). Returns the hook handles."""
+    import torch.nn as nn
+
+    from ._modules import MKBHalf, SpaceTransfer
+
+    if hasattr(model, PREFIX):
+        raise ClcliError(f"model already has an attribute '{PREFIX}': MKBs are attached once")
+    transfers = transfers if transfers is not None else {}
+    container = nn.ModuleDict()
+    handles = []
+    for hp in halves:
+        transfer = transfers.setdefault(hp.site, SpaceTransfer(hp.spec))
+        half = MKBHalf(hp.layout, hp.prefix_tokens, hp.half, hp.spec, transfer, hp.fuse)
+        container[hp.site] = half
+    model.add_module(PREFIX, container)
+    for hp in halves:
+        try:
+            target = model.get_submodule(hp.module)
+        except AttributeError:
+            raise ClcliError(f"{type(model).__name__} has no module '{hp.module}' for MKB {hp.site}") from None
+        handles.append(target.register_forward_hook(_fusion_hook(container[hp.site])))
+    return handles
+
+
+def _fusion_hook(half):
+    def hook(module, inputs, output):
+        fused, embedding = half(output)
+        half.embedding = embedding
+        return fused
+
+    return hook
+
+
+def embeddings(model) -> dict:
+    """The embeddings of the model's last forward, by site name."""
+    container = getattr(model, PREFIX, None)
+    if container is None:
+        return {}
+    return {name: half.embedding for name, half in container.items()}
+
+
+__all__ = ["attach", "half_plans", "embeddings", "HalfPlan", "MKBSpec", "HalfSpec", "size_mkb", "PREFIX",
+           "EMBEDDING", "site_name"]

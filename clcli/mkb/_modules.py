@@ -1,0 +1,103 @@
+"""The MKB modules: per-network encoder and decoder, the shared space transfer, and the fusion H = (1 + elu(M)) (+) X."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .spec import HalfSpec, MKBSpec
+
+FUSIONS = ("mul", "add")
+
+
+class Encoder(nn.Sequential):
+    """Feature map (C_i, H_i, W_i) -> unified code (C_code, h, w)."""
+
+    def __init__(self, half: HalfSpec, spec: MKBSpec):
+        k, size = half.kernel, (spec.code_height, spec.code_width)
+        layers: list[nn.Module] = []
+        stride = 1
+        if half.resample == "x2" and k == 3:
+            stride = 2
+        elif half.resample != "none":
+            layers.append(nn.AdaptiveAvgPool2d(size))
+        layers += [
+            nn.Conv2d(half.channels, spec.code_channels, k, stride=stride, padding=k // 2, bias=False),
+            nn.BatchNorm2d(spec.code_channels),
+            nn.ReLU(inplace=True),
+        ]
+        super().__init__(*layers)
+
+
+class SpaceTransfer(nn.Sequential):
+    """Two conv layers into the mutual space; the flattened output is the embedding. Shared by all networks."""
+
+    def __init__(self, spec: MKBSpec):
+        c = spec.code_channels
+        super().__init__(
+            nn.Conv2d(c, c, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c, c, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c),
+        )
+
+
+class Decoder(nn.Sequential):
+    """Mutual-space code (C_code, h, w) -> M of the network's shape (C_i, H_i, W_i)."""
+
+    def __init__(self, half: HalfSpec, spec: MKBSpec):
+        k, c = half.kernel, spec.code_channels
+        layers: list[nn.Module]
+        if half.resample == "x2" and k == 3:
+            layers = [nn.ConvTranspose2d(c, half.channels, 4, stride=2, padding=1, bias=False)]
+        else:
+            layers = [nn.Conv2d(c, half.channels, k, padding=k // 2, bias=False)]
+            if half.resample != "none":
+                layers.append(nn.Upsample(size=(half.height, half.width), mode="nearest"))
+        norm = nn.BatchNorm2d(half.channels)
+        # M = 0 at the start: with mul fusion the MKB is the identity, so it cannot hurt the untrained network.
+        nn.init.zeros_(norm.weight)
+        layers.append(norm)
+        super().__init__(*layers)
+
+
+class MKBHalf(nn.Module):
+    """One network's path through one MKB: its encoder, the (shared) transfer, its decoder, and the fusion back
+    into the network. Converts the tap's layout (NCHW, NHWC or a token grid) to NCHW and back."""
+
+    def __init__(self, layout: str, prefix_tokens: int, half: HalfSpec, spec: MKBSpec, transfer: SpaceTransfer,
+                 fuse: str = "mul"):
+        super().__init__()
+        if fuse not in FUSIONS:
+            raise ValueError(f"fuse must be one of {FUSIONS}")
+        self.layout, self.prefix_tokens, self.fuse = layout, prefix_tokens, fuse
+        self.height, self.width = half.height, half.width
+        self.encoder = Encoder(half, spec)
+        self.transfer = transfer
+        self.decoder = Decoder(half, spec)
+        self.embedding: torch.Tensor | None = None  # the last forward's embedding, read by the training method
+
+    def _to_nchw(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.layout == "NCHW":
+            return x, None
+        if self.layout == "NHWC":
+            return x.permute(0, 3, 1, 2), None
+        prefix, tokens = x[:, : self.prefix_tokens], x[:, self.prefix_tokens:]
+        grid = tokens.transpose(1, 2).reshape(x.shape[0], x.shape[2], self.height, self.width)
+        return grid, prefix
+
+    def _from_nchw(self, y: torch.Tensor, prefix: torch.Tensor | None) -> torch.Tensor:
+        if self.layout == "NCHW":
+            return y
+        if self.layout == "NHWC":
+            return y.permute(0, 2, 3, 1)
+        tokens = y.flatten(2).transpose(1, 2)
+        return torch.cat([prefix, tokens], dim=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features, prefix = self._to_nchw(x)
+        code = self.transfer(self.encoder(features))
+        gate = 1.0 + F.elu(self.decoder(code))
+        fused = features * gate if self.fuse == "mul" else features + gate
+        return self._from_nchw(fused, prefix), code.flatten(1)

@@ -1,0 +1,210 @@
+"""Where can MKBs go? Trace timm models, find their tap points and rank sites where all of them meet.
+
+Public API: `analyse(name, ...)` for one model, `plan(names, ...)` for a cohort; `Plan.to_dict()` is what
+`clcli probe --json` prints and `clcli train --plan` reads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from clcli.errors import ClcliError
+from clcli.mkb.spec import EMBEDDING, MKBSpec, size_mkb
+from clcli.models import StemChange
+
+from ._taps import Tap
+
+PLAN_VERSION = 1
+STEMS = ("imagenet", "small")
+
+
+@dataclass
+class ModelProbe:
+    name: str
+    kwargs: dict
+    stem: StemChange | None
+    tracer: str                  # fx | export
+    params: int
+    macs: int
+    taps: list[Tap]              # every spatial cut point
+    stage_taps: list[Tap]        # one per size: the stage outputs
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "kwargs": self.kwargs,
+            "stem": self.stem.to_dict() if self.stem else None,
+            "tracer": self.tracer,
+            "params": self.params,
+            "macs": self.macs,
+            "taps": [t.to_dict() for t in self.stage_taps],
+        }
+
+
+@dataclass
+class Site:
+    size: tuple[int, int]
+    taps: list[Tap]              # one per model, in model order
+    score: float
+    resized: bool
+    mkb: MKBSpec
+
+    def to_dict(self) -> dict:
+        return {
+            "size": list(self.size),
+            "score": self.score,
+            "resized": self.resized,
+            "taps": [t.to_dict() for t in self.taps],
+            "mkb": self.mkb.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Site":
+        return cls(tuple(d["size"]), [Tap(**t) for t in d["taps"]], d["score"], d["resized"],
+                   MKBSpec.from_dict(d["mkb"]))
+
+
+@dataclass
+class Plan:
+    models: list[ModelProbe]
+    input_size: tuple[int, int]
+    stem: str
+    sites: list[Site]            # chosen sites (what training builds)
+    candidates: list[Site] = field(default_factory=list)  # every ranked site
+    resized: bool = False
+    version: int = PLAN_VERSION
+
+    def to_dict(self) -> dict:
+        return {
+            "version": self.version,
+            "input_size": list(self.input_size),
+            "stem": self.stem,
+            "models": [m.to_dict() for m in self.models],
+            "sites": [s.to_dict() for s in self.sites],
+            "candidates": [s.to_dict() for s in self.candidates],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        if not isinstance(d, dict) or "version" not in d:
+            raise ClcliError("not a clcli plan (no 'version' field)")
+        if d["version"] != PLAN_VERSION:
+            raise ClcliError(f"unsupported plan version {d['version']} (this clcli reads version {PLAN_VERSION})")
+        try:
+            models = [
+                ModelProbe(m["name"], m["kwargs"], StemChange(**m["stem"]) if m["stem"] else None, m["tracer"],
+                           m["params"], m["macs"], [Tap(**t) for t in m["taps"]], [Tap(**t) for t in m["taps"]])
+                for m in d["models"]
+            ]
+            sites = [Site.from_dict(s) for s in d["sites"]]
+            candidates = [Site.from_dict(s) for s in d.get("candidates", [])]
+            return cls(models, tuple(d["input_size"]), d["stem"], sites, candidates,
+                       any(s.resized for s in sites), d["version"])
+        except (KeyError, TypeError) as e:
+            raise ClcliError(f"malformed clcli plan: {e}") from None
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+
+def _as_hw(input_size) -> tuple[int, int]:
+    hw = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    if len(hw) != 2 or any((not isinstance(x, int)) or x < 8 or x > 4096 for x in hw):
+        raise ClcliError(f"bad input size {input_size}: give one integer (or H, W) between 8 and 4096")
+    return hw  # type: ignore[return-value]
+
+
+def _traced(model, in_chans: int, hw: tuple[int, int]):
+    """Shapes on the meta device (no memory, no compute); real tensors where a meta kernel is missing."""
+    import torch
+
+    from ._graph import trace
+
+    try:
+        return trace(model, torch.empty(1, in_chans, *hw, device="meta"))
+    except ClcliError:
+        model = model.to_empty(device="cpu")
+        return trace(model, torch.zeros(1, in_chans, *hw))
+
+
+def analyse(
+    name: str,
+    input_size: int | tuple[int, int] = 32,
+    *,
+    stem: str = "imagenet",
+    num_classes: int = 10,
+    in_chans: int = 3,
+) -> ModelProbe:
+    """Trace one timm model and find its taps."""
+    from clcli import models
+
+    from ._stem import find_small_stem
+    from ._taps import find_taps_in_graph, stage_taps
+
+    if stem not in STEMS:
+        raise ClcliError(f"unknown stem '{stem}': use one of {', '.join(STEMS)}")
+    hw = _as_hw(input_size)
+    kwargs = models.model_kwargs(name, num_classes=num_classes, in_chans=in_chans, input_size=hw)
+    model = models.create(name, kwargs, meta=True)
+    graph = _traced(model, in_chans, hw)
+    change = None
+    if stem == "small":
+        change = find_small_stem(model, graph)
+        if change.conv is None:
+            raise ClcliError(f"{name}: no strided conv found for --stem small")
+        models.apply_stem(model, change)
+        try:
+            graph = _traced(model, in_chans, hw)
+        except ClcliError as e:
+            raise ClcliError(f"{name}: --stem small breaks the model ({e}); use --stem imagenet") from None
+    prefix = getattr(model, "num_prefix_tokens", None)
+    taps = find_taps_in_graph(graph, hw, prefix if isinstance(prefix, int) else None)
+    return ModelProbe(name, kwargs, change, graph.tracer, models.count_params(model), graph.macs,
+                      taps, stage_taps(taps))
+
+
+def plan(
+    names: list[str],
+    input_size: int | tuple[int, int] = 32,
+    *,
+    stem: str = "imagenet",
+    mkbs: int = 1,
+    num_classes: int = 10,
+    in_chans: int = 3,
+    embedding: int = EMBEDDING,
+    budget: float = 0.10,
+) -> Plan:
+    """Probe every model and choose `mkbs` MKB sites common to all of them."""
+    from clcli.models import check_model_name
+
+    from ._pairing import candidate_sites, nearest_sizes, spread
+
+    if len(names) < 2:
+        raise ClcliError("collaborative learning needs at least 2 models")
+    if mkbs < 1:
+        raise ClcliError(f"--mkbs must be at least 1, got {mkbs}")
+    for n in names:
+        check_model_name(n)
+    hw = _as_hw(input_size)
+    probes = [analyse(n, hw, stem=stem, num_classes=num_classes, in_chans=in_chans) for n in names]
+    raw, resized = candidate_sites([p.stage_taps for p in probes])
+    if not raw:
+        raise ClcliError(
+            f"no shared spatial size at input {hw[0]}x{hw[1]} (stage sizes: {nearest_sizes([p.stage_taps for p in probes])});"
+            " try a larger --input-size or --stem small"
+        )
+    params = [p.params for p in probes]
+    candidates = [
+        Site(tuple(s["size"]), s["taps"], s["score"], s["resized"],
+             size_mkb([(t.channels, t.height, t.width) for t in s["taps"]], params,
+                      embedding=embedding, budget=budget))
+        for s in raw
+    ]
+    chosen_raw = spread(raw, mkbs)
+    chosen = [c for c in candidates if any(c.taps is r["taps"] for r in chosen_raw)]
+    if len(chosen) < mkbs:
+        raise ClcliError(f"asked for {mkbs} MKBs but only {len(chosen)} distinct stages are shared")
+    return Plan(probes, hw, stem, chosen, candidates, resized)
+
+
+__all__ = ["Plan", "Site", "ModelProbe", "Tap", "analyse", "plan", "PLAN_VERSION"]

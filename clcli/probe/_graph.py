@@ -1,0 +1,183 @@
+"""Trace a timm model into a small, uniform graph description (fx first, torch.export as the fallback).
+
+Both tracers end in the same `Graph`: nodes in topological order with their output shape, the module that
+produced them (if any) and the modules whose scope they belong to. Everything downstream (taps, stem surgery,
+MACs) reads only this description, so it never cares which tracer ran.
+"""
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class GNode:
+    name: str
+    op: str                          # placeholder | call_module | call_function | call_method | output
+    target: str                      # module path for call_module, function name otherwise
+    scope: tuple[str, ...]           # module paths whose forward this node runs inside, outermost first
+    shape: tuple[int, ...] | None    # output shape when the output is a single tensor
+    inputs: list[int] = field(default_factory=list)
+    users: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Graph:
+    nodes: list[GNode]
+    tracer: str                      # "fx" or "export"
+    macs: int                        # multiply-accumulates of conv and linear layers for one image
+
+
+def _leaf_modules() -> tuple[type, ...]:
+    from timm.layers import get_notrace_modules
+
+    return tuple(m for m in get_notrace_modules() if isinstance(m, type))
+
+
+def _autowrap_functions() -> tuple:
+    from timm.layers import get_notrace_functions
+
+    return tuple(f for f in get_notrace_functions() if callable(f))
+
+
+class _TimmTracer(torch.fx.Tracer):
+    """fx tracer with timm's own no-trace modules and functions (what `timm.models.get_graph_node_names` uses)."""
+
+    def __init__(self) -> None:
+        super().__init__(autowrap_functions=_autowrap_functions())
+        self._leaves = _leaf_modules()
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, self._leaves):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _concrete_args(model: nn.Module) -> dict:
+    """Fix every optional forward argument to its default, so fx takes the plain inference branch
+    (hiera's `mask=None` otherwise sends fx down the masking path)."""
+    params = list(inspect.signature(model.forward).parameters.values())[1:]
+    return {
+        p.name: p.default
+        for p in params
+        if p.default is not inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
+
+
+def _tensor_shape(value) -> tuple[int, ...] | None:
+    if isinstance(value, torch.Tensor):
+        return tuple(int(s) for s in value.shape)
+    return None
+
+
+def _fx_graph(model: nn.Module, example: torch.Tensor) -> list[GNode]:
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    tracer = _TimmTracer()
+    fx_graph = tracer.trace(model, concrete_args=_concrete_args(model))
+    gm = torch.fx.GraphModule(tracer.root, fx_graph)
+    ShapeProp(gm).propagate(example)
+    nodes: list[GNode] = []
+    index: dict[torch.fx.Node, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            continue  # weights: constant, never a path for activations
+        meta = node.meta.get("tensor_meta")
+        shape = tuple(int(s) for s in meta.shape) if hasattr(meta, "shape") else None
+        scope = tuple(node.meta.get("nn_module_stack", {}).keys())
+        target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+        index[node] = len(nodes)
+        nodes.append(GNode(node.name, node.op, target, scope, shape))
+    for node, i in index.items():
+        nodes[i].inputs = sorted({index[a] for a in node.all_input_nodes if a in index})
+    for i, n in enumerate(nodes):
+        for j in n.inputs:
+            nodes[j].users.append(i)
+    return nodes
+
+
+_EXPORT_PATH = re.compile(r"\[(\d+)\]")
+
+
+def _export_scope_path(path: str) -> str:
+    """torch.export writes scopes as `L['self'].blocks[0].attn` or `blocks.0.attn`; make them module paths."""
+    path = path.replace("L['self']", "").replace("L__self__", "")
+    path = _EXPORT_PATH.sub(r".\1", path)
+    path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
+    path = path.replace("getattr(", "").replace(")", "")
+    return path.strip(".")
+
+
+def _export_graph(model: nn.Module, example: torch.Tensor) -> list[GNode]:
+    program = torch.export.export(model, (example,), strict=False)
+    user_inputs = set(program.graph_signature.user_inputs)
+    nodes: list[GNode] = []
+    index: dict = {}
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name not in user_inputs:
+            continue  # lifted parameters and buffers
+        stack = node.meta.get("nn_module_stack", {}) or {}
+        scope = tuple(p for p in (_export_scope_path(v[0]) for v in stack.values()) if p)
+        target = node.target if isinstance(node.target, str) else str(node.target)
+        index[node] = len(nodes)
+        nodes.append(GNode(node.name, node.op, target, scope, _tensor_shape(node.meta.get("val"))))
+    for node, i in index.items():
+        nodes[i].inputs = sorted({index[a] for a in node.all_input_nodes if a in index})
+    for i, n in enumerate(nodes):
+        for j in n.inputs:
+            nodes[j].users.append(i)
+    return nodes
+
+
+def _count_macs(model: nn.Module, nodes: list[GNode]) -> int:
+    """Conv and linear MACs per image, from each layer's output shape (attention matmuls are not counted)."""
+    modules = dict(model.named_modules())
+    total = 0
+    for n in nodes:
+        if n.shape is None or not n.shape:
+            continue
+        per_image = 1
+        for s in n.shape[1:]:
+            per_image *= s
+        if n.op == "call_module":
+            path = n.target
+        elif n.op == "call_function" and n.scope and ("conv" in n.target or "linear" in n.target):
+            path = n.scope[-1]  # torch.export: the aten op runs inside the layer's module scope
+        else:
+            continue
+        m = modules.get(path)
+        if isinstance(m, nn.Conv2d):
+            k = m.kernel_size[0] * m.kernel_size[1]
+            total += per_image * (m.in_channels // m.groups) * k
+        elif isinstance(m, nn.Linear):
+            total += per_image * m.in_features
+    return total
+
+
+def trace(model: nn.Module, example: torch.Tensor) -> Graph:
+    """Trace `model` (in eval mode) on `example`, with fx and, where fx fails, torch.export."""
+    model.eval()
+    try:
+        nodes = _fx_graph(model, example)
+        tracer = "fx"
+    except Exception as fx_error:  # noqa: BLE001 - any tracing failure falls back to export
+        try:
+            nodes = _export_graph(model, example)
+        except Exception as export_error:  # noqa: BLE001
+            from clcli.errors import ClcliError
+
+            raise ClcliError(
+                f"cannot analyse {type(model).__name__}: fx failed ({_first_line(fx_error)}) and torch.export "
+                f"failed ({_first_line(export_error)})"
+            ) from None
+        tracer = "export"
+    return Graph(nodes, tracer, _count_macs(model, nodes))
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:160]

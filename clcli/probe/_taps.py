@@ -1,0 +1,168 @@
+"""Tap points: cut points of the graph whose output is a spatial feature map.
+
+A cut point is a node that every path from the input to the head goes through: no edge jumps over it. Inside a
+residual block the skip edge jumps over every node, so only the block output qualifies, which is exactly where an
+MKB can rewrite the features without breaking the block.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from ._graph import GNode, Graph
+
+
+@dataclass
+class Tap:
+    node: str                 # graph node name
+    module: str | None        # module path whose forward output is this tensor (hookable), else None
+    layout: str               # NCHW | NHWC | NLC (token grid)
+    channels: int
+    height: int
+    width: int
+    prefix_tokens: int        # NLC only: class/register tokens before the patch grid
+    stage: int                # downsampling level: round(log2(input_height / height))
+    depth: float              # 0 = input, 1 = head, by position in the graph
+    is_module_output: bool
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return (self.height, self.width)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def cut_points(nodes: list[GNode]) -> list[int]:
+    """Indices of nodes over which no edge jumps (reach of all earlier nodes ends at or before them)."""
+    cuts = []
+    reach = -1
+    for i, n in enumerate(nodes):
+        if reach <= i and n.op not in ("placeholder", "output"):
+            cuts.append(i)
+        last_use = max(n.users) if n.users else i
+        reach = max(reach, last_use)
+    return cuts
+
+
+def _scale_level(size: int, full: int) -> int | None:
+    """Level k with size ~ full / 2**k (floor or ceil, the usual conv arithmetic), or None."""
+    for k in range(0, 8):
+        exact = full / (2**k)
+        if size in (math.floor(exact), math.ceil(exact)) and size >= 1:
+            return k
+    return None
+
+
+def _layout(shape: tuple[int, ...], input_hw: tuple[int, int], prefix_hint: int | None, prefer: str | None):
+    """(layout, C, H, W, prefix) for a spatial feature map, or None. Spatial dims must look like input / 2**k."""
+    H, W = input_hw
+    if len(shape) == 4:
+        _, a, b, c = shape
+        # Both spatial dims must come from the same number of downsamplings (a square input stays square).
+        nchw = _scale_level(b, H) is not None and _scale_level(b, H) == _scale_level(c, W)
+        nhwc = _scale_level(a, H) is not None and _scale_level(a, H) == _scale_level(b, W)
+        if nchw and nhwc:
+            use = prefer or "NCHW"  # C == H == W: a model keeps one layout, so follow its other taps
+        elif nchw:
+            use = "NCHW"
+        elif nhwc:
+            use = "NHWC"
+        else:
+            return None
+        return (use, a, b, c, 0) if use == "NCHW" else (use, c, a, b, 0)
+    if len(shape) == 3:
+        _, length, channels = shape
+        prefixes = [prefix_hint] if prefix_hint is not None else range(0, 9)
+        for p in prefixes:
+            grid = length - p
+            if grid < 4:
+                continue
+            # A patch grid keeps the input's aspect ratio: h = H / patch, w = W / patch.
+            for patch in range(1, max(H, W) + 1):
+                if H % patch or W % patch:
+                    continue
+                h, w = H // patch, W // patch
+                if h * w == grid:
+                    return ("NLC", channels, h, w, p)
+                if h * w < grid:
+                    break
+        return None
+    return None
+
+
+def _module_output(nodes: list[GNode], i: int, last_in_scope: dict[str, int]) -> str | None:
+    """The outermost module whose forward returns node i: node i is the last node run inside its scope."""
+    n = nodes[i]
+    paths = list(n.scope)
+    if n.op == "call_module" and n.target not in paths:
+        paths.append(n.target)
+    for path in paths:  # outermost first
+        if last_in_scope.get(path) == i:
+            return path
+    return None
+
+
+def find_taps_in_graph(graph: Graph, input_hw: tuple[int, int], prefix_hint: int | None = None) -> list[Tap]:
+    nodes = graph.nodes
+    last_in_scope: dict[str, int] = {}
+    for i, n in enumerate(nodes):
+        for path in n.scope:
+            last_in_scope[path] = i
+        if n.op == "call_module":
+            last_in_scope[n.target] = i
+    output_pos = max(len(nodes) - 1, 1)
+    taps: list[Tap] = []
+    prefer = None
+    for i in cut_points(nodes):
+        n = nodes[i]
+        if n.shape is None:
+            continue
+        found = _layout(n.shape, input_hw, prefix_hint, prefer)
+        if found is None:
+            continue
+        layout, c, h, w, prefix = found
+        if layout != "NLC":
+            prefer = layout
+        module = _module_output(nodes, i, last_in_scope)
+        taps.append(
+            Tap(
+                node=n.name,
+                module=module,
+                layout=layout,
+                channels=c,
+                height=h,
+                width=w,
+                prefix_tokens=prefix,
+                stage=round(math.log2(max(input_hw[0] / h, 1.0))),
+                depth=round(i / output_pos, 4),
+                is_module_output=module is not None,
+            )
+        )
+    return taps
+
+
+TARGET_DEPTH = 0.65   # middle-to-late: Table 5's best site sits about two thirds of the way to the head
+ISOTROPIC_SPAN = 0.3  # a size that spans this much of the depth is an isotropic trunk (ViT), not one stage
+
+
+def _path_depth(t: Tap) -> int:
+    return t.module.count(".") if t.module else 99
+
+
+def stage_taps(taps: list[Tap]) -> list[Tap]:
+    """One tap per spatial size. In a CNN stage: the stage output, i.e. the outermost module (fewest path parts)
+    and, among those, the deepest. In an isotropic trunk (ViT, one size for most of the depth): the block output
+    nearest the paper's middle-to-late target depth."""
+    by_size: dict[tuple[int, int], list[Tap]] = {}
+    for t in taps:
+        by_size.setdefault(t.size, []).append(t)
+    chosen = []
+    for group in by_size.values():
+        candidates = [t for t in group if t.is_module_output] or group
+        span = max(t.depth for t in candidates) - min(t.depth for t in candidates)
+        if span > ISOTROPIC_SPAN:
+            chosen.append(min(candidates, key=lambda t: abs(t.depth - TARGET_DEPTH)))
+        else:
+            chosen.append(min(candidates, key=lambda t: (_path_depth(t), -t.depth)))
+    return sorted(chosen, key=lambda t: t.depth)

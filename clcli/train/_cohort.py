@@ -1,0 +1,69 @@
+"""The cohort: the networks trained together, their MKB halves (hooked inside each network) and the
+training-only verification heads."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from clcli import mkb, models
+
+
+class Cohort(nn.Module):
+    def __init__(self, networks: list[nn.Module], names: list[str], verifiers: nn.ModuleDict | None = None):
+        super().__init__()
+        self.networks = nn.ModuleList(networks)
+        self.names = names
+        self.verifiers = verifiers if verifiers is not None else nn.ModuleDict()
+
+    def forward(self, images: list[torch.Tensor], active: int | None = None) -> list[torch.Tensor]:
+        """Logits of every network. In iterative training only `active` builds a graph; the frozen networks run
+        without gradients and with their BN statistics restored afterwards, so that the step leaves them as they were."""
+        out = []
+        for i, (net, x) in enumerate(zip(self.networks, images)):
+            if active is None or active == i:
+                out.append(net(x))
+            else:
+                with torch.no_grad(), _frozen_buffers(net):
+                    out.append(net(x))
+        return out
+
+    def embeddings(self) -> dict[str, list[torch.Tensor]]:
+        """{site: [embedding of each network]} from the last forward."""
+        per_net = [mkb.embeddings(net) for net in self.networks]
+        return {site: [e[site] for e in per_net] for site in (per_net[0] if per_net else {})}
+
+
+def _own_buffers(net: nn.Module) -> list[torch.Tensor]:
+    # The shared space transfer is updated by the active network too, so its statistics are not the frozen one's.
+    return [b for name, b in net.named_buffers() if ".transfer." not in name]
+
+
+@contextmanager
+def _frozen_buffers(net: nn.Module):
+    saved = [b.clone() for b in _own_buffers(net)]
+    try:
+        yield
+    finally:
+        for b, s in zip(_own_buffers(net), saved):
+            b.copy_(s)
+
+
+def build_cohort(plan, *, num_classes: int, seed: int, with_mkb: bool, fuse: str = "mul") -> Cohort:
+    """Build every network of `plan` (the same initial weights for a given seed, with or without MKBs), then the
+    MKBs (from their own seed, so IL and CL start from identical networks)."""
+    networks = []
+    for i, probe in enumerate(plan.models):
+        torch.manual_seed(seed * 1000 + i)
+        kwargs = dict(probe.kwargs, num_classes=num_classes)
+        networks.append(models.create(probe.name, kwargs, stem=probe.stem))
+    verifiers = nn.ModuleDict()
+    if with_mkb:
+        torch.manual_seed(seed * 1000 + 999)
+        transfers: dict = {}
+        for i, net in enumerate(networks):
+            mkb.attach(net, mkb.half_plans(plan, i, fuse), transfers)
+        for i, site in enumerate(plan.sites):
+            verifiers[mkb.site_name(i)] = nn.Linear(site.mkb.embedding, num_classes)
+    return Cohort(networks, [m.name for m in plan.models], verifiers)

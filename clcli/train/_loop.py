@@ -1,0 +1,257 @@
+"""One training loop for every method: data in memory as uint8, augmented in batches on the training device."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from clcli.errors import ClcliError
+
+from . import _run
+from ._cohort import Cohort
+
+
+@dataclass
+class Data:
+    train_images: torch.Tensor   # uint8 [N, C, H, W] on the training device
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    class_names: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ClcliError("device 'cuda' asked for but CUDA is not available")
+    return torch.device(name)
+
+
+def to_input(images_u8: torch.Tensor, mean, std, channels_last: bool = False) -> torch.Tensor:
+    from clcli.data import normalize
+
+    x = normalize(images_u8, mean, std, channels=3)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@torch.no_grad()
+def evaluate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean, std, *, batch_size: int = 500,
+             topk: tuple[int, ...] = (1,), channels_last: bool = False) -> dict[str, float]:
+    """Accuracy (%) of one network (with its own MKB halves, as deployed) on uint8 images."""
+    was_training = net.training
+    net.eval()
+    device = next(net.parameters()).device
+    correct = {k: 0 for k in topk}
+    for start in range(0, len(images), batch_size):
+        x = to_input(images[start:start + batch_size].to(device), mean, std, channels_last)
+        y = labels[start:start + batch_size].to(device)
+        logits = net(x)
+        top = logits.topk(max(topk), dim=1).indices
+        for k in topk:
+            correct[k] += (top[:, :k] == y[:, None]).any(dim=1).sum().item()
+    net.train(was_training)
+    n = max(len(images), 1)
+    return {f"top{k}": 100.0 * correct[k] / n for k in topk}
+
+
+def _param_groups(cohort: Cohort, recipe) -> list[dict]:
+    """One group per network (its own weights and MKB encoder/decoder) plus one for what the networks share
+    (space transfers, verification heads), so that lr and weight decay can be set per network."""
+    cfg = recipe.train
+    seen: set[int] = set()
+    groups = []
+    for net, name in zip(cohort.networks, cohort.names):
+        own = [p for n, p in net.named_parameters() if ".transfer." not in n]
+        seen.update(id(p) for p in own)
+        groups.append({"params": own, "lr": cfg.network_lr.get(name, cfg.lr),
+                       "weight_decay": cfg.network_weight_decay.get(name, cfg.weight_decay), "name": name})
+    shared = [p for p in cohort.parameters() if id(p) not in seen]
+    if shared:
+        groups.append({"params": shared, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "shared"})
+    return groups
+
+
+def _scheduler(optimizer, recipe, steps_per_epoch: int):
+    cfg = recipe.train
+    total = max(cfg.epochs * steps_per_epoch, 1)
+    if cfg.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=cfg.plateau_patience)
+    if cfg.schedule == "cosine":
+        fn = lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))  # noqa: E731
+    elif cfg.schedule == "step":
+        fn = lambda step: 0.1 ** sum(step >= m * total for m in (0.5, 0.75))  # noqa: E731
+    else:
+        fn = lambda step: 1.0  # noqa: E731
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+def _fault_injection(step: int) -> None:
+    """Tests kill the process mid-epoch to check that --resume is exact (CLCLI_FAULT_KILL_AT_STEP=global step)."""
+    at = os.environ.get("CLCLI_FAULT_KILL_AT_STEP")
+    if at is not None and step == int(at):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _Progress:
+    """Rich live progress: epoch, step, loss parts and accuracy per network, images/s, ETA."""
+
+    def __init__(self, enabled: bool, total_steps: int, label: str, console=None):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+            TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+            console=console, transient=False,
+        )
+        self.task = self.progress.add_task(label, total=total_steps, status="")
+        self.progress.start()
+
+    def update(self, completed: int, status: str) -> None:
+        if self.enabled:
+            self.progress.update(self.task, completed=completed, status=status)
+
+    def log(self, text: str) -> None:
+        if self.enabled:
+            self.progress.console.print(text, highlight=False)
+
+    def stop(self) -> None:
+        if self.enabled:
+            self.progress.stop()
+
+
+def fit(method, data: Data, recipe, run_dir: Path, *, start_state: dict | None = None, show_progress: bool = True,
+        console=None) -> dict:
+    """Train `method` (which owns the cohort) on `data`; checkpoint after every epoch. Returns the final summary."""
+    from clcli.data import BatchAugment, epoch_batches
+    from clcli.methods import Batch
+
+    cfg = recipe.train
+    cohort: Cohort = method.cohort
+    device = data.train_images.device
+    n_nets = len(cohort.networks)
+    batch_size = min(cfg.batch_size, len(data.train_labels))
+    steps_per_epoch = len(data.train_labels) // batch_size
+    if steps_per_epoch == 0:
+        raise ClcliError(f"the training split has {len(data.train_labels)} images, fewer than one batch")
+    optimizer = torch.optim.SGD(_param_groups(cohort, recipe), lr=cfg.lr, momentum=cfg.momentum,
+                                nesterov=cfg.nesterov and cfg.momentum > 0)
+    scheduler = _scheduler(optimizer, recipe, steps_per_epoch)
+    per_step_schedule = not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    start_epoch = 0
+    if start_state is not None:
+        method.load_state_dict(start_state["method"])
+        optimizer.load_state_dict(start_state["optimizer"])
+        scheduler.load_state_dict(start_state["scheduler"])
+        start_epoch = int(start_state["epoch"])
+        if getattr(method, "w2_cache", None) is not None and "w2_cache" in start_state:
+            method.w2_cache.load_state_dict(start_state["w2_cache"])
+    augment = BatchAugment(recipe.data.augment, recipe.data.padding)
+    siamese = recipe.cl.input == "siamese" or not method.uses_mkb
+    iterative = recipe.cl.manner == "iterative" and method.uses_mkb
+    amp = device.type == "cuda" and cfg.amp
+    amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if amp and amp_dtype == torch.float16 else None
+
+    log = _run.MetricsLog(run_dir / "metrics.jsonl", keep_before_epoch=start_epoch)
+    progress = _Progress(show_progress, (cfg.epochs - start_epoch) * steps_per_epoch,
+                         f"{method.name} {'+'.join(cohort.names)}", console)
+    summary: dict = {}
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            # Everything random in an epoch derives from (seed, epoch): a resumed run repeats it exactly.
+            torch.manual_seed(cfg.seed * 100003 + epoch)
+            orders = [epoch_batches(len(data.train_labels), batch_size, seed=cfg.seed + (0 if siamese else 7919 * j),
+                                    epoch=epoch) for j in range(1 if siamese else n_nets)]
+            gens = [torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + epoch * 131 + j)
+                    for j in range(len(orders))]
+            method.train()
+            sums: dict[str, torch.Tensor] = {}
+            correct = torch.zeros(n_nets, device=device)
+            seen = 0
+            window_start, window_images = time.perf_counter(), 0
+            for step in range(steps_per_epoch):
+                global_step = epoch * steps_per_epoch + step
+                _fault_injection(global_step)
+                idx = [order[step].to(device) for order in orders]
+                raw = [augment(data.train_images[i], g) for i, g in zip(idx, gens)]
+                inputs = [to_input(r, data.mean, data.std, cfg.channels_last) for r in raw]
+                targets = [data.train_labels[i] for i in idx]
+                if siamese:
+                    idx, raw, inputs, targets = idx * n_nets, raw * n_nets, inputs * n_nets, targets * n_nets
+                batch = Batch(inputs, targets, idx, raw, active=(global_step % n_nets) if iterative else None)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                    out = method(batch)
+                loss = out["loss"]
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
+                if per_step_schedule:
+                    scheduler.step()
+                with torch.no_grad():
+                    for k, v in out["parts"].items():
+                        sums[k] = sums.get(k, 0.0) + v.detach().float()
+                    for i, logits in enumerate(out["logits"]):
+                        correct[i] += (logits.argmax(1) == targets[i]).sum()
+                seen += batch_size
+                window_images += batch_size
+                if (step + 1) % cfg.log_every == 0 or step + 1 == steps_per_epoch:
+                    means = {k: (v / (step + 1)).item() for k, v in sums.items()}  # one host sync per log window
+                    if not all(math.isfinite(v) for v in means.values()):
+                        raise ClcliError(
+                            f"non-finite loss at epoch {epoch + 1} step {step + 1} ({means}); stopped, the last "
+                            f"good checkpoint is kept in {run_dir}")
+                    rate = window_images / max(time.perf_counter() - window_start, 1e-9)
+                    window_start, window_images = time.perf_counter(), 0
+                    accs = (100.0 * correct / seen).tolist()
+                    lr = optimizer.param_groups[0]["lr"]
+                    log.write({"type": "step", "epoch": epoch, "step": global_step + 1, "lr": lr,
+                               "images_per_s": round(rate, 1), **{k: round(v, 5) for k, v in means.items()},
+                               **{f"{i}/train_acc": round(a, 3) for i, a in enumerate(accs)}})
+                    status = "  ".join(
+                        f"{cohort.names[i]}: loss {means[f'{i}/cls']:.3f} acc {accs[i]:.1f}"
+                        + (f" metric {means[f'{i}/metric']:.3f} ver {means[f'{i}/verification']:.3f}"
+                           if f"{i}/metric" in means else "")
+                        for i in range(n_nets))
+                    progress.update((epoch - start_epoch) * steps_per_epoch + step + 1,
+                                    f"epoch {epoch + 1}/{cfg.epochs}  {rate:.0f} img/s  {status}")
+            train_loss = sum(sums[f"{i}/cls"].item() for i in range(n_nets)) / steps_per_epoch
+            if not per_step_schedule:
+                scheduler.step(train_loss)
+            accs = {name: evaluate(net, data.test_images, data.test_labels, data.mean, data.std,
+                                   channels_last=cfg.channels_last)["top1"]
+                    for name, net in zip(cohort.names, cohort.networks)}
+            record = {"type": "epoch", "epoch": epoch, "step": (epoch + 1) * steps_per_epoch,
+                      "lr": optimizer.param_groups[0]["lr"], "train_loss": round(train_loss, 5),
+                      "test_acc": {k: round(v, 3) for k, v in accs.items()}}
+            log.write(record)
+            progress.log(f"epoch {epoch + 1}/{cfg.epochs}  " + "  ".join(f"{k} {v:.2f}%" for k, v in accs.items()))
+            state = {"version": _run.RUN_FORMAT, "epoch": epoch + 1, "method": method.state_dict(),
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+            if getattr(method, "w2_cache", None) is not None:
+                state["w2_cache"] = method.w2_cache.state_dict()
+            _run.save_checkpoint(run_dir / _run.CHECKPOINT, state)
+            summary = {"epochs": epoch + 1, "test_acc": accs}
+    finally:
+        progress.stop()
+        log.close()
+    return summary
