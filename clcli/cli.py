@@ -99,6 +99,8 @@ def train(
     if seed is not None:
         sets.append(f"train.seed={seed}")
     if data is not None:
+        if Path(data).expanduser().exists():
+            data = str(Path(data).expanduser().resolve())  # the run folder must work from any directory
         sets.append(f"data.source={json.dumps(data)}")
     rec = recipes.load(recipe, sets)
     run_dir = out if out is not None else _free_run_dir(rec.name)
@@ -119,6 +121,85 @@ def _print_results(console, results: dict) -> None:
     for m, summary in results.items():
         table.add_row(m, *[f"{summary['test_acc'][n]:.2f}" for n in names])
     console.print(table)
+
+
+@app.command()
+def export(
+    run: Optional[Path] = typer.Argument(None, help="run folder (default: the newest under runs/)"),
+    split: bool = typer.Option(True, "--split/--no-split", help="one file per network with its MKB half"),
+    out: Path = typer.Option(Path("exported"), "--out", "-o", help="output folder"),
+    plain: bool = typer.Option(False, "--plain", help="also write timm-only files (without the MKB halves)"),
+    hub_folder: bool = typer.Option(False, "--hub-folder", help="also write a Hugging Face Hub-style folder"),
+    measure: bool = typer.Option(True, "--measure/--no-measure", help="measure test accuracy at export"),
+    force: bool = typer.Option(False, "--force", help="replace existing exported files"),
+) -> None:
+    """Export each network of a run on its own, with its MKB half, as safetensors."""
+    from rich.table import Table
+
+    from clcli.export import export_run
+    from clcli.train._run import latest_run
+
+    if not split:
+        raise ClcliError("only --split export exists: each network is written on its own")
+    run_dir = run if run is not None else latest_run()
+    if run_dir is not None and not (run_dir / "run.json").is_file():
+        subruns = sorted(p.parent for p in run_dir.glob("*/run.json"))
+        cl_runs = [p for p in subruns if p.name == "cl"]
+        if not subruns:
+            raise ClcliError(f"{run_dir} is not a clcli run folder (no run.json)")
+        run_dir = (cl_runs or subruns)[0]
+    console = _console()
+    index = export_run(run_dir, out, plain=plain, hub_folder=hub_folder, measure=measure, force=force)
+    table = Table(title=f"exported from {run_dir} ({index['method']}) to {out}", title_justify="left")
+    for col in ("network", "file", "test acc (%)"):
+        table.add_column(col)
+    if plain:
+        table.add_column("timm-only acc (%)")
+    for e in index["networks"]:
+        acc = f"{e['test_acc']:.2f}" if e["test_acc"] is not None else "-"
+        row = [e["model"], e["file"], acc]
+        if plain:
+            row.append(f"{e['plain_test_acc']:.2f}" if e.get("plain_test_acc") is not None else "-")
+        table.add_row(*row)
+    console.print(table)
+    if plain:
+        console.print("[yellow]warning:[/] the timm-only files drop the MKB halves the networks were trained with; "
+                      "their accuracy is the last column")
+
+
+@app.command("eval")
+def evaluate_cmd(
+    file: Path = typer.Argument(..., help="a file written by `clcli export --split`"),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="recipe for the test data (default: the "
+                                         "recipe stored in the file)"),
+    data: Optional[str] = typer.Option(None, "--data", help="local dataset folder replacing the recipe's"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Measure the test accuracy of an exported network, on its own."""
+    import torch
+
+    from clcli import recipes
+    from clcli.export import load
+    from clcli.train import evaluate, load_data
+
+    net = load(file)
+    manifest = net.clcli_manifest
+    rec = recipes.load(recipe) if recipe else recipes.from_dict(manifest["recipe"], str(file))
+    if data is not None:
+        rec.data.source = data
+    test = load_data(rec, torch.device("cpu"))
+    if len(test.class_names) != len(manifest["class_names"]):
+        raise ClcliError(f"the data has {len(test.class_names)} classes; {file} was trained on "
+                         f"{len(manifest['class_names'])}")
+    acc = evaluate(net, test.test_images, test.test_labels, manifest["mean"], manifest["std"], topk=(1, 5)
+                   if len(test.class_names) > 5 else (1,))
+    if as_json:
+        sys.stdout.write(json.dumps({"file": str(file), "model": manifest["model"], **acc}) + "\n")
+        return
+    _console().print(f"{manifest['model']}: top-1 {acc['top1']:.2f}%"
+                     + (f", top-5 {acc['top5']:.2f}%" if "top5" in acc else "")
+                     + f" on {len(test.test_labels)} test images (export recorded "
+                     + (f"{manifest['test_acc']:.2f}%)" if manifest.get("test_acc") is not None else "nothing)"))
 
 
 def main() -> None:

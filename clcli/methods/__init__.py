@@ -5,9 +5,9 @@ loop back-propagates), `logits` (one tensor per network) and `parts` (every loss
 """
 from __future__ import annotations
 
-from ._base import METHODS, Batch, Method, create, register
+from ._base import METHODS, Batch, Method, create, register, uses_mkb
 
 # Importing the method files registers them.
 from . import cl, il  # noqa: E402,F401
 
-__all__ = ["METHODS", "Method", "Batch", "create", "register"]
+__all__ = ["METHODS", "Method", "Batch", "create", "register", "uses_mkb"]

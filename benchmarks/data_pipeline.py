@@ -1,0 +1,137 @@
+"""Is the data pipeline fast enough to never starve training?
+
+Measures, in one process and on one device, the images/s of
+  * the pipeline of the training loop: epoch index -> gather uint8 batch -> BatchAugment('crop_flip') -> normalize,
+  * one training step of a small timm model (forward + backward + SGD step) on batches of the same shape,
+and prints their ratio. Goal: the pipeline produces at least 10x what a training step consumes.
+Also reports decode time of the split and the cache-hit reload time (their ratio is the cache's speed-up).
+
+    python benchmarks/data_pipeline.py [--model resnet10t] [--batch-size 128] [--device cpu] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+
+GOAL = 10.0
+
+
+def timed(fn, *, min_seconds: float, min_iters: int, warmup: int = 2) -> tuple[float, int]:
+    """Seconds per call of fn (after `warmup` calls), running at least min_iters calls and min_seconds."""
+    for _ in range(warmup):
+        fn()
+    iters, start = 0, time.perf_counter()
+    while True:
+        fn()
+        iters += 1
+        elapsed = time.perf_counter() - start
+        if iters >= min_iters and elapsed >= min_seconds:
+            return elapsed / iters, iters
+
+
+def sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=None, help="dataset folder (default: the shipped quickstart subset)")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--model", default="resnet10t")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=None, help="resize on decode (default: native size)")
+    parser.add_argument("--augment", default="crop_flip")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--train-steps", type=int, default=5, help="timed training steps (at least)")
+    parser.add_argument("--seconds", type=float, default=2.0, help="minimum timed seconds for each side")
+    parser.add_argument("--cache-dir", default=None, help="clcli cache root (default: a temporary folder)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = parser.parse_args(argv)
+
+    import timm
+    import torch
+
+    import clcli.data as D
+
+    device = torch.device(args.device)
+    source = args.data or str(D.QUICKSTART_DIR)
+    with tempfile.TemporaryDirectory(prefix="clcli-bench-") as tmp:
+        cache_dir = args.cache_dir or tmp
+        t0 = time.perf_counter()
+        data = D.load_image_tensors(source, args.split, image_size=args.image_size, cache_dir=cache_dir)
+        load_first_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        data = D.load_image_tensors(source, args.split, image_size=args.image_size, cache_dir=cache_dir)
+        load_hit_s = time.perf_counter() - t0
+
+    images, labels = data.images.to(device), data.labels.to(device)
+    n, c, h, w = images.shape
+    bs = min(args.batch_size, n)
+    mean, std = D.channel_stats(data.images)
+    augment = D.BatchAugment(args.augment)
+    gen = torch.Generator(device=device).manual_seed(0)
+    state = {"epoch": 0, "step": 0, "order": D.epoch_batches(n, bs, seed=0, epoch=0)}
+
+    def next_batch():
+        if state["step"] == len(state["order"]):
+            state["epoch"] += 1
+            state["step"] = 0
+            state["order"] = D.epoch_batches(n, bs, seed=0, epoch=state["epoch"])
+        idx = state["order"][state["step"]].to(device)
+        state["step"] += 1
+        x = D.normalize(augment(images[idx], gen), mean, std, channels=3)
+        return x, labels[idx]
+
+    def pipeline_step():
+        next_batch()
+        sync(device)
+
+    pipe_s, pipe_iters = timed(pipeline_step, min_seconds=args.seconds / 4, min_iters=20)
+
+    model = timm.create_model(args.model, pretrained=False, num_classes=len(data.class_names)).to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    x_fixed, y_fixed = next_batch()  # train on a ready batch: this side measures consumption only
+
+    def train_step():
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(x_fixed), y_fixed).backward()
+        optimizer.step()
+        sync(device)
+
+    train_s, train_iters = timed(train_step, min_seconds=args.seconds, min_iters=args.train_steps)
+
+    pipeline_ips = bs / pipe_s
+    train_ips = bs / train_s
+    result = {
+        "device": str(device), "threads": torch.get_num_threads(), "data": source, "split": args.split,
+        "images": n, "shape": [c, h, w], "batch_size": bs, "augment": args.augment, "model": args.model,
+        "pipeline_images_per_s": round(pipeline_ips, 1), "pipeline_ms_per_batch": round(pipe_s * 1e3, 3),
+        "pipeline_batches_timed": pipe_iters,
+        "train_images_per_s": round(train_ips, 1), "train_ms_per_step": round(train_s * 1e3, 2),
+        "train_steps_timed": train_iters,
+        "ratio": round(pipeline_ips / train_ips, 1), "goal": GOAL, "meets_goal": pipeline_ips / train_ips >= GOAL,
+        "decode_s": round(load_first_s, 3), "cache_hit_s": round(load_hit_s, 4),
+        "cache_speedup": round(load_first_s / max(load_hit_s, 1e-9), 1),
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"data      {source} [{args.split}]  {n} x {c}x{h}x{w}, batch {bs}, {device}, {result['threads']} threads")
+        print(f"decode    {load_first_s:.3f} s first load, {load_hit_s:.4f} s cache hit ({result['cache_speedup']}x)")
+        print(f"pipeline  {pipeline_ips:12,.0f} images/s  ({pipe_s * 1e3:.3f} ms/batch: index, {args.augment}, "
+              f"normalize)")
+        print(f"train     {train_ips:12,.0f} images/s  ({train_s * 1e3:.1f} ms/step: {args.model} fwd+bwd+SGD)")
+        verdict = "meets" if result["meets_goal"] else "BELOW"
+        print(f"ratio     {result['ratio']:.1f}x pipeline / train ({verdict} the goal of {GOAL:.0f}x)")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,243 @@
+"""Split export: each network of a run on its own, with its MKB halves, as safetensors.
+
+One file per network holds the timm weights under timm's own keys and, under `mkb.`, its encoder, its copy of the
+shared space transfer and its decoder at every site: nothing of the other networks. The safetensors header carries
+a JSON manifest (key `clcli`) with everything `load()` needs to rebuild the network without the run folder.
+No pickle anywhere: checkpoints are read with weights_only=True, exports are safetensors only.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from clcli import _io
+from clcli.errors import ClcliError
+
+FORMAT = "clcli.split"
+FORMAT_VERSION = 1
+META_KEY = "clcli"
+
+
+def _cohort_from_run(run_dir: Path):
+    import yaml
+
+    from clcli import methods, probe, recipes
+    from clcli.train import _run, build_cohort
+
+    info = _run.read_json(run_dir / "run.json")
+    recipe = recipes.from_dict(yaml.safe_load((run_dir / "recipe.yaml").read_text()), str(run_dir / "recipe.yaml"))
+    plan = probe.Plan.from_dict(_run.read_json(run_dir / "plan.json"))
+    state = _run.load_checkpoint(run_dir / _run.CHECKPOINT)
+    with_mkb = methods.uses_mkb(info["method"])
+    cohort = build_cohort(plan, num_classes=len(info["class_names"]), seed=recipe.train.seed, with_mkb=with_mkb,
+                          fuse=recipe.cl.fuse)
+    cohort_state = {k[len("cohort."):]: v for k, v in state["method"].items() if k.startswith("cohort.")}
+    cohort.load_state_dict(cohort_state)
+    return info, recipe, plan, cohort.eval(), with_mkb
+
+
+def _manifest(info, recipe, plan, index: int, with_mkb: bool, test_acc: float | None) -> dict:
+    from clcli import mkb
+
+    probe_m = plan.models[index]
+    halves = [h.to_dict() for h in mkb.half_plans(plan, index, recipe.cl.fuse)] if with_mkb else []
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": probe_m.name,
+        "kwargs": dict(probe_m.kwargs, num_classes=len(info["class_names"])),
+        "stem": probe_m.stem.to_dict() if probe_m.stem else None,
+        "input_size": info["input_size"],
+        "mean": info["mean"],
+        "std": info["std"],
+        "class_names": info["class_names"],
+        "mkb_halves": halves,
+        "method": info["method"],
+        "cohort": plan.names,
+        "recipe": recipe.to_dict(),
+        "versions": info.get("versions", {}),
+        "test_acc": test_acc,
+    }
+
+
+def _tensors(state: dict) -> dict:
+    # clone: the shared transfer's tensors are shared with the other networks; safetensors wants one owner each
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _measure(net, data) -> float:
+    from clcli.train import evaluate
+
+    return evaluate(net, data.test_images, data.test_labels, data.mean, data.std)["top1"]
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, *, plain: bool = False, hub_folder: bool = False,
+               measure: bool = True, force: bool = False) -> dict:
+    """Write one safetensors file per network of the run (and optionally timm-only files / Hub folders).
+    Returns the manifest of the export folder."""
+    import torch
+    from safetensors.torch import save_file
+
+    from clcli import __version__, mkb
+    from clcli.train import load_data
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    info, recipe, plan, cohort, with_mkb = _cohort_from_run(run_dir)
+    data = load_data(recipe, torch.device("cpu")) if measure else None
+    files = []
+    for i, (name, net) in enumerate(zip(cohort.names, cohort.networks)):
+        target = out_dir / f"{name}.safetensors"
+        if target.exists() and not force:
+            raise ClcliError(f"{target} already exists; use --force to replace it")
+        acc = _measure(net, data) if data is not None else info.get("test_acc", {}).get(name)
+        manifest = _manifest(info, recipe, plan, i, with_mkb, acc)
+        manifest["clcli_version"] = __version__
+        with _io.atomic_path(target) as tmp:
+            save_file(_tensors(net.state_dict()), str(tmp), metadata={META_KEY: json.dumps(manifest)})
+        entry = {"model": name, "file": target.name, "sha256": _sha256(target), "test_acc": acc}
+        if plain:
+            entry.update(_export_plain(net, name, manifest, out_dir, data, force))
+        if hub_folder:
+            entry["hub_folder"] = _export_hub_folder(net, name, manifest, out_dir, force)
+        files.append(entry)
+    index = {"format": FORMAT, "format_version": FORMAT_VERSION, "run": str(run_dir), "method": info["method"],
+             "networks": files}
+    _io.write_json(out_dir / "manifest.json", index)
+    return index
+
+
+def _plain_state(net) -> dict:
+    from clcli import mkb
+
+    return {k: v for k, v in net.state_dict().items() if not k.startswith(mkb.PREFIX + ".")}
+
+
+def _export_plain(net, name: str, manifest: dict, out_dir: Path, data, force: bool) -> dict:
+    """A timm-only file (the base network without its MKB halves), loadable by timm alone."""
+    from safetensors.torch import save_file
+
+    from clcli import models
+
+    target = out_dir / f"{name}.timm.safetensors"
+    if target.exists() and not force:
+        raise ClcliError(f"{target} already exists; use --force to replace it")
+    with _io.atomic_path(target) as tmp:
+        save_file(_tensors(_plain_state(net)), str(tmp), metadata={"format": "pt"})
+    entry = {"plain_file": target.name}
+    if data is not None:
+        bare = models.create(name, manifest["kwargs"], stem=_stem(manifest))
+        bare.load_state_dict(_plain_state(net))
+        entry["plain_test_acc"] = _measure(bare, data)
+    return entry
+
+
+def _export_hub_folder(net, name: str, manifest: dict, out_dir: Path, force: bool) -> str:
+    """A Hugging Face Hub-style folder: config.json + model.safetensors + README.md model card."""
+    from safetensors.torch import save_file
+
+    folder = out_dir / f"{name}-hub"
+    if folder.exists() and not force:
+        raise ClcliError(f"{folder} already exists; use --force to replace it")
+    config = {
+        "architecture": name,
+        "num_classes": len(manifest["class_names"]),
+        "num_features": getattr(net, "num_features", None),
+        "label_names": manifest["class_names"],
+        "pretrained_cfg": {"input_size": [3, *manifest["input_size"]], "mean": manifest["mean"],
+                           "std": manifest["std"], "num_classes": len(manifest["class_names"])},
+        "clcli": {k: manifest[k] for k in ("kwargs", "stem", "mkb_halves", "method", "cohort")},
+    }
+    _io.write_json(folder / "config.json", config)
+    with _io.atomic_path(folder / "model.safetensors") as tmp:
+        save_file(_tensors(net.state_dict()), str(tmp), metadata={META_KEY: json.dumps(manifest)})
+    acc = manifest["test_acc"]
+    card = f"""---
+library_name: clcli
+tags: [image-classification, timm, collaborative-learning]
+---
+# {name} trained with clcli ({manifest['method']})
+
+`{name}` from timm, trained together with {', '.join(n for n in manifest['cohort'] if n != name)} by collaborative
+learning with Mutual Knowledge Bases. This file keeps the network's own MKB half.
+
+- test accuracy (measured at export): {f'{acc:.2f}%' if acc is not None else 'not measured'}
+- classes: {', '.join(manifest['class_names'])}
+- input: {manifest['input_size'][0]}x{manifest['input_size'][1]}, mean {manifest['mean']}, std {manifest['std']}
+
+```python
+import clcli
+model = clcli.load("{name}-hub/model.safetensors")
+```
+
+Citation: L. Yao, et al., "Beyond Knowledge Distillation: Collaborative Learning for Bidirectional Model
+Assistance", IEEE Access, 2018.
+"""
+    _io.write_text(folder / "README.md", card)
+    return folder.name
+
+
+def _stem(manifest: dict):
+    from clcli.models import StemChange
+
+    return StemChange(**manifest["stem"]) if manifest.get("stem") else None
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The clcli manifest of an export file; one-line errors for corrupt, truncated, foreign or future files."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ClcliError(f"no such file: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for damaged files
+        raise ClcliError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0][:100]})") from None
+    if META_KEY not in meta:
+        raise ClcliError(f"{path} is not a clcli export (no '{META_KEY}' manifest in its header)")
+    try:
+        manifest = json.loads(meta[META_KEY])
+    except json.JSONDecodeError:
+        raise ClcliError(f"{path} has a corrupt clcli manifest") from None
+    if manifest.get("format") != FORMAT:
+        raise ClcliError(f"{path} is not a clcli split export (format {manifest.get('format')!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ClcliError(f"{path} has export format version {manifest.get('format_version')}; this clcli reads "
+                         f"version {FORMAT_VERSION}")
+    return manifest
+
+
+def load(path: str | Path, *, device: str = "cpu"):
+    """Rebuild an exported network (timm model + its MKB halves) and load its weights strictly."""
+    from safetensors.torch import load_file
+
+    from clcli import mkb, models
+
+    manifest = read_manifest(path)
+    net = models.create(manifest["model"], manifest["kwargs"], stem=_stem(manifest))
+    halves = [mkb.HalfPlan.from_dict(h) for h in manifest["mkb_halves"]]
+    if halves:
+        mkb.attach(net, halves)
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise ClcliError(f"{path} is damaged ({str(e).splitlines()[0][:100]})") from None
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ClcliError(f"{path} does not match {manifest['model']} ({str(e).splitlines()[0][:120]})") from None
+    net.clcli_manifest = manifest
+    return net.to(device).eval()
+
+
+__all__ = ["export_run", "load", "read_manifest", "FORMAT_VERSION"]

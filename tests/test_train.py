@@ -1,0 +1,130 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from clcli import train as train_lib
+from clcli.cli import app
+from clcli.errors import ClcliError
+
+from _helpers import tiny_args, tiny_recipe
+
+runner = CliRunner()
+
+
+def test_cl_run_writes_a_complete_run_folder(tmp_path):
+    out = tmp_path / "run"
+    results = train_lib.train(tiny_recipe(), out, show_progress=False)
+    assert set(results) == {"cl"}
+    for name in ("recipe.yaml", "plan.json", "run.json", "metrics.jsonl", "checkpoint.pt"):
+        assert (out / name).is_file(), name
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "finished" and info["class_names"][0] == "airplane"
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if x["type"] == "step"]
+    epochs = [x for x in lines if x["type"] == "epoch"]
+    assert len(epochs) == 2
+    assert {"0/cls", "0/metric", "0/verification", "1/cls", "lr", "images_per_s"} <= set(steps[0])
+    assert set(epochs[-1]["test_acc"]) == {"test_resnet", "test_efficientnet"}
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 2
+
+
+def test_training_learns_something_on_real_images(tmp_path):
+    results = train_lib.train(tiny_recipe(methods=("il",), epochs=3), tmp_path / "run", show_progress=False)
+    # 10 classes: chance is 10 %; three tiny epochs on 256 real images get clearly above it for one network
+    assert max(results["il"]["test_acc"].values()) > 14.0
+
+
+def test_il_and_cl_start_from_the_same_networks(tmp_path):
+    from clcli import probe
+    from clcli.train import build_cohort
+
+    plan = probe.plan(["test_resnet", "test_efficientnet"], 32, stem="small")
+    a = build_cohort(plan, num_classes=10, seed=5, with_mkb=False)
+    b = build_cohort(plan, num_classes=10, seed=5, with_mkb=True)
+    sa, sb = a.state_dict(), b.state_dict()
+    for k, v in sa.items():
+        assert torch.equal(v, sb[k]), k
+
+
+def test_existing_run_folder_is_never_overwritten_without_force(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    with pytest.raises(ClcliError, match="already exists"):
+        train_lib.train(tiny_recipe(), out, show_progress=False)
+    assert (out / "mine.txt").read_text() == "keep me"
+
+
+def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    train_lib.train(tiny_recipe(epochs=1), out, show_progress=False)
+    before = (out / "checkpoint.pt").read_bytes()
+    recipe = tiny_recipe(epochs=2)
+    recipe.train.lr = 1e30  # diverges at once
+    out2 = tmp_path / "run2"
+    with pytest.raises(ClcliError, match="non-finite loss"):
+        train_lib.train(recipe, out2, show_progress=False)
+    assert json.loads((out2 / "run.json").read_text())["status"] == "failed"
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_iterative_and_different_input_modes_run(tmp_path):
+    r = train_lib.train(tiny_recipe(epochs=1, manner="iterative"), tmp_path / "it", show_progress=False)
+    assert set(r["cl"]["test_acc"]) == {"test_resnet", "test_efficientnet"}
+    r = train_lib.train(tiny_recipe(epochs=1, input="different"), tmp_path / "diff", show_progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "diff" / "metrics.jsonl").read_text().splitlines()]
+    assert all(x["0/metric"] >= 0 for x in lines if x["type"] == "step")
+
+
+def test_plan_file_from_probe_drives_training(tmp_path):
+    result = runner.invoke(app, ["probe", "test_resnet", "test_efficientnet", "--stem", "small", "--mkbs", "2",
+                                 "--json"])
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(result.stdout)
+    out = tmp_path / "run"
+    train_lib.train(tiny_recipe(epochs=1), out, plan_path=str(plan_file), show_progress=False)
+    assert len(json.loads((out / "plan.json").read_text())["sites"]) == 2
+
+
+def _cli(args, env=None):
+    return subprocess.run([sys.executable, "-m", "clcli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+
+
+def test_sigkill_and_resume_ends_with_the_same_weights(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    done = _cli(tiny_args(straight))
+    assert done.returncode == 0, done.stderr
+    # 256 images / batch 32 = 8 steps an epoch: die in the middle of the second epoch
+    dead = _cli(tiny_args(killed), env={"CLCLI_FAULT_KILL_AT_STEP": "11"})
+    assert dead.returncode == -9
+    assert torch.load(killed / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    resumed = _cli(["train", "--resume", str(killed), "--no-progress"])
+    assert resumed.returncode == 0, resumed.stderr
+    a = torch.load(straight / "checkpoint.pt", weights_only=True)["method"]
+    b = torch.load(killed / "checkpoint.pt", weights_only=True)["method"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert (straight / "metrics.jsonl").read_text().count('"epoch"') == (killed / "metrics.jsonl").read_text().count('"epoch"')
+
+
+def test_cli_errors_are_one_line_exit_2(tmp_path):
+    for args, message in [
+        (["train", "--recipe", "nope"], "unknown recipe"),
+        (["train", "--set", "train.epochz=1"], "unknown key 'train.epochz'"),
+        (["train", "--models", "resnet_nope", "test_resnet", "--out", str(tmp_path / "x")], "unknown model"),
+        (["train", "--method", "zzz", "--out", str(tmp_path / "y")], "unknown method"),
+        (["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "z")], "missing"),
+        (["train", "--resume", str(tmp_path)], "not a clcli run folder"),
+    ]:
+        r = _cli([*args, "--no-progress"] if args[1] != "--resume" else args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
