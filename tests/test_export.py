@@ -1,0 +1,154 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+import clcli
+from clcli import export, probe
+from clcli.cli import app
+from clcli.errors import ClcliError
+from clcli.export import _cohort_from_run
+from clcli.train import train
+
+from _helpers import tiny_recipe
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def cl_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "cl"
+    train(tiny_recipe(epochs=1), out, show_progress=False)
+    return out
+
+
+def _exact_round_trip(run_dir, out_dir, size=32):
+    export.export_run(run_dir, out_dir, measure=False)
+    _, _, plan, cohort, _ = _cohort_from_run(run_dir)
+    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+    for name, net in zip(cohort.names, cohort.networks):
+        loaded = clcli.load(out_dir / f"{name}.safetensors")
+        assert torch.equal(loaded(x), net(x)), name  # bit for bit, without the run folder or the other networks
+    return plan
+
+
+def test_split_export_reproduces_each_network_exactly(cl_run, tmp_path):
+    _exact_round_trip(cl_run, tmp_path / "exp")
+    index = json.loads((tmp_path / "exp" / "manifest.json").read_text())
+    assert [e["model"] for e in index["networks"]] == ["test_resnet", "test_efficientnet"]
+
+
+def test_each_file_holds_only_its_network_and_its_mkb_half(cl_run, tmp_path):
+    import timm
+    from safetensors import safe_open
+
+    export.export_run(cl_run, tmp_path, measure=False)
+    for name in ("test_resnet", "test_efficientnet"):
+        with safe_open(str(tmp_path / f"{name}.safetensors"), "pt") as f:
+            keys = set(f.keys())
+            meta = json.loads(f.metadata()["clcli"])
+        timm_keys = set(timm.create_model(name, num_classes=10).state_dict())
+        assert timm_keys <= keys
+        extra = keys - timm_keys
+        assert extra and all(k.startswith("mkb.site0.") for k in extra)
+        assert any(".transfer." in k for k in extra) and any(".encoder." in k for k in extra)
+        assert meta["model"] == name and meta["format_version"] == export.FORMAT_VERSION
+        assert meta["class_names"][0] == "airplane" and meta["stem"]["conv"]
+        for field in ("kwargs", "input_size", "mean", "std", "mkb_halves", "recipe", "versions", "test_acc"):
+            assert field in meta
+
+
+@pytest.mark.parametrize(
+    "models, size, stem, layout",
+    [
+        (["test_mambaout", "test_resnet"], 64, "imagenet", "NHWC"),
+        (["test_vit", "test_resnet"], 64, "imagenet", "NLC"),
+    ],
+)
+def test_round_trip_for_nhwc_and_token_grid_taps(tmp_path, models, size, stem, layout):
+    recipe = tiny_recipe(models=models, epochs=1)
+    recipe.input_size, recipe.stem = size, stem
+    recipe.data.image_size = size
+    recipe.data.train_limit, recipe.data.test_limit = 64, 32
+    train(recipe, tmp_path / "run", show_progress=False)
+    plan = _exact_round_trip(tmp_path / "run", tmp_path / "exp", size)
+    assert layout in {t.layout for t in plan.sites[0].taps}
+
+
+def test_three_networks_and_two_sites_round_trip(tmp_path):
+    recipe = tiny_recipe(models=["test_resnet", "test_efficientnet", "test_convnext"], epochs=1, mkbs=2)
+    recipe.data.train_limit, recipe.data.test_limit = 64, 32
+    train(recipe, tmp_path / "run", show_progress=False)
+    plan = _exact_round_trip(tmp_path / "run", tmp_path / "exp")
+    assert len(plan.sites) == 2 and len(plan.models) == 3
+
+
+def test_eval_reproduces_the_accuracy_the_run_reported(cl_run, tmp_path):
+    export.export_run(cl_run, tmp_path, measure=True)
+    info = json.loads((cl_run / "run.json").read_text())
+    for name in ("test_resnet", "test_efficientnet"):
+        result = runner.invoke(app, ["eval", str(tmp_path / f"{name}.safetensors"), "--json"])
+        assert result.exit_code == 0, result.output
+        acc = json.loads(result.stdout)["top1"]
+        assert acc == pytest.approx(info["test_acc"][name], abs=1e-9)
+
+
+def test_plain_export_is_loadable_by_timm_alone(cl_run, tmp_path):
+    import timm
+    from safetensors.torch import load_file
+
+    index = export.export_run(cl_run, tmp_path, plain=True, measure=True)
+    entry = index["networks"][0]
+    model = timm.create_model("test_resnet", num_classes=10)
+    model.load_state_dict(load_file(str(tmp_path / entry["plain_file"])))  # strict: timm's keys exactly
+    assert 0.0 <= entry["plain_test_acc"] <= 100.0
+
+
+def test_hub_folder_has_config_weights_and_card(cl_run, tmp_path):
+    export.export_run(cl_run, tmp_path, hub_folder=True, measure=False)
+    folder = tmp_path / "test_resnet-hub"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architecture"] == "test_resnet" and config["label_names"][0] == "airplane"
+    assert "Collaborative Learning" in (folder / "README.md").read_text()
+    clcli.load(folder / "model.safetensors")
+
+
+def test_existing_export_is_not_overwritten_without_force(cl_run, tmp_path):
+    export.export_run(cl_run, tmp_path, measure=False)
+    with pytest.raises(ClcliError, match="already exists"):
+        export.export_run(cl_run, tmp_path, measure=False)
+    export.export_run(cl_run, tmp_path, measure=False, force=True)
+
+
+def test_damaged_and_foreign_files_are_one_line_errors(cl_run, tmp_path):
+    export.export_run(cl_run, tmp_path, measure=False)
+    good = (tmp_path / "test_resnet.safetensors").read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good[: len(good) // 2])
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00\x01not a safetensors file at all")
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    future = tmp_path / "future.safetensors"
+    meta = export.read_manifest(tmp_path / "test_resnet.safetensors")
+    meta["format_version"] = 99
+    save_file({"w": torch.zeros(2)}, str(future), metadata={"clcli": json.dumps(meta)})
+    for path, message in [(truncated, "damaged|not a readable"), (garbage, "not a readable"),
+                          (foreign, "not a clcli export"), (future, "format version 99"),
+                          (tmp_path / "missing.safetensors", "no such file")]:
+        with pytest.raises(ClcliError, match=message):
+            clcli.load(path)
+        result = runner.invoke(app, ["eval", str(path)])
+        assert isinstance(result.exception, ClcliError)
+
+
+def test_export_cli_defaults_to_the_newest_run(cl_run, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(cl_run, tmp_path / "runs" / "tiny")
+    result = runner.invoke(app, ["export", "--split", "--no-measure"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "exported" / "test_resnet.safetensors").is_file()
