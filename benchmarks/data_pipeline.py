@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--image-size", type=int, default=None, help="resize on decode (default: native size)")
     parser.add_argument("--augment", default="crop_flip")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--rounds", type=int, default=7, help="timed rounds (at least): each is --pipeline-batches "
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (at least): each is --pipeline-batches "
                         "pipeline batches then one training step")
     parser.add_argument("--pipeline-batches", type=int, default=10)
     parser.add_argument("--seconds", type=float, default=3.0, help="minimum timed seconds")

@@ -5,6 +5,7 @@ Everything here works on uint8 batches [B, C, H, W] on whatever device they live
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Sequence
 
@@ -92,12 +93,20 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
         raise ClcliError(f"normalisation mean/std need {c} or {out_c} values, got {len(mean)} and {len(std)}")
     if min(std) <= 0:
         raise ClcliError(f"normalisation std must be positive, got {tuple(std)}")
+    scale, shift = _affine(tuple(mean), tuple(std), images.device)
     src = images.expand(b, out_c, h, w) if c != out_c else images
     x = src.to(torch.float32, memory_format=torch.contiguous_format)
-    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32, device=images.device)
-    shift = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32, device=images.device)
     # In place on the fresh float copy: one allocation for the whole batch.
-    return x.mul_(scale.view(1, out_c, 1, 1)).add_(shift.view(1, out_c, 1, 1))
+    return x.mul_(scale).add_(shift)
+
+
+@functools.lru_cache(maxsize=64)
+def _affine(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x / 255 - mean) / std as x * scale + shift, as [1, C, 1, 1] tensors on `device`, made once per setting
+    (no host-to-device copy per batch)."""
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32, device=device)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32, device=device)
+    return scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1)
 
 
 def epoch_batches(n: int, batch_size: int, *, seed: int, epoch: int, shuffle: bool = True,

@@ -127,17 +127,23 @@ def _folder_fingerprint(folder: Path) -> list[list]:
 def _load_local(folder: Path, config: str | None, root: Path):
     import datasets
 
-    try:
-        if (folder / "dataset_dict.json").exists() or (folder / "state.json").exists():
-            if config is not None:
-                raise ClcliError(f"{folder} was written by save_to_disk and has no configs; drop the config")
-            return datasets.load_from_disk(str(folder))
+    if (folder / "dataset_dict.json").exists() or (folder / "state.json").exists():
+        if config is not None:
+            raise ClcliError(f"{folder} was written by save_to_disk and has no configs; drop the config")
+        load = lambda: datasets.load_from_disk(str(folder))  # noqa: E731
+    else:
         # Arrow copies of local folders live in clcli's cache, next to the tensors made from them.
-        return datasets.load_dataset(str(folder), config, cache_dir=str(root / "hf-datasets"))
-    except ClcliError:
-        raise
+        load = lambda: datasets.load_dataset(str(folder), config, cache_dir=str(root / "hf-datasets"))  # noqa: E731
+    # A local folder converts in a moment: keep `datasets`' progress bars out of clcli's console.
+    bars_were_on = not datasets.utils.tqdm.are_progress_bars_disabled()
+    datasets.utils.tqdm.disable_progress_bars()
+    try:
+        return load()
     except Exception as e:  # whatever `datasets` raises while reading the user's folder
         raise ClcliError(f"cannot read dataset folder {folder}: {_one_line(e)}") from e
+    finally:
+        if bars_were_on:
+            datasets.utils.tqdm.enable_progress_bars()
 
 
 def _load_hub(hub_id: str, config: str | None):
