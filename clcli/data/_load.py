@@ -135,15 +135,15 @@ def _load_local(folder: Path, config: str | None, root: Path):
         # Arrow copies of local folders live in clcli's cache, next to the tensors made from them.
         load = lambda: datasets.load_dataset(str(folder), config, cache_dir=str(root / "hf-datasets"))  # noqa: E731
     # A local folder converts in a moment: keep `datasets`' progress bars out of clcli's console.
-    bars_were_on = not datasets.utils.tqdm.are_progress_bars_disabled()
-    datasets.utils.tqdm.disable_progress_bars()
+    bars_were_on = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
     try:
         return load()
     except Exception as e:  # whatever `datasets` raises while reading the user's folder
         raise ClcliError(f"cannot read dataset folder {folder}: {_one_line(e)}") from e
     finally:
         if bars_were_on:
-            datasets.utils.tqdm.enable_progress_bars()
+            datasets.enable_progress_bars()
 
 
 def _load_hub(hub_id: str, config: str | None):

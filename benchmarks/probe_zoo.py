@@ -1,0 +1,104 @@
+"""Probe every model in timm.list_models() on the meta device and report how many fx analyses, how many need the
+torch.export fallback, and which fail.
+
+    python benchmarks/probe_zoo.py --out docs/results/probe_zoo.json            # the whole zoo (about half an hour)
+    python benchmarks/probe_zoo.py --every 10 --out /tmp/zoo_sample.json        # every 10th name
+
+Each model runs in a worker process with a time limit and a memory cap, so that one model cannot take the sweep
+down; workers are recycled regularly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import signal
+import sys
+import time
+from multiprocessing import get_context
+
+
+def _limit_memory(gib: float) -> None:
+    limit = int(gib * (1 << 30))
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def _probe_one(args) -> dict:
+    name, timeout = args
+
+    def _alarm(signum, frame):
+        raise TimeoutError(f"over {timeout}s")
+
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(timeout)
+    start = time.perf_counter()
+    try:
+        import timm
+
+        from clcli import probe
+
+        cfg = timm.models.get_pretrained_cfg(name)
+        size = tuple(cfg.input_size[-2:]) if cfg is not None and cfg.input_size else (224, 224)
+        m = probe.analyse(name, size, num_classes=1000)
+        result = {"name": name, "status": m.tracer, "taps": len(m.stage_taps),
+                  "layouts": sorted({t.layout for t in m.stage_taps}), "input_size": list(size)}
+    except BaseException as e:  # noqa: BLE001 - a sweep records every failure and goes on
+        text = str(e).strip().splitlines()
+        result = {"name": name, "status": "failed", "error": f"{type(e).__name__}: {text[0][:200] if text else ''}"}
+    finally:
+        signal.alarm(0)
+    result["seconds"] = round(time.perf_counter() - start, 3)
+    return result
+
+
+def _init(gib: float) -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    _limit_memory(gib)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="probe_zoo.json")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--every", type=int, default=1, help="probe every k-th model name (a sample)")
+    parser.add_argument("--timeout", type=int, default=120, help="seconds per model")
+    parser.add_argument("--memory-gib", type=float, default=8.0, help="address-space cap per worker")
+    args = parser.parse_args()
+
+    import timm
+
+    names = timm.list_models()[:: args.every]
+    start = time.perf_counter()
+    results = []
+    ctx = get_context("spawn")
+    with ctx.Pool(args.workers, initializer=_init, initargs=(args.memory_gib,), maxtasksperchild=25) as pool:
+        for i, r in enumerate(pool.imap_unordered(_probe_one, [(n, args.timeout) for n in names]), 1):
+            results.append(r)
+            if i % 50 == 0 or i == len(names):
+                print(f"{i}/{len(names)} probed, {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
+    total = time.perf_counter() - start
+    counts = {s: sum(r["status"] == s for r in results) for s in ("fx", "export", "failed")}
+    summary = {
+        "models": len(results),
+        "timm": timm.__version__,
+        "every": args.every,
+        "fraction_fx": round(counts["fx"] / len(results), 4),
+        "fraction_export": round(counts["export"] / len(results), 4),
+        "fraction_failed": round(counts["failed"] / len(results), 4),
+        "fraction_analysed": round((counts["fx"] + counts["export"]) / len(results), 4),
+        "no_taps": sorted(r["name"] for r in results if r["status"] != "failed" and r["taps"] == 0),
+        "failures": sorted(({"name": r["name"], "error": r["error"]} for r in results if r["status"] == "failed"),
+                           key=lambda r: r["name"]),
+        "total_seconds": round(total, 1),
+        "workers": args.workers,
+    }
+    with open(args.out, "w") as f:
+        json.dump({"summary": summary, "results": sorted(results, key=lambda r: r["name"])}, f, indent=1)
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("failures", "no_taps")}, indent=1))
+    print(f"failures: {len(summary['failures'])}, analysed without any spatial tap: {len(summary['no_taps'])}")
+
+
+if __name__ == "__main__":
+    main()
