@@ -123,6 +123,41 @@ def _print_results(console, results: dict) -> None:
     console.print(table)
 
 
+recipes_app = typer.Typer(help="List and show the built-in recipes.", invoke_without_command=True,
+                          no_args_is_help=False)
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.callback()
+def recipes_list(ctx: typer.Context) -> None:
+    """A table of the built-in recipes."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.table import Table
+
+    from clcli import recipes
+
+    table = Table(title="built-in recipes", title_justify="left")
+    for col in ("name", "dataset", "models", "methods", "epochs", "input", "stem"):
+        table.add_column(col)
+    for name in recipes.builtin_names():
+        r = recipes.load(name)
+        table.add_row(name, r.data.source, ", ".join(r.models), ", ".join(r.methods), str(r.train.epochs),
+                      str(r.input_size), r.stem)
+    _console().print(table)
+
+
+@recipes_app.command("show")
+def recipes_show(name: str = typer.Argument(..., help="recipe name or YAML file"),
+                 overrides: List[str] = typer.Option([], "--set")) -> None:
+    """Print a recipe resolved (defaults filled in, overrides applied) as YAML."""
+    import yaml
+
+    from clcli import recipes
+
+    sys.stdout.write(yaml.safe_dump(recipes.load(name, overrides).to_dict(), sort_keys=False))
+
+
 @app.command()
 def export(
     run: Optional[Path] = typer.Argument(None, help="run folder (default: the newest under runs/)"),

@@ -163,3 +163,17 @@ def test_channels_last_gives_the_same_outputs():
     out = [net(x.contiguous(memory_format=torch.channels_last)) for net in cohort.networks]
     for a, b in zip(ref, out):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_torch_compile_after_insertion_keeps_outputs():
+    plan = _plan(["test_resnet", "test_efficientnet"])
+    cohort = build_cohort(plan, num_classes=10, seed=0, with_mkb=True).eval()
+    net = cohort.networks[0]
+    torch.nn.init.normal_(net.mkb["site0"].decoder[-1].weight, std=0.1)
+    x = torch.randn(2, 3, 64, 64)
+    ref = net(x)
+    keys = set(net.state_dict())
+    net.compile(backend="aot_eager")  # the hooks are traced by dynamo; state_dict keys stay the same
+    torch.testing.assert_close(net(x), ref, rtol=1e-5, atol=1e-5)
+    assert set(net.state_dict()) == keys
+    assert net.mkb["site0"].embedding is not None
