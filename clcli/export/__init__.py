@@ -31,7 +31,7 @@ def _cohort_from_run(run_dir: Path):
     state = _run.load_checkpoint(run_dir / _run.CHECKPOINT)
     with_mkb = methods.uses_mkb(info["method"])
     cohort = build_cohort(plan, num_classes=len(info["class_names"]), seed=recipe.train.seed, with_mkb=with_mkb,
-                          fuse=recipe.cl.fuse)
+                          fuse=recipe.cl.fuse, shared_transfer=methods.METHODS[info["method"]].shared_transfer)
     cohort_state = {k[len("cohort."):]: v for k, v in state["method"].items() if k.startswith("cohort.")}
     cohort.load_state_dict(cohort_state)
     return info, recipe, plan, cohort.eval(), with_mkb

@@ -32,7 +32,8 @@ class Method(nn.Module):
     """Base: owns the cohort, so that `parameters()` of the method is everything the optimiser trains."""
 
     name = "base"
-    uses_mkb = False
+    uses_mkb = False          # build the networks with MKB halves attached
+    shared_transfer = True    # one space transfer per site shared by all networks (False: one per network)
 
     def __init__(self, cohort, recipe):
         super().__init__()

@@ -116,8 +116,10 @@ def train(recipe, out: str | Path, *, plan_path: str | None = None, force: bool 
 def _train_one(method_name, recipe, plan, data, run_dir: Path, device, state, show_progress, console) -> dict:
     from clcli import methods
 
+    method_cls = methods.METHODS[method_name]
     cohort = build_cohort(plan, num_classes=len(data.class_names), seed=recipe.train.seed,
-                          with_mkb=methods.uses_mkb(method_name), fuse=recipe.cl.fuse)
+                          with_mkb=method_cls.uses_mkb, fuse=recipe.cl.fuse,
+                          shared_transfer=method_cls.shared_transfer)
     cohort.to(device)
     if recipe.train.channels_last:
         cohort.to(memory_format=torch_channels_last())

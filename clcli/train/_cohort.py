@@ -50,9 +50,11 @@ def _frozen_buffers(net: nn.Module):
             b.copy_(s)
 
 
-def build_cohort(plan, *, num_classes: int, seed: int, with_mkb: bool, fuse: str = "mul") -> Cohort:
+def build_cohort(plan, *, num_classes: int, seed: int, with_mkb: bool, fuse: str = "mul",
+                 shared_transfer: bool = True) -> Cohort:
     """Build every network of `plan` (the same initial weights for a given seed, with or without MKBs), then the
-    MKBs (from their own seed, so IL and CL start from identical networks)."""
+    MKBs (from their own seed, so IL and CL start from identical networks). `shared_transfer=False` gives each
+    network its own space transfer (the paper's "MKB w/o CL" baseline)."""
     networks = []
     for i, probe in enumerate(plan.models):
         torch.manual_seed(seed * 1000 + i)
@@ -63,7 +65,7 @@ def build_cohort(plan, *, num_classes: int, seed: int, with_mkb: bool, fuse: str
         torch.manual_seed(seed * 1000 + 999)
         transfers: dict = {}
         for i, net in enumerate(networks):
-            mkb.attach(net, mkb.half_plans(plan, i, fuse), transfers)
+            mkb.attach(net, mkb.half_plans(plan, i, fuse), transfers if shared_transfer else {})
         for i, site in enumerate(plan.sites):
             verifiers[mkb.site_name(i)] = nn.Linear(site.mkb.embedding, num_classes)
     return Cohort(networks, [m.name for m in plan.models], verifiers)
