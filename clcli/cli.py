@@ -237,6 +237,47 @@ def evaluate_cmd(
                      + (f"{manifest['test_acc']:.2f}%)" if manifest.get("test_acc") is not None else "nothing)"))
 
 
+@app.command()
+def bench(
+    models: List[str] = typer.Argument(None, help="two or more timm model names (default resnet10t "
+                                        "mobilenetv3_small_050)"),
+    input_size: int = typer.Option(32, "--input-size"),
+    stem: str = typer.Option("small", "--stem"),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    device: str = typer.Option("auto", "--device"),
+    seconds: float = typer.Option(10.0, "--seconds", help="minimum measuring time"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Step time of each network alone and of the CL cohort on the same batch, and their ratio."""
+    from clcli.bench import run
+
+    result = run(models or ["resnet10t", "mobilenetv3_small_050"], input_size=input_size, stem=stem,
+                 batch_size=batch_size, device=device, min_seconds=seconds)
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        return
+    from rich.table import Table
+
+    table = Table(title=f"training step, batch {batch_size}, {input_size}px, {result['device']}, "
+                        f"{result['threads']} threads (median of {result['rounds']} rounds)", title_justify="left")
+    table.add_column("step")
+    table.add_column("seconds", justify="right")
+    table.add_column("images/s", justify="right")
+    for k, v in result["step_seconds"].items():
+        table.add_row(k, f"{v:.4f}", f"{batch_size / v:.0f}")
+    console = _console()
+    console.print(table)
+    ok = result["ratio_cl_over_il_sum"] <= result["goal_ratio"]
+    console.print(f"CL / (IL sum) = [bold]{result['ratio_cl_over_il_sum']:.3f}[/] (goal <= {result['goal_ratio']}"
+                  f": {'met' if ok else 'not met'})")
+    for site in result["mkb"]:
+        console.print(f"MKB at {site['site']}: embedding {site['embedding']}, params +"
+                      + " / ".join(f"{100 * f:.1f}%" for f in site["param_overhead"]) + ", MACs +"
+                      + " / ".join(f"{100 * f:.1f}%" for f in site["mac_overhead"]))
+    if "w2_seconds_per_step_uncached" in result:
+        console.print(f"W2 (different inputs), uncached: {result['w2_seconds_per_step_uncached']:.3f} s per step")
+
+
 def main() -> None:
     try:
         app()

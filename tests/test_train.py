@@ -128,3 +128,25 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
         assert r.returncode == 2, (args, r.stderr)
         assert message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_different_inputs_pair_images_the_same_way_every_epoch_so_w2_is_cached(tmp_path):
+    from clcli import methods
+    from clcli.train import load_data, resolve_device
+    from clcli.train._loop import fit
+
+    recipe = tiny_recipe(epochs=2, input="different")
+    recipe.data.train_limit = 64
+    device = resolve_device("cpu")
+    data = load_data(recipe, device)
+    from clcli import probe
+    from clcli.train import build_cohort
+
+    plan = probe.plan(recipe.models, 32, stem="small")
+    method = methods.create("cl", build_cohort(plan, num_classes=10, seed=0, with_mkb=True), recipe)
+    (tmp_path / "run").mkdir()
+    fit(method, data, recipe, tmp_path / "run", show_progress=False)
+    cache = method.w2_cache
+    # 2 epochs x 64 pairs: epoch 1 solves each distinct pair once (fewer than 64 when a pair shows up both ways),
+    # epoch 2 only hits
+    assert cache.hits + cache.misses == 128 and cache.misses <= 64 and cache.hits >= 64

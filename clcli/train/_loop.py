@@ -96,6 +96,11 @@ def _scheduler(optimizer, recipe, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
+def _partners(n: int, n_nets: int, seed: int) -> list[torch.Tensor]:
+    """A fixed random permutation of the dataset per extra network (different-input mode)."""
+    return [torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + j)) for j in range(1, n_nets)]
+
+
 def _fault_injection(step: int) -> None:
     """Tests kill the process mid-epoch to check that --resume is exact (CLCLI_FAULT_KILL_AT_STEP=global step)."""
     at = os.environ.get("CLCLI_FAULT_KILL_AT_STEP")
@@ -175,8 +180,12 @@ def fit(method, data: Data, recipe, run_dir: Path, *, start_state: dict | None =
         for epoch in range(start_epoch, cfg.epochs):
             # Everything random in an epoch derives from (seed, epoch): a resumed run repeats it exactly.
             torch.manual_seed(cfg.seed * 100003 + epoch)
-            orders = [epoch_batches(len(data.train_labels), batch_size, seed=cfg.seed + (0 if siamese else 7919 * j),
-                                    epoch=epoch) for j in range(1 if siamese else n_nets)]
+            orders = [epoch_batches(len(data.train_labels), batch_size, seed=cfg.seed, epoch=epoch)]
+            if not siamese:
+                # Different inputs: network j sees partner_j[i] whenever network 0 sees image i. The pairing is
+                # fixed for the run, so each image pair's W2 is solved once (first epoch) and cached after that.
+                orders += [[partner[b] for b in orders[0]] for partner in _partners(len(data.train_labels),
+                                                                                     n_nets, cfg.seed)]
             gens = [torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + epoch * 131 + j)
                     for j in range(len(orders))]
             method.train()
