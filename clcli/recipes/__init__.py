@@ -41,6 +41,10 @@ _RANGES: dict[str, tuple[float, float]] = {
     "padding": (0, 64),
     "log_every": (1, 1 << 20),
     "w2_grid": (1, 64),
+    "temperature": (0.05, 100.0),
+    "weight": (0.0, 100.0),             # kd.weight is further limited to [0, 1] by the kd method
+    "hint_weight": (0.0, 1000.0),
+    "hint_epochs": (0, 100000),
 }
 
 
@@ -96,6 +100,33 @@ class TrainConfig:
 
 
 @dataclass
+class KDConfig:
+    """Hinton KD (and FitNets' second stage): network 0 is the frozen teacher, the others learn from it."""
+    temperature: float = 4.0
+    weight: float = 0.9                 # (1 - weight) * CE + weight * T^2 * KL
+    teacher: str | None = None          # IL run folder, its checkpoint.pt, or a `clcli export` file of network 0
+
+
+@dataclass
+class DMLConfig:
+    weight: float = 1.0                 # CE + weight * mean over peers of KL(p_peer || p_i)
+
+
+@dataclass
+class FitNetsConfig:
+    """Hint learning at the first planned MKB site; the teacher and the KD stage come from `kd`."""
+    hint_weight: float = 1.0
+    hint_epochs: int = 1                # stage 1 (hint loss only); KD after that
+
+
+@dataclass
+class WELConfig:
+    weight: float = 1.0                 # CE + weight * MSE(embedding distance^2, W2^2 of the input images)
+    embedding: int = 128
+    w2_grid: int = 8
+
+
+@dataclass
 class Recipe:
     name: str = "custom"
     description: str = ""
@@ -108,6 +139,10 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     cl: CLConfig = field(default_factory=CLConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    dml: DMLConfig = field(default_factory=DMLConfig)
+    fitnets: FitNetsConfig = field(default_factory=FitNetsConfig)
+    wel: WELConfig = field(default_factory=WELConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -269,5 +304,6 @@ def from_dict(raw: dict, where: str = "recipe") -> Recipe:
     return _build(Recipe, raw, where)
 
 
-__all__ = ["Recipe", "DataConfig", "CLConfig", "TrainConfig", "load", "from_dict", "find", "builtin_names",
+__all__ = ["Recipe", "DataConfig", "CLConfig", "TrainConfig", "KDConfig", "DMLConfig", "FitNetsConfig", "WELConfig",
+           "load", "from_dict", "find", "builtin_names",
            "apply_override", "RECIPE_VERSION"]

@@ -1,0 +1,84 @@
+"""FitNets: hint learning (Romero et al. 2015), the paper's HL(1 -> 2). Network 0 is the frozen teacher (as in kd).
+
+The hint is read where the plan puts the first MKB (`plan.sites[0].taps`), captured with forward hooks. A regressor
+per student (adaptive pooling when the tap sizes differ, then a 1x1 conv from the student's channels to the
+teacher's) maps the student's features onto the teacher's, with an L2 loss:
+
+- stage 1, the first `fitnets.hint_epochs` epochs: loss = hint_weight * L2 only, so only the student's layers up to
+  the tap (and the regressor) get gradients;
+- stage 2: knowledge distillation exactly as in kd (the hint is still logged, not trained).
+
+The method needs the probe plan (`cohort.plan`, set by clcli.train) and the epoch (`set_epoch`, called by the loop).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clcli.errors import ClcliError
+
+from ._base import Batch, register
+from .kd import KnowledgeDistillation
+
+
+def to_nchw(x: torch.Tensor, tap) -> torch.Tensor:
+    """A tap's output (NCHW, NHWC or a token grid) as NCHW."""
+    if tap.layout == "NCHW":
+        return x
+    if tap.layout == "NHWC":
+        return x.permute(0, 3, 1, 2)
+    tokens = x[:, tap.prefix_tokens:]
+    return tokens.transpose(1, 2).reshape(x.shape[0], x.shape[2], tap.height, tap.width)
+
+
+def regressor(student_tap, teacher_tap) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    if student_tap.size != teacher_tap.size:
+        layers.append(nn.AdaptiveAvgPool2d(teacher_tap.size))
+    layers.append(nn.Conv2d(student_tap.channels, teacher_tap.channels, kernel_size=1))
+    return nn.Sequential(*layers)
+
+
+@register("fitnets")
+class FitNets(KnowledgeDistillation):
+    def __init__(self, cohort, recipe):
+        super().__init__(cohort, recipe)
+        plan = getattr(cohort, "plan", None)
+        if plan is None or not plan.sites:
+            raise ValueError("fitnets needs the cohort's probe plan with at least one site (cohort.plan)")
+        self.taps = plan.sites[0].taps
+        for name, tap in zip(cohort.names, self.taps):
+            if tap.module is None:
+                raise ClcliError(f"{name}: the hint tap {tap.node} is not a module output and cannot be hooked")
+        self.regressors = nn.ModuleList(regressor(tap, self.taps[0]) for tap in self.taps[1:])
+        self.regressors.to(next(cohort.parameters()).device)
+        self.epoch = 0
+        self._features: dict[int, torch.Tensor] = {}
+        for i, (net, tap) in enumerate(zip(cohort.networks, self.taps)):
+            net.get_submodule(tap.module).register_forward_hook(self._capture(i))
+
+    def _capture(self, i: int):
+        def hook(module, inputs, output):
+            self._features[i] = output
+
+        return hook
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def hint_loss(self, i: int) -> torch.Tensor:
+        """L2 between student i's regressed tap features and the teacher's (from the last forward)."""
+        student = self.regressors[i - 1](to_nchw(self._features[i], self.taps[i]))
+        teacher = to_nchw(self._features[0], self.taps[0]).detach()
+        return F.mse_loss(student.float(), teacher.float())
+
+    def forward(self, batch: Batch) -> dict:
+        out = super().forward(batch)  # the KD terms; the hooks capture the tap features on the way
+        hint_stage = self.epoch < self.recipe.fitnets.hint_epochs
+        with torch.set_grad_enabled(hint_stage and torch.is_grad_enabled()):
+            hints = {i: self.hint_loss(i) for i in range(1, len(self.taps))}
+        out["parts"].update({f"{i}/hint": h for i, h in hints.items()})
+        if hint_stage:
+            out["loss"] = self.recipe.fitnets.hint_weight * sum(hints.values())
+        return out
