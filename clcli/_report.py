@@ -30,12 +30,11 @@ def print_plan(console, plan) -> None:
         console.print("[yellow]note:[/] fx could not trace some models; torch.export analysed them instead")
     if plan.resized:
         console.print("[yellow]note:[/] no equal spatial size: sites pair sizes in a ratio of 2, bridged by a resize")
-    chosen = {id(s) for s in plan.sites}
     table = Table(title="MKB sites, best first (* = planned)", title_justify="left")
     for col in ("", "size", *plan.names, "code C x h x w", "embedding", "MKB half params (% of net)", "MKB MACs"):
         table.add_column(col)
     for s in plan.candidates:
-        mark = "*" if any(s.taps is c.taps for c in plan.sites) or id(s) in chosen else ""
+        mark = "*" if any(s.taps is c.taps for c in plan.sites) else ""
         spec = s.mkb
         halves = " / ".join(f"{_fmt_int(x.params)} ({100 * x.fraction:.1f}%)" for x in spec.halves)
         macs = " / ".join(_fmt_int(x.macs) for x in spec.halves)

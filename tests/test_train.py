@@ -150,3 +150,18 @@ def test_different_inputs_pair_images_the_same_way_every_epoch_so_w2_is_cached(t
     # 2 epochs x 64 pairs, looked up by both networks' terms: only the first look-up of each distinct pair in
     # epoch 1 solves it (fewer than 64 when a pair shows up both ways); everything after is a hit
     assert cache.hits + cache.misses == 2 * 2 * 64 and cache.misses <= 64
+
+
+def test_mnist_recipe_trains_any_timm_model_on_grayscale(tmp_path):
+    from pathlib import Path
+
+    from clcli import recipes
+
+    mnist = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+    recipe = recipes.load("mnist", [f"data.source={mnist}", "data.train_limit=64", "data.test_limit=32",
+                                    "models=[test_resnet, test_efficientnet]", "train.epochs=1",
+                                    "train.batch_size=32", "train.threads=2"])
+    results = train_lib.train(recipe, tmp_path / "run", show_progress=False)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["class_names"] == [str(d) for d in range(10)] and info["mean"] == [0.0]
+    assert set(results["cl"]["test_acc"]) == {"test_resnet", "test_efficientnet"}

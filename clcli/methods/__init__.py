@@ -9,5 +9,6 @@ from ._base import METHODS, Batch, Method, create, register, uses_mkb
 
 # Importing the method files registers them.
 from . import cl, il  # noqa: E402,F401
+from . import dml, el, fitnets, kd, mkb_solo, wel  # noqa: E402,F401
 
 __all__ = ["METHODS", "Method", "Batch", "create", "register", "uses_mkb"]

@@ -114,6 +114,8 @@ def train(recipe, out: str | Path, *, plan_path: str | None = None, force: bool 
 
 
 def _train_one(method_name, recipe, plan, data, run_dir: Path, device, state, show_progress, console) -> dict:
+    import torch
+
     from clcli import methods
 
     method_cls = methods.METHODS[method_name]
@@ -122,7 +124,8 @@ def _train_one(method_name, recipe, plan, data, run_dir: Path, device, state, sh
                           shared_transfer=method_cls.shared_transfer)
     cohort.to(device)
     if recipe.train.channels_last:
-        cohort.to(memory_format=torch_channels_last())
+        cohort.to(memory_format=torch.channels_last)
+    cohort.plan = plan  # [methods] FitNets reads its hint taps from the plan's first MKB site
     method = methods.create(method_name, cohort, recipe)
     if recipe.train.compile:
         for net in cohort.networks:
@@ -138,12 +141,6 @@ def _train_one(method_name, recipe, plan, data, run_dir: Path, device, state, sh
     info.update(status="finished", epochs=summary["epochs"], test_acc=summary["test_acc"])
     _io.write_json(run_dir / "run.json", info)
     return summary
-
-
-def torch_channels_last():
-    import torch
-
-    return torch.channels_last
 
 
 def resume(run_dir: str | Path, *, show_progress: bool = True, console=None) -> dict[str, dict]:

@@ -65,7 +65,7 @@ def evaluate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean, s
     return {f"top{k}": 100.0 * correct[k] / n for k in topk}
 
 
-def _param_groups(cohort: Cohort, recipe) -> list[dict]:
+def _param_groups(cohort: Cohort, recipe, method: nn.Module | None = None) -> list[dict]:
     """One group per network (its own weights and MKB encoder/decoder) plus one for what the networks share
     (space transfers, verification heads), so that lr and weight decay can be set per network."""
     cfg = recipe.train
@@ -76,7 +76,8 @@ def _param_groups(cohort: Cohort, recipe) -> list[dict]:
         seen.update(id(p) for p in own)
         groups.append({"params": own, "lr": cfg.network_lr.get(name, cfg.lr),
                        "weight_decay": cfg.network_weight_decay.get(name, cfg.weight_decay), "name": name})
-    shared = [p for p in cohort.parameters() if id(p) not in seen]
+    # [methods] the method's own modules (FitNets regressors, WEL heads) train with what the networks share
+    shared = [p for p in (method if method is not None else cohort).parameters() if id(p) not in seen]
     if shared:
         groups.append({"params": shared, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "shared"})
     return groups
@@ -153,7 +154,7 @@ def fit(method, data: Data, recipe, run_dir: Path, *, start_state: dict | None =
     steps_per_epoch = len(data.train_labels) // batch_size
     if steps_per_epoch == 0:
         raise ClcliError(f"the training split has {len(data.train_labels)} images, fewer than one batch")
-    optimizer = torch.optim.SGD(_param_groups(cohort, recipe), lr=cfg.lr, momentum=cfg.momentum,
+    optimizer = torch.optim.SGD(_param_groups(cohort, recipe, method), lr=cfg.lr, momentum=cfg.momentum,
                                 nesterov=cfg.nesterov and cfg.momentum > 0)
     scheduler = _scheduler(optimizer, recipe, steps_per_epoch)
     per_step_schedule = not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
@@ -189,6 +190,8 @@ def fit(method, data: Data, recipe, run_dir: Path, *, start_state: dict | None =
             gens = [torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + epoch * 131 + j)
                     for j in range(len(orders))]
             method.train()
+            if hasattr(method, "set_epoch"):  # [methods] staged methods (FitNets) follow the epoch
+                method.set_epoch(epoch)
             sums: dict[str, torch.Tensor] = {}
             correct = torch.zeros(n_nets, device=device)
             seen = 0

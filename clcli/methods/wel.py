@@ -1,0 +1,64 @@
+"""WEL: Wasserstein embedding learning (after Courty et al. 2018). Each network gets an embedding head on its
+global-pooled features (the classifier's input) whose squared distances mimic W2^2 between the input images:
+
+    L_i = CE(z_i, y) + weight * mean_k ( ||e_i(x_k) - e_i(x_k')||^2 - W2^2(x_k, x_k') )^2
+
+The pairs are each image with its neighbour in the batch (k' = k - 1, cyclic). W2^2 comes from the same cache as CL's
+different-input mode (keyed by dataset indices, saved in the checkpoint); all networks see the same pairs, so one
+network's solve is the others' cache hit. The cache is bounded: in-batch pairs rarely come back in a later epoch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clcli import losses
+
+from ._base import Batch, Method, register
+
+_CACHE_ENTRIES = 100_000
+
+
+def _pooled_width(net: nn.Module) -> int:
+    head = net.get_classifier()
+    return getattr(head, "in_features", None) or getattr(head, "in_channels", None) or net.num_features
+
+
+@register("wel")
+class WassersteinEmbeddingLearning(Method):
+    def __init__(self, cohort, recipe):
+        super().__init__(cohort, recipe)
+        cfg = recipe.wel
+        self.heads = nn.ModuleList(nn.Linear(_pooled_width(net), cfg.embedding) for net in cohort.networks)
+        self.heads.to(next(cohort.parameters()).device)
+        self.w2_cache = losses.W2Cache(grid=cfg.w2_grid, max_entries=_CACHE_ENTRIES)
+        self._pooled: dict[int, torch.Tensor] = {}
+        for i, net in enumerate(cohort.networks):
+            net.get_classifier().register_forward_pre_hook(self._capture(i))
+
+    def _capture(self, i: int):
+        def hook(module, inputs):
+            x = inputs[0]
+            self._pooled[i] = x.mean(dim=(2, 3)) if x.dim() == 4 else x.flatten(1)
+
+        return hook
+
+    def embedding_loss(self, i: int, batch: Batch) -> torch.Tensor:
+        e = self.heads[i](self._pooled[i]).float()
+        distance = (e - e.roll(1, dims=0)).pow(2).sum(dim=1)
+        idx, raw = batch.indices[i], batch.raw[i]
+        w2 = self.w2_cache.get(idx, idx.roll(1, dims=0), raw, raw.roll(1, dims=0))
+        return F.mse_loss(distance, w2)
+
+    def forward(self, batch: Batch) -> dict:
+        logits = self.cohort(batch.images, active=batch.active)
+        parts: dict[str, torch.Tensor] = {}
+        total = 0.0
+        for i, (out, target) in enumerate(zip(logits, batch.targets)):
+            cls = F.cross_entropy(out, target)
+            wel = self.embedding_loss(i, batch)
+            parts[f"{i}/cls"], parts[f"{i}/wel"] = cls, wel
+            if batch.active is None or batch.active == i:
+                total = total + cls + self.recipe.wel.weight * wel
+        return {"loss": total, "logits": logits, "parts": parts}
