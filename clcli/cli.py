@@ -278,6 +278,45 @@ def bench(
         console.print(f"W2 (different inputs), uncached: {result['w2_seconds_per_step_uncached']:.3f} s per step")
 
 
+@app.command()
+def compare(
+    recipe: str = typer.Option("quickstart", "--recipe", "-r", help="built-in recipe name or a YAML file"),
+    methods: str = typer.Option("il,el,kd,fitnets,dml,wel,mkb-solo,cl", "--methods",
+                                help="comma separated; IL always runs (reference, teacher, EL)"),
+    seeds: int = typer.Option(3, "--seeds", help="seeds per method: the recipe's seed, +1, +2, ..."),
+    out: Path = typer.Option(..., "--out", "-o", help="report folder (runs/ inside it are reused)"),
+    data: Optional[str] = typer.Option(None, "--data", help="local dataset folder (or hub id) replacing the recipe's"),
+    epochs: Optional[int] = typer.Option(None, "--epochs"),
+    overrides: List[str] = typer.Option([], "--set", help="recipe override key=value (dotted keys)"),
+    no_progress: bool = typer.Option(False, "--no-progress", help="no live progress bar"),
+) -> None:
+    """Train every method on the same recipe and seeds; write table.md (paper Table 2), results.csv, curves.png."""
+    from rich.table import Table
+
+    from clcli import recipes
+    from clcli.compare import compare as compare_lib, parse_methods
+
+    sets = list(overrides)
+    if epochs is not None:
+        sets.append(f"train.epochs={epochs}")
+    if data is not None:
+        if Path(data).expanduser().exists():
+            data = str(Path(data).expanduser().resolve())  # the run folders must work from any directory
+        sets.append(f"data.source={json.dumps(data)}")
+    names = parse_methods(methods)
+    console = _console()
+    result = compare_lib(recipes.load(recipe, sets), names, seeds, out, show_progress=not no_progress,
+                         console=console)
+    table = Table(title=f"test accuracy (%), mean ± std over seeds {result['seeds']}", title_justify="left")
+    table.add_column("method")
+    table.add_column(" / ".join(result["networks"]))
+    for label, cell in result["rows"]:
+        table.add_row(label, cell)
+    console.print(table)
+    for what, path in result["paths"].items():
+        console.print(f"{what}: [bold]{path}[/]")
+
+
 def main() -> None:
     try:
         app()

@@ -74,6 +74,16 @@ def _tensor_shape(value) -> tuple[int, ...] | None:
     return None
 
 
+def _link(nodes: list[GNode], index: dict) -> list[GNode]:
+    """Fill each node's inputs and users (indices into `nodes`) from the tracer's node objects."""
+    for node, i in index.items():
+        nodes[i].inputs = sorted({index[a] for a in node.all_input_nodes if a in index})
+    for i, n in enumerate(nodes):
+        for j in n.inputs:
+            nodes[j].users.append(i)
+    return nodes
+
+
 def _fx_graph(model: nn.Module, example: torch.Tensor) -> list[GNode]:
     from torch.fx.passes.shape_prop import ShapeProp
 
@@ -92,12 +102,7 @@ def _fx_graph(model: nn.Module, example: torch.Tensor) -> list[GNode]:
         target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
         index[node] = len(nodes)
         nodes.append(GNode(node.name, node.op, target, scope, shape))
-    for node, i in index.items():
-        nodes[i].inputs = sorted({index[a] for a in node.all_input_nodes if a in index})
-    for i, n in enumerate(nodes):
-        for j in n.inputs:
-            nodes[j].users.append(i)
-    return nodes
+    return _link(nodes, index)
 
 
 _EXPORT_PATH = re.compile(r"\[(\d+)\]")
@@ -125,12 +130,7 @@ def _export_graph(model: nn.Module, example: torch.Tensor) -> list[GNode]:
         target = node.target if isinstance(node.target, str) else str(node.target)
         index[node] = len(nodes)
         nodes.append(GNode(node.name, node.op, target, scope, _tensor_shape(node.meta.get("val"))))
-    for node, i in index.items():
-        nodes[i].inputs = sorted({index[a] for a in node.all_input_nodes if a in index})
-    for i, n in enumerate(nodes):
-        for j in n.inputs:
-            nodes[j].users.append(i)
-    return nodes
+    return _link(nodes, index)
 
 
 def _count_macs(model: nn.Module, nodes: list[GNode]) -> int:

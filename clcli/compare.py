@@ -1,0 +1,290 @@
+"""`clcli compare`: every method on the same recipe and seeds, laid out like the paper's Table 2.
+
+    <out>/runs/<method>/seed<k>/   one ordinary run folder per (method, seed): same recipe and seed, hence the same
+                                   data order and initial weights; finished runs are reused, unfinished ones resumed
+    <out>/runs/el/seed<k>.json     the EL accuracy of that seed's IL run
+    <out>/table.md                 a row per method, each cell net1 / net2 as mean ± std over the seeds (EL: one
+                                   number), then the first iteration at which each method reaches IL's final accuracy
+    <out>/results.csv              one line per (method, seed, network)
+    <out>/curves.png               test accuracy against iterations, per network, mean over the seeds
+
+IL always runs first: it is the reference, the teacher of kd and fitnets (network 0 of the IL run of the same seed),
+and the networks that EL averages.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from clcli import _io
+from clcli.errors import ClcliError
+
+LABELS = {"il": "IL", "el": "EL", "kd": "DL (1→2)", "fitnets": "HL (1→2)", "dml": "DML", "wel": "WEL",
+          "mkb-solo": "MKB (w/o CL)", "cl": "CL"}
+ORDER = list(LABELS)
+NEEDS_TEACHER = ("kd", "fitnets")
+# How a run is executed, not what it computes: a change here does not make a finished run stale.
+_IGNORED_KEYS = ("kd.teacher", "train.device", "train.threads", "train.log_every")
+
+
+@dataclass
+class RunResult:
+    method: str
+    seed: int
+    run_dir: Path
+    networks: list[str]
+    test_acc: list[float]                                   # final, per network
+    curve: list[tuple[int, list[float]]] = field(default_factory=list)  # (iteration, test acc per network)
+
+
+def parse_methods(text: str) -> list[str]:
+    from clcli import methods
+
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    if not names:
+        raise ClcliError("--methods is empty")
+    unknown = [m for m in names if m not in methods.METHODS]
+    if unknown:
+        raise ClcliError(f"unknown method '{unknown[0]}'; available: {', '.join(sorted(methods.METHODS))}")
+    return list(dict.fromkeys(names))
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k not in ("network_lr", "network_weight_decay"):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _check_same_recipe(recipe, run_dir: Path) -> None:
+    import yaml
+
+    from clcli import recipes
+
+    stored = recipes.from_dict(yaml.safe_load((run_dir / "recipe.yaml").read_text()), str(run_dir / "recipe.yaml"))
+    old, new = _flat(stored.to_dict()), _flat(recipe.to_dict())
+    for key in sorted(set(old) | set(new)):
+        if key not in _IGNORED_KEYS and old.get(key) != new.get(key):
+            raise ClcliError(f"{run_dir} was trained with {key}={old.get(key)!r}, this comparison asks for "
+                             f"{new.get(key)!r}; give another --out or delete that folder")
+
+
+def _run_recipe(base, method: str, seed: int, teacher: Path):
+    from clcli import recipes
+
+    r = recipes.from_dict(base.to_dict())
+    r.methods, r.train.seed = [method], seed
+    if method in NEEDS_TEACHER:
+        r.kd.teacher = str(teacher.resolve())
+    return r
+
+
+def _ensure_run(recipe, run_dir: Path) -> str:
+    """Train, resume or reuse one run folder; returns what was done."""
+    from clcli import train as train_lib
+    from clcli.train import _run
+
+    if (run_dir / "run.json").is_file():
+        _check_same_recipe(recipe, run_dir)
+        if _run.read_json(run_dir / "run.json").get("status") == "finished":
+            return "reused"
+        train_lib.resume(run_dir, show_progress=False)
+        return "resumed"
+    # No run.json: whatever is there was left by an earlier comparison before its run started.
+    train_lib.train(recipe, run_dir, force=True, show_progress=False)
+    return "trained"
+
+
+def _read_run(method: str, seed: int, run_dir: Path) -> RunResult:
+    from clcli.train import _run
+
+    info = _run.read_json(run_dir / "run.json")
+    names = list(info["models"])
+    curve = [(int(r["step"]), [float(r["test_acc"][n]) for n in names])
+             for r in _run.read_metrics(run_dir) if r.get("type") == "epoch"]
+    return RunResult(method, seed, run_dir, names, [float(info["test_acc"][n]) for n in names], curve)
+
+
+def _ensemble(il_dir: Path, cache: Path) -> float:
+    from clcli.methods.el import ensemble_accuracy
+
+    stamp = (il_dir / "checkpoint.pt").stat().st_mtime_ns
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("il_checkpoint_mtime_ns") == stamp:
+            return float(saved["test_acc"])
+    acc = ensemble_accuracy(il_dir)
+    _io.write_json(cache, {"il_run": str(il_dir), "il_checkpoint_mtime_ns": stamp, "test_acc": acc})
+    return acc
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def _first_reach(curve: list[tuple[int, list[float]]], network: int, target: float) -> int | None:
+    return next((step for step, accs in curve if accs[network] >= target), None)
+
+
+def _rows(order: list[str], runs: dict[str, list[RunResult]], el: list[float], names: list[str],
+          il_final: list[float]) -> tuple[list[tuple[str, str]], list[tuple[str, list[str]]]]:
+    acc_rows, reach_rows = [], []
+    for m in order:
+        if m == "el":
+            acc_rows.append((LABELS[m], _mean_std(el)))
+            continue
+        rs = runs[m]
+        acc_rows.append((LABELS.get(m, m), " / ".join(_mean_std([r.test_acc[i] for r in rs])
+                                                      for i in range(len(names)))))
+        cells = []
+        for i in range(len(names)):
+            hits = [s for s in (_first_reach(r.curve, i, il_final[i]) for r in rs) if s is not None]
+            cells.append(f"{statistics.mean(hits):.0f} ({len(hits)}/{len(rs)})" if hits else f"never (0/{len(rs)})")
+        reach_rows.append((LABELS.get(m, m), cells))
+    return acc_rows, reach_rows
+
+
+def _table_md(recipe, seeds: list[int], names: list[str], il_final: list[float], acc_rows, reach_rows,
+              order: list[str]) -> str:
+    lines = [f"# {recipe.name}: test accuracy (%)", "",
+             f"Mean ± std over {len(seeds)} seed(s) ({', '.join(map(str, seeds))}); "
+             f"{recipe.train.epochs} epochs, dataset {recipe.data.source}.", "",
+             f"| Method | {' / '.join(names)} |", "| --- | --- |"]
+    lines += [f"| {label} | {cell} |" for label, cell in acc_rows]
+    notes = []
+    if "el" in order:
+        notes.append("EL: the IL networks' averaged softmax probabilities, one number.")
+    if any(m in order for m in NEEDS_TEACHER):
+        notes.append(f"DL/HL: network 1 ({names[0]}) is the IL network of the same seed, frozen as the teacher.")
+    if notes:
+        lines += [""] + notes
+    lines += ["", "## Iterations to reach IL's final accuracy", "",
+              "IL's final accuracy (mean over seeds): "
+              + ", ".join(f"{n} {a:.2f}" for n, a in zip(names, il_final))
+              + ". Each cell: the first evaluated iteration at which the network reaches it, mean over the seeds "
+                "that do (how many do).", "",
+              f"| Method | {' | '.join(names)} |", "|" + " --- |" * (len(names) + 1)]
+    lines += [f"| {label} | {' | '.join(cells)} |" for label, cells in reach_rows]
+    return "\n".join(lines) + "\n"
+
+
+def _results_csv(runs: dict[str, list[RunResult]], el: dict[int, float], il_final: list[float]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["method", "seed", "network", "test_acc", "iterations", "reach_il_iteration"])
+    for m, rs in runs.items():
+        for r in rs:
+            last = r.curve[-1][0] if r.curve else ""
+            for i, n in enumerate(r.networks):
+                reach = _first_reach(r.curve, i, il_final[i])
+                w.writerow([m, r.seed, n, f"{r.test_acc[i]:.3f}", last, "" if reach is None else reach])
+    for seed, acc in el.items():
+        w.writerow(["el", seed, "ensemble", f"{acc:.3f}", "", ""])
+    return buf.getvalue()
+
+
+def _curves_png(path: Path, runs: dict[str, list[RunResult]], names: list[str], il_final: list[float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4.2), squeeze=False)
+    for i, (ax, name) in enumerate(zip(axes[0], names)):
+        for m, rs in runs.items():
+            curves = [r.curve for r in rs if r.curve]
+            if not curves:
+                continue
+            n = min(len(c) for c in curves)
+            steps = [curves[0][k][0] for k in range(n)]
+            mean = [statistics.mean(c[k][1][i] for c in curves) for k in range(n)]
+            ax.plot(steps, mean, marker="o" if n < 30 else None, markersize=3, label=LABELS.get(m, m))
+        ax.axhline(il_final[i], color="gray", linestyle="--", linewidth=1, label="IL final")
+        ax.set_title(name)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    with _io.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def compare(recipe, methods: list[str], seeds: int, out: str | Path, *, show_progress: bool = True,
+            console=None) -> dict:
+    """Run (or reuse) every (method, seed) of the grid and write table.md, results.csv and curves.png under `out`.
+    Returns the table rows and the paths written."""
+    if seeds < 1:
+        raise ClcliError(f"--seeds must be at least 1, got {seeds}")
+    out = Path(out)
+    seed_list = [recipe.train.seed + k for k in range(seeds)]
+    trained = ["il"] + [m for m in methods if m not in ("il", "el")]
+    order = sorted(dict.fromkeys(["il", *methods]), key=lambda m: ORDER.index(m) if m in ORDER else len(ORDER))
+    grid = [(m, s) for m in trained for s in seed_list]
+    total = len(grid) + (len(seed_list) if "el" in methods else 0)
+    progress = _GridProgress(show_progress, total, console)
+    runs: dict[str, list[RunResult]] = {m: [] for m in trained}
+    el: dict[int, float] = {}
+    try:
+        for m, s in grid:
+            run_dir = out / "runs" / m / f"seed{s}"
+            progress.start(f"{m} seed {s}")
+            done = _ensure_run(_run_recipe(recipe, m, s, out / "runs" / "il" / f"seed{s}"), run_dir)
+            runs[m].append(_read_run(m, s, run_dir))
+            progress.advance(f"{m} seed {s}: {done}, test acc "
+                             + " / ".join(f"{a:.2f}" for a in runs[m][-1].test_acc))
+        if "el" in methods:
+            for s in seed_list:
+                progress.start(f"el seed {s}")
+                el[s] = _ensemble(out / "runs" / "il" / f"seed{s}", out / "runs" / "el" / f"seed{s}.json")
+                progress.advance(f"el seed {s}: test acc {el[s]:.2f}")
+    finally:
+        progress.stop()
+    names = runs["il"][0].networks
+    il_final = [statistics.mean(r.test_acc[i] for r in runs["il"]) for i in range(len(names))]
+    acc_rows, reach_rows = _rows(order, runs, list(el.values()), names, il_final)
+    table = _table_md(recipe, seed_list, names, il_final, acc_rows, reach_rows, order)
+    paths = {"table": out / "table.md", "results": out / "results.csv", "curves": out / "curves.png"}
+    _io.write_text(paths["table"], table)
+    _io.write_text(paths["results"], _results_csv(runs, el, il_final))
+    _curves_png(paths["curves"], runs, names, il_final)
+    return {"networks": names, "seeds": seed_list, "rows": acc_rows, "reach": reach_rows, "il_final": il_final,
+            "paths": paths}
+
+
+class _GridProgress:
+    """Runs done / total over the grid; each run trains without its own live bar (rich allows one at a time)."""
+
+    def __init__(self, enabled: bool, total: int, console=None):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("[bold]compare"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"),
+                                 TimeElapsedColumn(), TextColumn("{task.description}"), console=console)
+        self.task = self.progress.add_task("", total=total)
+        self.progress.start()
+
+    def start(self, what: str) -> None:
+        if self.enabled:
+            self.progress.update(self.task, description=f"{what} ...")
+
+    def advance(self, line: str) -> None:
+        if self.enabled:
+            self.progress.console.print(line, highlight=False)
+            self.progress.advance(self.task)
+
+    def stop(self) -> None:
+        if self.enabled:
+            self.progress.stop()
