@@ -307,7 +307,8 @@ def compare(
     console = _console()
     result = compare_lib(recipes.load(recipe, sets), names, seeds, out, show_progress=not no_progress,
                          console=console)
-    table = Table(title=f"test accuracy (%), mean ± std over seeds {result['seeds']}", title_justify="left")
+    seeds_text = ", ".join(map(str, result["seeds"]))
+    table = Table(title=f"test accuracy (%), mean ± std over seeds {seeds_text}", title_justify="left")
     table.add_column("method")
     table.add_column(" / ".join(result["networks"]))
     for label, cell in result["rows"]:

@@ -86,7 +86,7 @@ def _run_recipe(base, method: str, seed: int, teacher: Path):
     return r
 
 
-def _ensure_run(recipe, run_dir: Path) -> str:
+def _ensure_run(recipe, run_dir: Path, progress: "_GridProgress") -> str:
     """Train, resume or reuse one run folder; returns what was done."""
     from clcli import train as train_lib
     from clcli.train import _run
@@ -95,10 +95,10 @@ def _ensure_run(recipe, run_dir: Path) -> str:
         _check_same_recipe(recipe, run_dir)
         if _run.read_json(run_dir / "run.json").get("status") == "finished":
             return "reused"
-        train_lib.resume(run_dir, show_progress=False)
+        train_lib.resume(run_dir, show_progress=progress.enabled, console=progress.console)
         return "resumed"
     # No run.json: whatever is there was left by an earlier comparison before its run started.
-    train_lib.train(recipe, run_dir, force=True, show_progress=False)
+    train_lib.train(recipe, run_dir, force=True, show_progress=progress.enabled, console=progress.console)
     return "trained"
 
 
@@ -235,21 +235,16 @@ def compare(recipe, methods: list[str], seeds: int, out: str | Path, *, show_pro
     progress = _GridProgress(show_progress, total, console)
     runs: dict[str, list[RunResult]] = {m: [] for m in trained}
     el: dict[int, float] = {}
-    try:
-        for m, s in grid:
-            run_dir = out / "runs" / m / f"seed{s}"
-            progress.start(f"{m} seed {s}")
-            done = _ensure_run(_run_recipe(recipe, m, s, out / "runs" / "il" / f"seed{s}"), run_dir)
-            runs[m].append(_read_run(m, s, run_dir))
-            progress.advance(f"{m} seed {s}: {done}, test acc "
-                             + " / ".join(f"{a:.2f}" for a in runs[m][-1].test_acc))
-        if "el" in methods:
-            for s in seed_list:
-                progress.start(f"el seed {s}")
-                el[s] = _ensemble(out / "runs" / "il" / f"seed{s}", out / "runs" / "el" / f"seed{s}.json")
-                progress.advance(f"el seed {s}: test acc {el[s]:.2f}")
-    finally:
-        progress.stop()
+    for m, s in grid:
+        run_dir = out / "runs" / m / f"seed{s}"
+        progress.start(f"{m} seed {s} → {run_dir}")
+        done = _ensure_run(_run_recipe(recipe, m, s, out / "runs" / "il" / f"seed{s}"), run_dir, progress)
+        runs[m].append(_read_run(m, s, run_dir))
+        progress.advance(f"{m} seed {s}: {done}, test acc " + " / ".join(f"{a:.2f}" for a in runs[m][-1].test_acc))
+    if "el" in methods:
+        for s in seed_list:
+            el[s] = _ensemble(out / "runs" / "il" / f"seed{s}", out / "runs" / "el" / f"seed{s}.json")
+            progress.advance(f"el seed {s}: test acc {el[s]:.2f}")
     names = runs["il"][0].networks
     il_final = [statistics.mean(r.test_acc[i] for r in runs["il"]) for i in range(len(names))]
     acc_rows, reach_rows = _rows(order, runs, list(el.values()), names, il_final)
@@ -263,28 +258,22 @@ def compare(recipe, methods: list[str], seeds: int, out: str | Path, *, show_pro
 
 
 class _GridProgress:
-    """Runs done / total over the grid; each run trains without its own live bar (rich allows one at a time)."""
+    """Runs done / total over the grid, as a rich rule before each run; the run itself shows the loop's own live bar
+    (rich has one live display at a time, so the grid is not a second bar)."""
 
     def __init__(self, enabled: bool, total: int, console=None):
-        self.enabled = enabled
-        if not enabled:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        self.enabled, self.total, self.done = enabled, total, 0
+        if enabled and console is None:
+            from rich.console import Console
 
-        self.progress = Progress(TextColumn("[bold]compare"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"),
-                                 TimeElapsedColumn(), TextColumn("{task.description}"), console=console)
-        self.task = self.progress.add_task("", total=total)
-        self.progress.start()
+            console = Console()
+        self.console = console
 
     def start(self, what: str) -> None:
         if self.enabled:
-            self.progress.update(self.task, description=f"{what} ...")
+            self.console.rule(f"[bold]compare[/] {self.done}/{self.total} runs done · {what}", align="left")
 
     def advance(self, line: str) -> None:
+        self.done += 1
         if self.enabled:
-            self.progress.console.print(line, highlight=False)
-            self.progress.advance(self.task)
-
-    def stop(self) -> None:
-        if self.enabled:
-            self.progress.stop()
+            self.console.print(f"{line}  [dim]({self.done}/{self.total})[/]", highlight=False)

@@ -8,7 +8,7 @@ teacher's) maps the student's features onto the teacher's, with an L2 loss:
   the tap (and the regressor) get gradients;
 - stage 2: knowledge distillation exactly as in kd (the hint is still logged, not trained).
 
-The method needs the probe plan (`cohort.plan`, set by clcli.train) and the epoch (`set_epoch`, called by the loop).
+The method needs the probe plan (`cohort.plan`, set by build_cohort) and the epoch (`set_epoch`, called by the loop).
 """
 from __future__ import annotations
 

@@ -1,11 +1,14 @@
 """WEL: Wasserstein embedding learning (after Courty et al. 2018). Each network gets an embedding head on its
 global-pooled features (the classifier's input) whose squared distances mimic W2^2 between the input images:
 
-    L_i = CE(z_i, y) + weight * mean_k ( ||e_i(x_k) - e_i(x_k')||^2 - W2^2(x_k, x_k') )^2
+    L_i = CE(z_i, y) + weight * mean_k ( D(e_i(x_k), e_i(x_k')) - W2^2(x_k, x_k') / 2 )^2
 
-The pairs are each image with its neighbour in the batch (k' = k - 1, cyclic). W2^2 comes from the same cache as CL's
-different-input mode (keyed by dataset indices, saved in the checkpoint); all networks see the same pairs, so one
-network's solve is the others' cache hit. The cache is bounded: in-batch pairs rarely come back in a later epoch.
+with D the squared Euclidean distance between L2-normalised embeddings (bounded, in [0, 4]; unnormalised squared
+distances make this regression diverge) and the target scaled as in CL's different-input loss, which computes it
+(`losses.different_input_metric_loss`, the partner side detached). The pairs are each image with its neighbour in
+the batch (k' = k - 1, cyclic). W2^2 comes from the same cache as CL's different-input mode (keyed by dataset
+indices, saved in the checkpoint); all networks see the same pairs, so one network's solve is the others' cache hit.
+The cache is bounded: in-batch pairs rarely come back in a later epoch.
 """
 from __future__ import annotations
 
@@ -46,10 +49,9 @@ class WassersteinEmbeddingLearning(Method):
 
     def embedding_loss(self, i: int, batch: Batch) -> torch.Tensor:
         e = self.heads[i](self._pooled[i]).float()
-        distance = (e - e.roll(1, dims=0)).pow(2).sum(dim=1)
         idx, raw = batch.indices[i], batch.raw[i]
         w2 = self.w2_cache.get(idx, idx.roll(1, dims=0), raw, raw.roll(1, dims=0))
-        return F.mse_loss(distance, w2)
+        return losses.different_input_metric_loss(e, e.roll(1, dims=0), w2, kind="l2")
 
     def forward(self, batch: Batch) -> dict:
         logits = self.cohort(batch.images, active=batch.active)

@@ -121,7 +121,7 @@ class FitNetsConfig:
 
 @dataclass
 class WELConfig:
-    weight: float = 1.0                 # CE + weight * MSE(embedding distance^2, W2^2 of the input images)
+    weight: float = 1.0                 # CE + weight * MSE(embedding distance, W2^2 of the input images / 2)
     embedding: int = 128
     w2_grid: int = 8
 

@@ -125,13 +125,12 @@ def _train_one(method_name, recipe, plan, data, run_dir: Path, device, state, sh
     cohort.to(device)
     if recipe.train.channels_last:
         cohort.to(memory_format=torch.channels_last)
-    cohort.plan = plan  # [methods] FitNets reads its hint taps from the plan's first MKB site
-    method = methods.create(method_name, cohort, recipe)
-    if recipe.train.compile:
-        for net in cohort.networks:
-            net.compile()
     info = _run.read_json(run_dir / "run.json")
     try:
+        method = methods.create(method_name, cohort, recipe)  # may refuse (e.g. kd without a teacher)
+        if recipe.train.compile:
+            for net in cohort.networks:
+                net.compile()
         summary = fit(method, data, recipe, run_dir, start_state=state, show_progress=show_progress,
                       console=console)
     except BaseException as e:

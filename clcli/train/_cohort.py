@@ -11,11 +11,13 @@ from clcli import mkb, models
 
 
 class Cohort(nn.Module):
-    def __init__(self, networks: list[nn.Module], names: list[str], verifiers: nn.ModuleDict | None = None):
+    def __init__(self, networks: list[nn.Module], names: list[str], verifiers: nn.ModuleDict | None = None,
+                 plan=None):
         super().__init__()
         self.networks = nn.ModuleList(networks)
         self.names = names
         self.verifiers = verifiers if verifiers is not None else nn.ModuleDict()
+        self.plan = plan  # the probe plan the cohort was built from (methods such as FitNets read its taps)
 
     def forward(self, images: list[torch.Tensor], active: int | None = None) -> list[torch.Tensor]:
         """Logits of every network. In iterative training only `active` builds a graph; the frozen networks run
@@ -68,4 +70,4 @@ def build_cohort(plan, *, num_classes: int, seed: int, with_mkb: bool, fuse: str
             mkb.attach(net, mkb.half_plans(plan, i, fuse), transfers if shared_transfer else {})
         for i, site in enumerate(plan.sites):
             verifiers[mkb.site_name(i)] = nn.Linear(site.mkb.embedding, num_classes)
-    return Cohort(networks, [m.name for m in plan.models], verifiers)
+    return Cohort(networks, [m.name for m in plan.models], verifiers, plan)

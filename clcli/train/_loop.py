@@ -65,10 +65,12 @@ def evaluate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean, s
     return {f"top{k}": 100.0 * correct[k] / n for k in topk}
 
 
-def _param_groups(cohort: Cohort, recipe, method: nn.Module | None = None) -> list[dict]:
-    """One group per network (its own weights and MKB encoder/decoder) plus one for what the networks share
-    (space transfers, verification heads), so that lr and weight decay can be set per network."""
+def _param_groups(method: nn.Module, recipe) -> list[dict]:
+    """One group per network (its own weights and MKB encoder/decoder) plus one for everything else the method
+    trains (shared space transfers, verification heads, FitNets regressors, WEL heads), so that lr and weight decay
+    can be set per network."""
     cfg = recipe.train
+    cohort: Cohort = method.cohort
     seen: set[int] = set()
     groups = []
     for net, name in zip(cohort.networks, cohort.names):
@@ -76,8 +78,7 @@ def _param_groups(cohort: Cohort, recipe, method: nn.Module | None = None) -> li
         seen.update(id(p) for p in own)
         groups.append({"params": own, "lr": cfg.network_lr.get(name, cfg.lr),
                        "weight_decay": cfg.network_weight_decay.get(name, cfg.weight_decay), "name": name})
-    # [methods] the method's own modules (FitNets regressors, WEL heads) train with what the networks share
-    shared = [p for p in (method if method is not None else cohort).parameters() if id(p) not in seen]
+    shared = [p for p in method.parameters() if id(p) not in seen]
     if shared:
         groups.append({"params": shared, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "shared"})
     return groups
@@ -154,7 +155,7 @@ def fit(method, data: Data, recipe, run_dir: Path, *, start_state: dict | None =
     steps_per_epoch = len(data.train_labels) // batch_size
     if steps_per_epoch == 0:
         raise ClcliError(f"the training split has {len(data.train_labels)} images, fewer than one batch")
-    optimizer = torch.optim.SGD(_param_groups(cohort, recipe, method), lr=cfg.lr, momentum=cfg.momentum,
+    optimizer = torch.optim.SGD(_param_groups(method, recipe), lr=cfg.lr, momentum=cfg.momentum,
                                 nesterov=cfg.nesterov and cfg.momentum > 0)
     scheduler = _scheduler(optimizer, recipe, steps_per_epoch)
     per_step_schedule = not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
@@ -190,7 +191,7 @@ def fit(method, data: Data, recipe, run_dir: Path, *, start_state: dict | None =
             gens = [torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + epoch * 131 + j)
                     for j in range(len(orders))]
             method.train()
-            if hasattr(method, "set_epoch"):  # [methods] staged methods (FitNets) follow the epoch
+            if hasattr(method, "set_epoch"):  # staged methods (FitNets) follow the epoch
                 method.set_epoch(epoch)
             sums: dict[str, torch.Tensor] = {}
             correct = torch.zeros(n_nets, device=device)
@@ -263,6 +264,11 @@ def fit(method, data: Data, recipe, run_dir: Path, *, start_state: dict | None =
                 state["w2_cache"] = method.w2_cache.state_dict()
             _run.save_checkpoint(run_dir / _run.CHECKPOINT, state)
             summary = {"epochs": epoch + 1, "test_acc": accs}
+        if not summary:  # resumed after the last epoch's checkpoint: nothing left to train
+            summary = {"epochs": cfg.epochs, "test_acc": {
+                name: evaluate(net, data.test_images, data.test_labels, data.mean, data.std,
+                               channels_last=cfg.channels_last)["top1"]
+                for name, net in zip(cohort.names, cohort.networks)}}
     finally:
         progress.stop()
         log.close()
