@@ -78,10 +78,9 @@ def _layout(shape: tuple[int, ...], input_hw: tuple[int, int], prefix_hint: int 
             grid = length - p
             if grid < 4:
                 continue
-            # A patch grid keeps the input's aspect ratio: h = H / patch, w = W / patch.
+            # A patch grid keeps the input's aspect ratio: h = floor(H / patch), w = floor(W / patch) (a patch
+            # embedding drops the remainder, e.g. 384 px with 14 px patches gives 27 x 27).
             for patch in range(1, max(H, W) + 1):
-                if H % patch or W % patch:
-                    continue
                 h, w = H // patch, W // patch
                 if h * w == grid:
                     return ("NLC", channels, h, w, p)
