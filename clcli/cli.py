@@ -51,6 +51,13 @@ def probe(
     print_plan(_console(), result)
 
 
+def _data_override(data: str) -> str:
+    """`--data` as a recipe override; a local folder becomes absolute so the run folder works from anywhere."""
+    if Path(data).expanduser().exists():
+        data = str(Path(data).expanduser().resolve())
+    return f"data.source={json.dumps(data)}"
+
+
 def _free_run_dir(name: str) -> Path:
     """runs/<name>, or runs/<name>-2, -3, ... when taken: a default never replaces an earlier run."""
     base = Path("runs") / name
@@ -99,9 +106,7 @@ def train(
     if seed is not None:
         sets.append(f"train.seed={seed}")
     if data is not None:
-        if Path(data).expanduser().exists():
-            data = str(Path(data).expanduser().resolve())  # the run folder must work from any directory
-        sets.append(f"data.source={json.dumps(data)}")
+        sets.append(_data_override(data))
     rec = recipes.load(recipe, sets)
     run_dir = out if out is not None else _free_run_dir(rec.name)
     results = train_lib.train(rec, run_dir, plan_path=str(plan) if plan else None, force=force,
@@ -300,9 +305,7 @@ def compare(
     if epochs is not None:
         sets.append(f"train.epochs={epochs}")
     if data is not None:
-        if Path(data).expanduser().exists():
-            data = str(Path(data).expanduser().resolve())  # the run folders must work from any directory
-        sets.append(f"data.source={json.dumps(data)}")
+        sets.append(_data_override(data))
     names = parse_methods(methods)
     console = _console()
     result = compare_lib(recipes.load(recipe, sets), names, seeds, out, show_progress=not no_progress,
