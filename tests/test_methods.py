@@ -134,7 +134,7 @@ def test_fitnets_regressor_fits_the_traced_taps_and_the_hint_loss_decreases(grid
     conv = method.regressors[0][-1]
     assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (student_tap.channels, teacher_tap.channels,
                                                                        (1, 1))
-    optimizer = torch.optim.SGD(_param_groups(cohort, recipe, method), lr=0.05, momentum=0.9)
+    optimizer = torch.optim.SGD(_param_groups(method, recipe), lr=0.05, momentum=0.9)
     assert {id(p) for p in method.regressors.parameters()} <= {id(p) for g in optimizer.param_groups
                                                                for p in g["params"]}
     teacher_before = {k: v.clone() for k, v in method.teacher.state_dict().items()}
@@ -207,7 +207,7 @@ def test_wel_regresses_embedding_distances_on_cached_w2(plan, batch):
     assert torch.allclose(cache.get(idx, idx.roll(1, dims=0), raw, raw.roll(1, dims=0)), direct)
     out["loss"].backward()
     assert all(h.weight.grad is not None and h.weight.grad.abs().sum() > 0 for h in method.heads)
-    groups = _param_groups(method.cohort, _recipe(), method)
+    groups = _param_groups(method, _recipe())
     assert {id(p) for p in method.heads.parameters()} <= {id(p) for g in groups for p in g["params"]}
 
 
