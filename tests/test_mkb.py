@@ -177,3 +177,73 @@ def test_torch_compile_after_insertion_keeps_outputs():
     torch.testing.assert_close(net(x), ref, rtol=1e-5, atol=1e-5)
     assert set(net.state_dict()) == keys
     assert net.mkb["site0"].embedding is not None
+
+
+# --- taps that are not module outputs: fx rewriting ------------------------------------------------------------------
+
+def _plan_with_graph_node_tap():
+    """test_resnet's residual `add` before the block activation (no module produces it) as the site's tap."""
+    import dataclasses
+
+    plan = _plan(["test_resnet", "test_efficientnet"], size=32, stem="imagenet")
+    site = plan.sites[0]
+    node_taps = [t for t in plan.models[0].taps if t.module is None and t.size == site.size
+                 and t.channels == site.taps[0].channels]
+    assert node_taps, "test_resnet should have a residual add of the site's size"
+    site.taps[0] = dataclasses.replace(node_taps[0])
+    return plan
+
+
+def test_a_graph_node_tap_is_spliced_in_by_fx_and_keeps_timm_keys():
+    plan = _plan_with_graph_node_tap()
+    tap = plan.sites[0].taps[0]
+    plain = build_cohort(plan, num_classes=10, seed=1, with_mkb=False).eval()
+    cohort = build_cohort(plan, num_classes=10, seed=1, with_mkb=True).eval()
+    net = cohort.networks[0]
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(net(x), plain.networks[0](x))  # mul fusion starts as the identity
+    half = net.mkb["site0"]
+    assert half.embedding.shape == (3, plan.sites[0].mkb.embedding)
+    keys = set(net.state_dict())
+    assert {k for k in keys if not k.startswith("mkb.")} == set(plain.networks[0].state_dict())
+    # the spliced half really sits in the path: perturbing its decoder changes the logits
+    torch.nn.init.normal_(half.decoder[-1].weight, std=0.5)
+    assert not torch.allclose(net(x), plain.networks[0](x))
+    # and the residual add's value is what the half sees
+    seen = {}
+    half.register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0]))
+    net(x)
+    assert tuple(seen["x"].shape) == (3, tap.channels, tap.height, tap.width)
+
+
+def test_a_spliced_half_trains_in_train_mode_and_round_trips_through_half_plans():
+    from clcli import models
+
+    plan = _plan_with_graph_node_tap()
+    cohort = build_cohort(plan, num_classes=10, seed=2, with_mkb=True)
+    net = cohort.networks[0].train()
+    x = torch.randn(4, 3, 32, 32)
+    logits = net(x)
+    half = net.mkb["site0"]
+    (F.cross_entropy(logits, torch.arange(4)) + half.embedding.square().mean()).backward()
+    for part in (half.encoder, half.transfer, half.decoder):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+    net.eval()
+    halves = [mkb.HalfPlan.from_dict(h.to_dict()) for h in mkb.half_plans(plan, 0, "mul")]
+    assert halves[0].module is None and halves[0].node == plan.sites[0].taps[0].node
+    rebuilt = models.create(plan.models[0].name, dict(plan.models[0].kwargs, num_classes=10),
+                            stem=plan.models[0].stem)
+    mkb.attach(rebuilt, halves)
+    rebuilt.load_state_dict(net.state_dict(), strict=True)
+    assert torch.equal(rebuilt.eval()(x), net(x))
+
+
+def test_an_unknown_graph_node_is_one_clear_error():
+    import dataclasses
+
+    from clcli.errors import ClcliError
+
+    plan = _plan_with_graph_node_tap()
+    plan.sites[0].taps[0] = dataclasses.replace(plan.sites[0].taps[0], node="no_such_node")
+    with pytest.raises(ClcliError, match="no graph node 'no_such_node'"):
+        build_cohort(plan, num_classes=10, seed=0, with_mkb=True)

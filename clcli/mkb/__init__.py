@@ -1,7 +1,8 @@
 """Mutual Knowledge Bases and how they attach to timm models.
 
 `attach(model, halves)` registers the network's MKB halves under one prefix (`mkb.`) and hooks each into its tap
-module with a forward hook that returns the fused features: timm's classes are not edited and the base model's
+module with a forward hook that returns the fused features; where a tap is not a module output, the model's graph
+is rewritten with fx instead (`_rewrite.py`). Either way timm's classes are not edited and the base model's
 state_dict keys stay timm's own. `build_cohort_mkbs(plan, ...)` builds, for every site of a plan, one shared space
 transfer and each network's half around it.
 """
@@ -25,24 +26,25 @@ class HalfPlan:
     """Everything needed to rebuild one network's half at one site (stored in exports)."""
 
     site: str
-    module: str
+    module: str | None           # hookable module path; None when the tap is only a graph node
     layout: str
     prefix_tokens: int
     half: HalfSpec
     spec: MKBSpec
     fuse: str
+    node: str | None = None      # fx graph node name of the tap (what fx rewriting splices after)
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
 
         return {"site": self.site, "module": self.module, "layout": self.layout,
                 "prefix_tokens": self.prefix_tokens, "half": asdict(self.half), "spec": self.spec.to_dict(),
-                "fuse": self.fuse}
+                "fuse": self.fuse, "node": self.node}
 
     @classmethod
     def from_dict(cls, d: dict) -> "HalfPlan":
         return cls(d["site"], d["module"], d["layout"], d["prefix_tokens"], HalfSpec(**d["half"]),
-                   MKBSpec.from_dict(d["spec"]), d["fuse"])
+                   MKBSpec.from_dict(d["spec"]), d["fuse"], d.get("node"))
 
 
 def half_plans(plan, network: int, fuse: str) -> list[HalfPlan]:
@@ -50,13 +52,8 @@ def half_plans(plan, network: int, fuse: str) -> list[HalfPlan]:
     out = []
     for i, site in enumerate(plan.sites):
         tap = site.taps[network]
-        if tap.module is None:
-            raise ClcliError(
-                f"{plan.models[network].name}: tap {tap.node} is not a module output and cannot be hooked; "
-                "choose another site (clcli probe lists them)"
-            )
         out.append(HalfPlan(site_name(i), tap.module, tap.layout, tap.prefix_tokens, site.mkb.halves[network],
-                            site.mkb, fuse))
+                            site.mkb, fuse, tap.node))
     return out
 
 
@@ -77,6 +74,16 @@ def attach(model, halves: list[HalfPlan], transfers: dict | None = None) -> list
         half = MKBHalf(hp.layout, hp.prefix_tokens, hp.half, hp.spec, transfer, hp.fuse)
         container[hp.site] = half
     model.add_module(PREFIX, container)
+    if any(hp.module is None for hp in halves):
+        # Graph rewriting replaces forward, which runs non-leaf modules inline, so their hooks would never fire:
+        # then every half of this model is spliced in by node.
+        from ._rewrite import splice
+
+        missing = [hp.site for hp in halves if hp.node is None]
+        if missing:
+            raise ClcliError(f"MKB {missing[0]} has neither a module nor a graph node to attach to")
+        splice(model, {hp.node: container[hp.site] for hp in halves})
+        return handles
     for hp in halves:
         try:
             target = model.get_submodule(hp.module)
