@@ -184,3 +184,14 @@ def test_shapes_match_a_real_forward():
     model(torch.zeros(1, 3, 64, 64))
     for tap in m.stage_taps:
         assert seen[tap.module] == (1, tap.channels, tap.height, tap.width)
+
+
+def test_channels_first_tokens_are_not_mistaken_for_a_token_grid():
+    from clcli.probe._taps import _layout
+
+    # LeViT flattens (B, 128, 14, 14) to (B, 128, 196): 128 "tokens" would need a guessed prefix of 7 around an
+    # 11 x 11 grid, while the last dim is the real 14 x 14 grid.
+    assert _layout((1, 128, 196), (224, 224), None, None) is None
+    # a ViT whose model declares its class token keeps its grid even when C happens to be a square number
+    assert _layout((1, 5, 64), (32, 32), 1, None) == ("NLC", 64, 2, 2, 1)
+    assert _layout((1, 197, 192), (224, 224), None, None) == ("NLC", 192, 14, 14, 1)

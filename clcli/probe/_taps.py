@@ -75,18 +75,30 @@ def _layout(shape: tuple[int, ...], input_hw: tuple[int, int], prefix_hint: int 
         _, length, channels = shape
         prefixes = [prefix_hint] if prefix_hint is not None else range(0, 9)
         for p in prefixes:
-            grid = length - p
-            if grid < 4:
+            grid = _patch_grid(length - p, input_hw)
+            if grid is None:
                 continue
-            # A patch grid keeps the input's aspect ratio: h = floor(H / patch), w = floor(W / patch) (a patch
-            # embedding drops the remainder, e.g. 384 px with 14 px patches gives 27 x 27).
-            for patch in range(1, max(H, W) + 1):
-                h, w = H // patch, W // patch
-                if h * w == grid:
-                    return ("NLC", channels, h, w, p)
-                if h * w < grid:
-                    break
+            if prefix_hint is None and p > 0 and _patch_grid(channels, input_hw) is not None:
+                # A guessed prefix while the last dim is itself a patch grid: channels-first tokens (B, C, H*W),
+                # e.g. LeViT's flatten, not a token grid.
+                return None
+            return ("NLC", channels, grid[0], grid[1], p)
         return None
+    return None
+
+
+def _patch_grid(tokens: int, input_hw: tuple[int, int]) -> tuple[int, int] | None:
+    """(h, w) when `tokens` patches tile the input: h = floor(H / patch), w = floor(W / patch) (a patch embedding
+    drops the remainder, e.g. 384 px with 14 px patches gives 27 x 27)."""
+    H, W = input_hw
+    if tokens < 4:
+        return None
+    for patch in range(1, max(H, W) + 1):
+        h, w = H // patch, W // patch
+        if h * w == tokens:
+            return (h, w)
+        if h * w < tokens:
+            return None
     return None
 
 
