@@ -1,9 +1,19 @@
 """Step-time benchmark: does collaborative learning cost more than training the networks alone?
 
-Measures, in one process on the same batch, the training step (forward, backward, SGD step) of network A alone,
-network B alone and the CL cohort (both networks with their MKBs and every loss), in alternating rounds so that all
-three see the same machine, and reports medians and the ratio CL / (IL A + IL B) (goal: at most 1.10). Also the MKB
-parameter and MAC overhead from the plan, and the W2 cost per step in different-input mode.
+`run(models)` measures, in one process:
+
+- the training step (forward, backward, SGD step with momentum and weight decay, as in `clcli train`) of network A
+  alone, network B alone and the CL cohort (both networks with their MKBs and every loss, siamese input,
+  simultaneous), all on the same batch and in alternating rounds so that all three see the same machine. It reports
+  medians of wall time (with a device synchronisation around each step on CUDA) and, on the CPU, of the process's
+  CPU time, which on a shared machine leaves out the time the process waits for its cores. Ratio
+  CL / (IL A + IL B), goal at most 1.10;
+- the aten operators each step dispatches (on a GPU, about one kernel launch each: what small models pay for);
+- the MKB parameter and MAC overhead, from the plan;
+- the images/s of the training loop's data pipeline (epoch order, uint8 gather, augmentation, normalisation);
+- the W2 cost per step in different-input mode: W2^2 solved for a batch of new pairs, and looked up once cached.
+
+`benchmarks/profile_step.py` profiles the same steps operator by operator.
 """
 from __future__ import annotations
 
@@ -13,75 +23,202 @@ import time
 GOAL_RATIO = 1.10
 
 
-def _step_fn(method, batch, optimizer):
-    def step():
-        out = method(batch)
-        optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        optimizer.step()
-
-    return step
-
-
-def run(models: list[str], *, input_size: int = 32, stem: str = "small", batch_size: int = 128,
-        device: str = "auto", min_rounds: int = 5, min_seconds: float = 10.0, w2: bool = True) -> dict:
+def make_steps(models: list[str], *, input_size: int = 32, stem: str = "small", batch_size: int = 128,
+               device: str = "auto", amp: bool = True, channels_last: bool = False, seed: int = 0):
+    """{"il:<A>": step, "il:<B>": step, "cl": step} on one fixed batch, the plan, and the device. Each step is one
+    optimiser step of `clcli train` (SGD, momentum 0.9, weight decay 1e-4, bf16/fp16 autocast on CUDA)."""
     import torch
 
     from clcli import probe, recipes
-    from clcli.losses import W2Cache
     from clcli.methods import Batch, create
     from clcli.train import Cohort, build_cohort, resolve_device
+    from clcli.train._loop import _param_groups
 
     dev = resolve_device(device)
     plan = probe.plan(models, input_size, stem=stem)
     recipe = recipes.from_dict({"models": list(models), "input_size": input_size, "stem": stem})
-    cl_cohort = build_cohort(plan, num_classes=10, seed=0, with_mkb=True).to(dev).train()
-    il_cohort = build_cohort(plan, num_classes=10, seed=0, with_mkb=False).to(dev).train()
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch_size, 3, input_size, input_size, generator=g).to(dev)
+    use_amp = amp and dev.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    cl_cohort = build_cohort(plan, num_classes=10, seed=seed, with_mkb=True).to(dev, memory_format=memory_format)
+    il_cohort = build_cohort(plan, num_classes=10, seed=seed, with_mkb=False).to(dev, memory_format=memory_format)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch_size, 3, input_size, input_size, generator=g).to(dev, memory_format=memory_format)
     y = torch.randint(0, 10, (batch_size,), generator=g).to(dev)
-    idx = torch.arange(batch_size, device=dev)
+    idx = torch.arange(batch_size)
     n = len(models)
+
+    def step_fn(method, batch):
+        optimizer = torch.optim.SGD(_param_groups(method, recipe), lr=0.01, momentum=0.9)
+        scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
+        method.train()
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
+                loss = method(batch)["loss"]
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+
+        return step
+
     steps = {}
-    for i, (net, name) in enumerate(zip(il_cohort.networks, il_cohort.names)):
+    for net, name in zip(il_cohort.networks, il_cohort.names):
         alone = create("il", Cohort([net], [name]), recipe)
-        steps[f"il:{name}"] = _step_fn(alone, Batch([x], [y], [idx], [x]), torch.optim.SGD(net.parameters(), lr=0.01))
-    cl = create("cl", cl_cohort, recipe)
-    steps["cl"] = _step_fn(cl, Batch([x] * n, [y] * n, [idx] * n, [x] * n), torch.optim.SGD(cl.parameters(), lr=0.01))
+        steps[f"il:{name}"] = step_fn(alone, Batch([x], [y], [idx], [x]))
+    steps["cl"] = step_fn(create("cl", cl_cohort, recipe), Batch([x] * n, [y] * n, [idx] * n, [x] * n))
+    return steps, plan, dev
 
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
 
-    for fn in steps.values():  # warm-up
-        fn()
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    start = time.perf_counter()
-    while min(len(v) for v in times.values()) < min_rounds or time.perf_counter() - start < min_seconds:
-        for k, fn in steps.items():
-            sync()
-            t0 = time.perf_counter()
+def _sync(dev) -> None:
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def time_steps(steps: dict, dev, *, min_rounds: int, min_seconds: float, warmup: int = 2) -> dict:
+    """{name: {"wall": [...], "cpu": [...]}} seconds per step, in alternating rounds."""
+    for _ in range(warmup):
+        for fn in steps.values():
             fn()
-            sync()
-            times[k].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    il_total = sum(v for k, v in med.items() if k.startswith("il:"))
+    _sync(dev)
+    times: dict[str, dict[str, list[float]]] = {k: {"wall": [], "cpu": []} for k in steps}
+    start = time.perf_counter()
+    while min(len(v["wall"]) for v in times.values()) < min_rounds or time.perf_counter() - start < min_seconds:
+        for k, fn in steps.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            _sync(dev)
+            times[k]["wall"].append(time.perf_counter() - t0)
+            times[k]["cpu"].append(time.process_time() - c0)
+    return times
+
+
+def count_ops(fn) -> int:
+    """aten operators dispatched by one call of `fn` (on a GPU, roughly its kernel launches)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+def pipeline_rate(dev, *, batch_size: int, min_rounds: int, min_seconds: float, augment: str = "crop_flip"):
+    """Images/s of the training loop's data pipeline on the shipped CIFAR-10 subset (in memory, on `dev`)."""
+    import torch
+
+    from clcli.data import QUICKSTART_DIR, BatchAugment, channel_stats, epoch_batches, load_image_tensors
+    from clcli.train._loop import to_input
+
+    data = load_image_tensors(str(QUICKSTART_DIR), "train")
+    images = data.images.to(dev)
+    mean, std = channel_stats(data.images)
+    aug = BatchAugment(augment)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    order = torch.stack(epoch_batches(len(images), batch_size, seed=0, epoch=0)).to(dev)
+
+    def batch(i: int):
+        x = to_input(aug(images[order[i % len(order)]], gen), mean, std)
+        _sync(dev)
+        return x
+
+    batch(0)
+    rates, start, i = [], time.perf_counter(), 0
+    while len(rates) < min_rounds or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        for _ in range(10):
+            batch(i)
+            i += 1
+        rates.append(10 * batch_size / (time.perf_counter() - t0))
+    return statistics.median(rates), len(images)
+
+
+def w2_cost(batch_size: int, *, rounds: int = 3, grid: int = 8) -> dict:
+    """Seconds per step for the W2^2 targets of one network pair in different-input mode (POT on the CPU)."""
+    import torch
+
+    from clcli.data import QUICKSTART_DIR, load_image_tensors
+    from clcli.losses import W2Cache
+
+    images = load_image_tensors(str(QUICKSTART_DIR), "train").images
+    cache = W2Cache(grid=grid)
+    uncached, cached = [], []
+    for r in range(rounds):
+        a = torch.arange(r * batch_size, (r + 1) * batch_size) % len(images)
+        b = (a + len(images) // 2) % len(images)
+        t0 = time.perf_counter()
+        cache.get(a, b, images[a], images[b])  # new pairs: solved
+        uncached.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        cache.get(a, b, images[a], images[b])  # the same pairs again: looked up
+        cached.append(time.perf_counter() - t0)
+    return {"uncached": statistics.median(uncached), "cached": statistics.median(cached)}
+
+
+def run(models: list[str], *, input_size: int = 32, stem: str = "small", batch_size: int = 128,
+        device: str = "auto", threads: int | None = None, amp: bool = True, channels_last: bool = False,
+        min_rounds: int = 5, min_seconds: float = 10.0, w2: bool = True, pipeline: bool = True) -> dict:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    steps, plan, dev = make_steps(models, input_size=input_size, stem=stem, batch_size=batch_size, device=device,
+                                  amp=amp, channels_last=channels_last)
+    ops = {k: count_ops(fn) for k, fn in steps.items()}
+    times = time_steps(steps, dev, min_rounds=min_rounds, min_seconds=min_seconds)
+    clocks = ("wall", "cpu") if dev.type == "cpu" else ("wall",)
+    med = {clock: {k: statistics.median(v[clock]) for k, v in times.items()} for clock in clocks}
+    ratio = {clock: m["cl"] / sum(v for k, v in m.items() if k.startswith("il:")) for clock, m in med.items()}
+    # On a CPU shared with other work the CPU time is the steadier measure of the work a step does.
+    main_clock = "cpu" if dev.type == "cpu" else "wall"
+    il_ops = sum(v for k, v in ops.items() if k.startswith("il:"))
     result = {
-        "models": models, "input_size": input_size, "stem": stem, "batch_size": batch_size, "device": str(dev),
-        "threads": torch.get_num_threads(), "rounds": min(len(v) for v in times.values()),
-        "step_seconds": {k: round(v, 5) for k, v in med.items()},
-        "ratio_cl_over_il_sum": round(med["cl"] / il_total, 4),
+        "models": list(models), "input_size": input_size, "stem": stem, "batch_size": batch_size,
+        "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(), "amp": amp and dev.type == "cuda", "channels_last": channels_last,
+        "torch": torch.__version__, "rounds": min(len(v["wall"]) for v in times.values()),
+        "step_seconds": {k: round(v, 5) for k, v in med["wall"].items()},
+        "step_cpu_seconds": {k: round(v, 5) for k, v in med["cpu"].items()} if "cpu" in med else None,
+        "ratio_cl_over_il_sum": round(ratio[main_clock], 4),
+        "ratio_clock": main_clock,
+        "ratio_wall": round(ratio["wall"], 4),
         "goal_ratio": GOAL_RATIO,
+        "goal_met": ratio[main_clock] <= GOAL_RATIO,
+        "ops_per_step": ops,
+        "ops_ratio_cl_over_il_sum": round(ops["cl"] / il_ops, 4),
         "mkb": [{"site": f"{s.size[0]}x{s.size[1]}", "embedding": s.mkb.embedding,
+                 "taps": [t.module for t in s.taps],
                  "half_params": [h.params for h in s.mkb.halves],
                  "param_overhead": [h.fraction for h in s.mkb.halves],
+                 "half_macs": [h.macs for h in s.mkb.halves],
                  "mac_overhead": [round(h.macs / max(m.macs, 1), 5) for h, m in zip(s.mkb.halves, plan.models)]}
                 for s in plan.sites],
+        "network_macs": {m.name: m.macs for m in plan.models},
     }
+    cl_rate = batch_size / med[main_clock]["cl"]
+    if pipeline:
+        rate, n_images = pipeline_rate(dev, batch_size=batch_size, min_rounds=min_rounds,
+                                       min_seconds=min(min_seconds, 3.0))
+        result["pipeline"] = {"images_per_s": round(rate, 1), "images": n_images, "augment": "crop_flip",
+                              "cl_step_images_per_s": round(cl_rate, 1),
+                              "ratio_pipeline_over_cl_step": round(rate / cl_rate, 1)}
     if w2:
-        cache = W2Cache()
-        t0 = time.perf_counter()
-        cache.get(idx, idx.roll(1), x, x.roll(1, dims=0))  # every pair is new: the uncached cost per step
-        result["w2_seconds_per_step_uncached"] = round(time.perf_counter() - t0, 5)
+        cost = w2_cost(batch_size)
+        result["w2"] = {"seconds_per_step_uncached": round(cost["uncached"], 5),
+                        "seconds_per_step_cached": round(cost["cached"], 6),
+                        "uncached_over_cl_step": round(cost["uncached"] / med[main_clock]["cl"], 3),
+                        "grid": 8, "pairs_per_step": batch_size}
     return result

@@ -25,9 +25,12 @@ def _root() -> None:
 
 
 def _console(stderr: bool = False):
+    import os
+
     from rich.console import Console
 
-    return Console(stderr=stderr)
+    # Under torchrun only rank 0 reports; every rank still prints its errors (stderr).
+    return Console(stderr=stderr, quiet=not stderr and os.environ.get("RANK", "0") != "0")
 
 
 @app.command()
@@ -51,11 +54,28 @@ def probe(
     print_plan(_console(), result)
 
 
-def _data_override(data: str) -> str:
-    """`--data` as a recipe override; a local folder becomes absolute so the run folder works from anywhere."""
+def _data_override(data: str, key: str = "data.source") -> str:
+    """`--data` (or `--val`) as a recipe override; a local folder becomes absolute so the run folder works from
+    anywhere."""
     if Path(data).expanduser().exists():
         data = str(Path(data).expanduser().resolve())
-    return f"data.source={json.dumps(data)}"
+    return f"{key}={json.dumps(data)}"
+
+
+def _weights_override(pairs: List[str]) -> str:
+    """`--weights NAME=FILE ...` as one `weights={...}` override (model names may contain dots: resnet18.a1_in1k)."""
+    weights = {}
+    for pair in pairs:
+        name, sep, file = pair.partition("=")
+        if not sep or not name or not file:
+            raise ClcliError(f"--weights expects MODEL=FILE, got '{pair}'")
+        weights[name] = str(Path(file).expanduser().resolve())
+    return f"weights={json.dumps(weights)}"
+
+
+# What --pretrained changes before the user's --set (which still wins): the weights expect their own input size,
+# normalisation and ImageNet stem.
+_PRETRAINED_SETS = ["pretrained=true", "input_size=null", "data.normalize=pretrained", "stem=imagenet"]
 
 
 def _free_run_dir(name: str) -> Path:
@@ -71,12 +91,24 @@ def _free_run_dir(name: str) -> Path:
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 def train(
     ctx: typer.Context,
-    recipe: str = typer.Option("quickstart", "--recipe", "-r", help="built-in recipe name or a YAML file"),
-    data: Optional[str] = typer.Option(None, "--data", help="local dataset folder (or hub id) replacing the recipe's"),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="built-in recipe name or a YAML file "
+                                         "(default: quickstart; finetune with --pretrained or --weights)"),
+    data: Optional[str] = typer.Option(None, "--data", help="dataset: image folder (class_name/*.jpg), folder of "
+                                       "parquet/arrow files, or hub id; replaces the recipe's"),
+    val: Optional[str] = typer.Option(None, "--val", help="a separate image folder to evaluate on (default: the "
+                                      "data's test or validation split, else a held-out part of train)"),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="part of each class held out for "
+                                                 "validation when the data has no evaluation split (default 0.1)"),
     models: Optional[str] = typer.Option(None, "--models", help="timm model names (space separated)"),
+    pretrained: bool = typer.Option(False, "--pretrained", help="start from timm's pretrained weights (the Hub); "
+                                    "input size and mean/std from their config"),
+    weights: List[str] = typer.Option([], "--weights", help="MODEL=FILE: start MODEL from a local safetensors file "
+                                      "or timm checkpoint (repeatable)"),
     method: Optional[str] = typer.Option(None, "--method", help="cl, il, ... (comma separated for several)"),
     epochs: Optional[int] = typer.Option(None, "--epochs"),
     seed: Optional[int] = typer.Option(None, "--seed"),
+    placement: Optional[str] = typer.Option(None, "--placement", help="under torchrun: replicated (DDP, the "
+                                            "default) or per-network (one network per process)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="run folder (default runs/<recipe>)"),
     plan: Optional[Path] = typer.Option(None, "--plan", help="MKB plan from `clcli probe --json`"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run in this folder"),
@@ -93,7 +125,7 @@ def train(
         results = train_lib.resume(resume, show_progress=not no_progress, console=console)
         _print_results(console, results)
         return
-    sets = list(overrides)
+    sets = (_PRETRAINED_SETS if pretrained else []) + list(overrides)
     if models is not None:
         names = [models, *ctx.args]
         sets += [f"models=[{', '.join(names)}]"]
@@ -105,26 +137,51 @@ def train(
         sets.append(f"train.epochs={epochs}")
     if seed is not None:
         sets.append(f"train.seed={seed}")
+    if placement is not None:
+        sets.append(f"train.placement={placement}")
     if data is not None:
         sets.append(_data_override(data))
+    if val is not None:
+        sets.append(_data_override(val, "data.val_source"))
+    if val_fraction is not None:
+        sets.append(f"data.val_fraction={val_fraction}")
+    if weights:
+        sets.append(_weights_override(weights))
+    if recipe is None:
+        recipe = "finetune" if pretrained or weights else "quickstart"
     rec = recipes.load(recipe, sets)
     run_dir = out if out is not None else _free_run_dir(rec.name)
     results = train_lib.train(rec, run_dir, plan_path=str(plan) if plan else None, force=force,
                               show_progress=not no_progress, console=console)
     _print_results(console, results)
+    skipped = max((summary.get("skipped_images", 0) for summary in results.values()), default=0)
+    if skipped:
+        console.print(f"skipped {skipped} unreadable image{'s' if skipped > 1 else ''} (listed in run.json)")
     console.print(f"run folder: [bold]{run_dir}[/]")
+    if (Path(run_dir) / "folds.json").is_file():
+        console.print(f"fold summary: [bold]{Path(run_dir) / 'folds.json'}[/] (one run folder per fold: fold0/, ...)")
 
 
 def _print_results(console, results: dict) -> None:
     from rich.table import Table
 
     names = list(next(iter(results.values()))["test_acc"]) if results else []
-    table = Table(title="test accuracy (%) of each network as deployed", title_justify="left")
+    folds = next(iter(results.values())).get("folds") if results else None  # the fold protocol (STL-10)
+    title = "test accuracy (%) of each network as deployed" + (
+        f", mean ± std over {len(folds)} folds" if folds is not None else "")
+    table = Table(title=title, title_justify="left")
     table.add_column("method")
     for n in names:
         table.add_column(n, justify="right")
+
+    def cell(summary: dict, key: str, n: str) -> str:
+        std = summary.get(f"{key}_std")
+        return f"{summary[key][n]:.2f}" + (f" ± {std[n]:.2f}" if std else "")
+
     for m, summary in results.items():
-        table.add_row(m, *[f"{summary['test_acc'][n]:.2f}" for n in names])
+        table.add_row(m, *[cell(summary, "test_acc", n) for n in names])
+        if "test_top5" in summary:
+            table.add_row(f"{m} (top-5)", *[cell(summary, "test_top5", n) for n in names])
     console.print(table)
 
 
@@ -143,12 +200,14 @@ def recipes_list(ctx: typer.Context) -> None:
     from clcli import recipes
 
     table = Table(title="built-in recipes", title_justify="left")
-    for col in ("name", "dataset", "models", "methods", "epochs", "input", "stem"):
+    names = recipes.builtin_names()
+    table.add_column("name", no_wrap=True, min_width=max(map(len, names), default=4))  # never cut a name short
+    for col in ("dataset", "models", "methods", "epochs", "input", "stem"):
         table.add_column(col)
-    for name in recipes.builtin_names():
+    for name in names:
         r = recipes.load(name)
-        table.add_row(name, r.data.source, ", ".join(r.models), ", ".join(r.methods), str(r.train.epochs),
-                      str(r.input_size), r.stem)
+        table.add_row(name, r.data.source or "--data", ", ".join(r.models), ", ".join(r.methods),
+                      str(r.train.epochs), str(r.input_size or "timm"), r.stem)
     _console().print(table)
 
 
@@ -243,6 +302,48 @@ def evaluate_cmd(
 
 
 @app.command()
+def predict(
+    file: Path = typer.Argument(..., help="a file written by `clcli export --split` (or timm weights with --model)"),
+    inputs: List[Path] = typer.Argument(..., help="image files and folders of images"),
+    top: int = typer.Option(1, "--top", help="classes shown per image, most probable first"),
+    model: Optional[str] = typer.Option(None, "--model", help="timm model name, for a plain timm weights file"),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, mps or auto"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object per image (errors included)"),
+) -> None:
+    """Classify images with an exported network; unreadable files are reported and skipped (exit code 1)."""
+    from clcli.predict import image_files, load_classifier, predict as predict_lib
+    from clcli.train import resolve_device
+
+    classifier = load_classifier(file, model=model, device=str(resolve_device(device)))
+    results = []
+    for r in predict_lib(classifier, image_files(inputs), top=top, batch_size=batch_size):
+        results.append(r)
+        if as_json:  # streamed: a long folder shows progress and can be piped
+            sys.stdout.write(json.dumps(r) + "\n")
+            sys.stdout.flush()
+    failed = [r for r in results if "error" in r]
+    if not as_json:
+        from rich.table import Table
+
+        shown = min(top, len(classifier.class_names))
+        table = Table(title=f"{file}: top {shown} of {len(classifier.class_names)} classes", title_justify="left",
+                      caption=f"preprocessing: {classifier.description}", caption_justify="left")
+        table.add_column("file")
+        for k in range(shown):
+            table.add_column(f"#{k + 1}" if top > 1 else "class")
+        for r in results:
+            if "top" in r:
+                table.add_row(r["file"], *[f"{t['class']} {100 * t['prob']:.1f}%" for t in r["top"]])
+        _console().print(table)
+        errors = _console(stderr=True)
+        for r in failed:
+            errors.print(f"[bold red]skipped:[/] {r['file']}: {r['error']}", highlight=False, soft_wrap=True)
+    if failed:
+        raise typer.Exit(code=1)
+
+
+@app.command()
 def bench(
     models: List[str] = typer.Argument(None, help="two or more timm model names (default resnet10t "
                                         "mobilenetv3_small_050)"),
@@ -250,37 +351,51 @@ def bench(
     stem: str = typer.Option("small", "--stem"),
     batch_size: int = typer.Option(128, "--batch-size"),
     device: str = typer.Option("auto", "--device"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (1 on a shared machine)"),
+    amp: bool = typer.Option(True, "--amp/--no-amp", help="bf16 (else fp16) autocast on CUDA, as in training"),
+    channels_last: bool = typer.Option(False, "--channels-last"),
     seconds: float = typer.Option(10.0, "--seconds", help="minimum measuring time"),
-    as_json: bool = typer.Option(False, "--json"),
+    rounds: int = typer.Option(5, "--rounds", help="minimum timed rounds (one step of each kind per round)"),
+    as_json: bool = typer.Option(False, "--json", help="print the results as one JSON object"),
 ) -> None:
-    """Step time of each network alone and of the CL cohort on the same batch, and their ratio."""
+    """Step time of each network alone and of the CL cohort on the same batch, their ratio, the MKB overhead, the
+    data pipeline's images/s and the W2 cost of different-input training."""
     from clcli.bench import run
 
     result = run(models or ["resnet10t", "mobilenetv3_small_050"], input_size=input_size, stem=stem,
-                 batch_size=batch_size, device=device, min_seconds=seconds)
+                 batch_size=batch_size, device=device, threads=threads, amp=amp, channels_last=channels_last,
+                 min_rounds=rounds, min_seconds=seconds)
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
         return
     from rich.table import Table
 
-    table = Table(title=f"training step, batch {batch_size}, {input_size}px, {result['device']}, "
+    cpu = result["step_cpu_seconds"]
+    table = Table(title=f"training step, batch {batch_size}, {input_size}px, {result['device_name']}, "
                         f"{result['threads']} threads (median of {result['rounds']} rounds)", title_justify="left")
-    table.add_column("step")
-    table.add_column("seconds", justify="right")
-    table.add_column("images/s", justify="right")
+    for column in ["step", "wall s", "images/s"] + (["CPU s"] if cpu else []) + ["aten ops"]:
+        table.add_column(column, justify="left" if column == "step" else "right")
     for k, v in result["step_seconds"].items():
-        table.add_row(k, f"{v:.4f}", f"{batch_size / v:.0f}")
+        table.add_row(k, f"{v:.4f}", f"{batch_size / v:.0f}", *([f"{cpu[k]:.4f}"] if cpu else []),
+                      str(result["ops_per_step"][k]))
     console = _console()
     console.print(table)
-    ok = result["ratio_cl_over_il_sum"] <= result["goal_ratio"]
-    console.print(f"CL / (IL sum) = [bold]{result['ratio_cl_over_il_sum']:.3f}[/] (goal <= {result['goal_ratio']}"
-                  f": {'met' if ok else 'not met'})")
+    console.print(f"CL / (IL sum), {result['ratio_clock']} time = [bold]{result['ratio_cl_over_il_sum']:.3f}[/] "
+                  f"(goal <= {result['goal_ratio']}: {'met' if result['goal_met'] else 'not met'}); wall time "
+                  f"{result['ratio_wall']:.3f}; aten ops {result['ops_ratio_cl_over_il_sum']:.3f}")
     for site in result["mkb"]:
-        console.print(f"MKB at {site['site']}: embedding {site['embedding']}, params +"
+        console.print(f"MKB at {site['site']} ({' / '.join(site['taps'])}): embedding {site['embedding']}, params +"
                       + " / ".join(f"{100 * f:.1f}%" for f in site["param_overhead"]) + ", MACs +"
                       + " / ".join(f"{100 * f:.1f}%" for f in site["mac_overhead"]))
-    if "w2_seconds_per_step_uncached" in result:
-        console.print(f"W2 (different inputs), uncached: {result['w2_seconds_per_step_uncached']:.3f} s per step")
+    if "pipeline" in result:
+        p = result["pipeline"]
+        console.print(f"data pipeline: {p['images_per_s']:,.0f} images/s ({p['ratio_pipeline_over_cl_step']:.0f}x "
+                      f"what the CL step consumes)")
+    if "w2" in result:
+        w = result["w2"]
+        console.print(f"W2 (different inputs), {w['pairs_per_step']} pairs: {w['seconds_per_step_uncached']:.3f} s "
+                      f"per step to solve ({w['uncached_over_cl_step']:.2f}x the CL step; first epoch), "
+                      f"{w['seconds_per_step_cached'] * 1e3:.2f} ms once cached")
 
 
 @app.command()

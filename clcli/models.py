@@ -45,8 +45,23 @@ def model_kwargs(name: str, *, num_classes: int, in_chans: int = 3, input_size: 
     return kwargs
 
 
-def create(name: str, kwargs: dict, *, stem: StemChange | None = None, pretrained: bool = False, meta: bool = False):
-    """timm.create_model(name, **kwargs) with the stem change applied; on the meta device when `meta`."""
+def pretrained_config(name: str) -> dict:
+    """Input size (H, W), mean and std of timm's default pretrained weights for `name`; nothing is downloaded."""
+    import timm
+
+    check_model_name(name)
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not cfg.input_size or not cfg.mean or not cfg.std:
+        raise ClcliError(f"timm has no pretrained config for '{name}'; set input_size and data.normalize in the recipe")
+    return {"input_size": tuple(cfg.input_size[1:]), "mean": tuple(cfg.mean), "std": tuple(cfg.std)}
+
+
+def create(name: str, kwargs: dict, *, stem: StemChange | None = None, pretrained: bool = False,
+           weights_file: str | None = None, meta: bool = False):
+    """timm.create_model(name, **kwargs) with the stem change applied; on the meta device when `meta`.
+
+    Starting weights: `weights_file` (a local file, see `load_weights_file`), else timm's pretrained weights when
+    `pretrained` (the Hub; a classifier of another size is left as initialised, timm's rule), else random."""
     import torch
     import timm
 
@@ -55,13 +70,88 @@ def create(name: str, kwargs: dict, *, stem: StemChange | None = None, pretraine
         if meta:
             with torch.device("meta"):
                 model = timm.create_model(name, pretrained=False, **kwargs)
+        elif pretrained and weights_file is None:
+            model = _create_pretrained(name, kwargs)
         else:
-            model = timm.create_model(name, pretrained=pretrained, **kwargs)
+            model = timm.create_model(name, pretrained=False, **kwargs)
     except TypeError as e:
         raise ClcliError(f"cannot build '{name}' with {kwargs}: {e}") from None
+    if weights_file is not None and not meta:
+        load_weights_file(model, name, weights_file)
     if stem is not None:
         apply_stem(model, stem)
     return model
+
+
+def _create_pretrained(name: str, kwargs: dict):
+    import timm
+
+    from clcli.data._load import _one_line
+
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except TypeError:
+        raise
+    except Exception as e:  # offline, hub unreachable, no pretrained weights for this model: point to a local file
+        raise ClcliError(f"cannot load timm's pretrained weights for '{name}' ({_one_line(e)}); to start from a "
+                         f"local file instead, pass --weights {name}=FILE (a safetensors file or a timm "
+                         f"checkpoint)") from None
+
+
+def read_weights_file(name: str, path) -> dict:
+    """The tensors of a local weights file for `name`: a safetensors file or a timm/PyTorch checkpoint, read by
+    timm's own reader with torch.load(weights_only=True), so nothing beyond tensors is ever unpickled (it also
+    unwraps 'state_dict', 'model' and EMA entries and strips 'module.')."""
+    from pathlib import Path
+
+    from timm.models import load_state_dict
+
+    from clcli.data._load import _one_line
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ClcliError(f"weights file for '{name}' not found: {path}")
+    try:
+        state = load_state_dict(str(path), weights_only=True)
+    except Exception as e:  # damaged file, a pickle with more than tensors, not a checkpoint at all
+        raise ClcliError(f"cannot read weights file {path} ({_one_line(e)}); expected a safetensors file or a "
+                         f"timm checkpoint of tensors") from None
+    if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
+        raise ClcliError(f"{path} is not a state dict of tensors; expected a safetensors file or a timm checkpoint")
+    return state
+
+
+def classifier_keys(name: str) -> set[str]:
+    """The state-dict keys of timm's classifier for `name` (from its pretrained config: 'fc', 'head.fc', ...)."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    classifiers = (cfg.classifier if cfg is not None else None) or ()
+    return {f"{c}.{p}" for c in ([classifiers] if isinstance(classifiers, str) else classifiers)
+            for p in ("weight", "bias")}
+
+
+def load_weights_file(model, name: str, path) -> None:
+    """Load a local file of timm weights for `name` into `model` (see `read_weights_file`).
+
+    Every tensor must match the model except the classifier: the file's classifier is kept when it has the model's
+    number of classes, otherwise the model's fresh one stays (the classifier is re-sized to the dataset's classes).
+    A file for another architecture is an error, never a silent partial load."""
+    state = read_weights_file(name, path)
+    own = model.state_dict()
+    head = classifier_keys(name)
+    for k in head:
+        if k in state and k in own and tuple(state[k].shape) != tuple(own[k].shape):
+            del state[k]
+    missing = [k for k in own if k not in state and k not in head and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or reshaped:
+        problems = [f"{len(keys)} {what}, e.g. {keys[0]}" for keys, what in
+                    ((missing, "of the model's tensors missing"), (unexpected, "unexpected tensors"),
+                     (reshaped, "tensors of another shape")) if keys]
+        raise ClcliError(f"{path} does not hold '{name}' weights in timm's layout ({'; '.join(problems)})")
+    model.load_state_dict(state, strict=False)
 
 
 def apply_stem(model, stem: StemChange) -> None:

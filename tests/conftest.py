@@ -7,9 +7,17 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(autouse=True)
-def _isolated_caches(tmp_path_factory, monkeypatch):
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_caches(tmp_path_factory):
+    """Session-wide, so module-scoped fixtures (which run before function-scoped ones) see it too."""
     cache = tmp_path_factory.getbasetemp() / "cache"
-    monkeypatch.setenv("CLCLI_CACHE", str(cache / "clcli"))
-    monkeypatch.setenv("HF_HOME", str(cache / "hf"))
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache / "hf" / "datasets"))
+    env = {"CLCLI_CACHE": str(cache / "clcli"), "HF_HOME": str(cache / "hf"),
+           "HF_DATASETS_CACHE": str(cache / "hf" / "datasets")}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

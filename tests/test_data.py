@@ -371,3 +371,48 @@ def test_epoch_batches_depend_only_on_seed_and_epoch():
     assert torch.equal(torch.cat(D.epoch_batches(7, 3, seed=0, epoch=0, shuffle=False, drop_last=False)),
                        torch.arange(7))
     one_line_error("larger than", D.epoch_batches, 5, 8, seed=0, epoch=0)
+
+
+# --- unreadable images and single-split folders ---------------------------------------------------------------
+
+
+def test_unreadable_images_in_an_image_folder_are_skipped_listed_and_cached(tmp_path, monkeypatch):
+    folder = tmp_path / "photos"
+    for cls, values in [("ant", (10, 20)), ("bee", (30, 40))]:
+        (folder / cls).mkdir(parents=True)
+        for i, v in enumerate(values):
+            rgb(v, v, v, size=(6, 6)).save(folder / cls / f"{i}.png")
+    good = (folder / "ant" / "0.png").read_bytes()
+    (folder / "ant" / "1a_truncated.png").write_bytes(good[: len(good) // 2])
+    (folder / "bee" / "0a_garbage.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    out = load(folder, tmp_path=tmp_path)
+    assert sorted(Path(s["image"]).name for s in out.skipped) == ["0a_garbage.jpg", "1a_truncated.png"]
+    assert all(Path(s["image"]).is_absolute() and "readable" in s["reason"] for s in out.skipped)
+    # the labels stay with their images
+    assert sorted(zip(out.labels.tolist(), out.images[:, 0, 0, 0].tolist())) == [(0, 10), (0, 20), (1, 30), (1, 40)]
+    monkeypatch.setattr(_load, "_decode_images", no_decoding)
+    cached = load(folder, tmp_path=tmp_path)
+    assert cached.skipped == out.skipped and torch.equal(cached.images, out.images)
+
+
+def test_unreadable_rows_of_a_parquet_split_are_skipped_by_row_and_all_unreadable_is_an_error(tmp_path):
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    rows = [{"bytes": b"garbage", "path": None}, gray(7), {"bytes": b"junk", "path": "x.png"}, gray(9)]
+    src = write_parquet(tmp_path / "ds", {"train": {"image": rows, "label": [0, 1, 0, 1]}}, feats)
+    out = load(src, tmp_path=tmp_path)
+    assert [s["image"] for s in out.skipped] == ["row 0", "row 2 (x.png)"]
+    assert out.images[:, 0, 0, 0].tolist() == [7, 9] and out.labels.tolist() == [1, 1]
+    bad = write_parquet(tmp_path / "bad", {"train": {"image": [{"bytes": b"junk", "path": None}], "label": [0]}},
+                        feats)
+    one_line_error("none of the 1 images .* is readable", load, bad, tmp_path=tmp_path)
+
+
+def test_split_none_takes_the_only_split_and_refuses_several(tmp_path):
+    for cls in ("x", "y"):
+        (tmp_path / "folder" / cls).mkdir(parents=True)
+        gray(5).save(tmp_path / "folder" / cls / "0.png")
+    assert load(tmp_path / "folder", None, tmp_path=tmp_path).class_names == ["x", "y"]
+    one_line_error("several splits", load, simple_dataset(tmp_path / "ds"), None, tmp_path=tmp_path)
+    with pytest.raises(_load.SplitNotFound) as info:
+        load(simple_dataset(tmp_path / "ds"), "validation", tmp_path=tmp_path)
+    assert info.value.available == ["train", "test"]

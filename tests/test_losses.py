@@ -132,6 +132,43 @@ def test_summing_the_losses_over_networks_trains_every_network():
     assert all(e.grad is not None and e.grad.abs().sum() > 0 for e in embeddings)
 
 
+@pytest.mark.parametrize("n, different", [(2, False), (3, False), (2, True), (3, True)])
+def test_summed_metric_loss_has_the_value_and_gradient_of_the_per_network_sum(n, different):
+    # sum_i L_i with detached peers, computed once per network and peer, is the reference; the pair evaluation
+    # must give the same total, the same L_i and the same gradient for every embedding.
+    torch.manual_seed(n)
+    embeddings = [torch.randn(6, 16, requires_grad=True) for _ in range(n)]
+    w2 = {(i, j): torch.rand(6) for i in range(n) for j in range(n) if i < j}
+    pair = (lambda i, j: w2[min(i, j), max(i, j)]) if different else None
+
+    def loss_i(i):
+        if not different:
+            return L.metric_loss(embeddings, i, kind="dot", multi="pairwise")
+        terms = [L.different_input_metric_loss(embeddings[i], embeddings[j], pair(i, j)) for j in range(n) if j != i]
+        return sum(terms) / len(terms)
+
+    per_network = [loss_i(i) for i in range(n)]
+    sum(per_network).backward()
+    expected = [e.grad.clone() for e in embeddings]
+    for e in embeddings:
+        e.grad = None
+    summed, values = L.summed_metric_loss(embeddings, kind="dot", w2=pair)
+    summed.backward()
+    assert summed.item() == pytest.approx(sum(v.item() for v in per_network), rel=1e-6)
+    assert [v.item() for v in values] == pytest.approx([v.item() for v in per_network], rel=1e-6)
+    for e, g in zip(embeddings, expected):
+        torch.testing.assert_close(e.grad, g, rtol=1e-5, atol=1e-7)
+
+
+def test_summed_metric_loss_needs_a_symmetric_distance():
+    L.register_metric("first_only_test")(lambda a, b: a.sum(dim=1))
+    try:
+        with pytest.raises(ClcliError, match="symmetric"):
+            L.summed_metric_loss([torch.randn(2, 4), torch.randn(2, 4)], kind="first_only_test")
+    finally:
+        del L.METRICS["first_only_test"]
+
+
 def test_metric_loss_rejects_unknown_mode_and_a_single_network():
     e = [torch.randn(2, 4), torch.randn(2, 4)]
     with pytest.raises(ClcliError, match="mean, pairwise"):

@@ -29,6 +29,9 @@ class BatchAugment:
     kind: 'none' (identity) | 'flip' (random horizontal flip, p=0.5) | 'crop_flip' (zero-pad `padding` px, random
     crop back to HxW, random horizontal flip: the CIFAR recipe). Per batch the generator is drawn in a fixed order
     (row offsets, column offsets, flips), so one seed gives one augmentation whatever the batch's device.
+    `part=(k, n)`: `images` is the k-th of n equal contiguous slices of a batch (one process's share in
+    distributed training); the draws are made for the whole batch and the k-th slice's are used, so the slice is
+    augmented exactly as it would be inside the whole batch.
     """
 
     def __init__(self, kind: str = "none", padding: int = 4):
@@ -42,7 +45,8 @@ class BatchAugment:
     def __repr__(self) -> str:
         return f"BatchAugment(kind={self.kind!r}, padding={self.padding})"
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, generator: torch.Generator,
+                 part: tuple[int, int] = (0, 1)) -> torch.Tensor:
         _check_batch(images)
         b = images.shape[0]
         if self.kind == "none" or b == 0:
@@ -50,9 +54,12 @@ class BatchAugment:
         pad = self.padding if self.kind == "crop_flip" else 0
         # Draw on the generator's own device (a CPU generator can drive a CUDA batch), then move the few numbers.
         gdev = generator.device
-        rows = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=gdev)
-        cols = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=gdev)
-        flip = torch.rand(b, generator=generator, device=gdev) < 0.5
+        k, n = part
+        rows = torch.randint(0, 2 * pad + 1, (b * n,), generator=generator, device=gdev)
+        cols = torch.randint(0, 2 * pad + 1, (b * n,), generator=generator, device=gdev)
+        flip = torch.rand(b * n, generator=generator, device=gdev) < 0.5
+        if n > 1:
+            rows, cols, flip = rows[k * b:(k + 1) * b], cols[k * b:(k + 1) * b], flip[k * b:(k + 1) * b]
         dev = images.device
         return _crop_flip(images, rows.to(dev), cols.to(dev), flip.to(dev), pad)
 

@@ -3,6 +3,8 @@
 Flow: resolve the source (local folder or Hub id) -> cache key -> cache hit? return : load with `datasets`,
 pick the image/label columns, decode every image with PIL into one preallocated array, write the cache atomically.
 For a local folder the key comes from the files' sizes and mtimes, so a cache hit never imports `datasets`.
+Unreadable images (corrupt, truncated, not an image) are skipped and listed in `ImageTensors.skipped`, so one bad
+file in a photo folder does not stop a run.
 """
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ import json
 import logging
 import os
 import re
+import struct
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -34,28 +37,41 @@ _GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
 
 
+class SplitNotFound(ClcliError):
+    """The asked-for split is not in the dataset; `available` names the splits that are."""
+
+    def __init__(self, message: str, available: list[str]):
+        super().__init__(message)
+        self.available = available
+
+
 @dataclass
 class ImageTensors:
-    """One decoded split: uint8 images [N, C, H, W] (C = 1 or 3), int64 labels [N], and the class names."""
+    """One decoded split: uint8 images [N, C, H, W] (C = 1 or 3), int64 labels [N], and the class names.
+    `skipped` lists the images that could not be decoded ({"image": path or row, "reason": ...}); they are not in
+    `images`."""
 
     images: torch.Tensor
     labels: torch.Tensor
     class_names: list[str]
+    skipped: list[dict] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
 
-def load_image_tensors(source: str, split: str, *, config: str | None = None, image_column: str | None = None,
+def load_image_tensors(source: str, split: str | None, *, config: str | None = None, image_column: str | None = None,
                        label_column: str | None = None, image_size: int | None = None, limit: int | None = None,
                        cache_dir: str | None = None) -> ImageTensors:
     """Decode one split of an image-classification dataset into uint8 tensors, cached on disk.
 
     source: a local folder (parquet/arrow layout that `datasets.load_dataset(folder, config)` reads, a folder
     written by `save_to_disk`, or an image folder class_name/*.jpg), or a Hub id such as 'uoft-cs/cifar10'.
+    split=None takes the source's only split (an image folder without train/ and val/ subfolders has just one).
     The image column (feature Image) and label column (ClassLabel) are found when not given. Grayscale stays one
     channel, every other mode becomes RGB; images are resized (PIL bilinear) to image_size x image_size when
-    image_size is given or when their sizes differ. limit=n keeps the first n rows.
+    image_size is given or when their sizes differ. limit=n keeps the first n rows; unreadable images among them
+    are skipped and listed in the result's `skipped`.
     cache_dir: root of clcli's cache (default $CLCLI_CACHE or ~/.cache/clcli); tensors go to <cache_dir>/data.
     """
     if limit is not None and (int(limit) != limit or limit < 1):
@@ -74,7 +90,7 @@ def load_image_tensors(source: str, split: str, *, config: str | None = None, im
         dataset = _select_split(_load_hub(source, config), split, source)
         identity = {"hub": source, "fingerprint": dataset._fingerprint}
     key = _hash({**identity, **request})
-    path = root / "data" / f"{_slug(source, local)}-{_slug(split, None)}-{key[:20]}.safetensors"
+    path = root / "data" / f"{_slug(source, local)}-{_slug(split or 'only', None)}-{key[:20]}.safetensors"
 
     cached = _read_cache(path, key)
     if cached is not None:
@@ -156,17 +172,24 @@ def _load_hub(hub_id: str, config: str | None):
                          f"({_one_line(e)}); pass a local folder with --data") from e
 
 
-def _select_split(loaded, split: str, source: str):
+def _select_split(loaded, split: str | None, source: str):
     import datasets
 
     if isinstance(loaded, (datasets.DatasetDict, dict)):
+        available = list(loaded)
+        if split is None and len(available) == 1:
+            return loaded[available[0]]
+        if split is None:
+            raise ClcliError(f"{source} has several splits ({', '.join(available)}); a validation folder must have "
+                             f"one (an image folder class_name/*.jpg without train/ and val/ subfolders)")
         if split not in loaded:
-            raise ClcliError(f"split '{split}' not found in {source} (available: {', '.join(loaded) or 'none'})")
+            raise SplitNotFound(f"split '{split}' not found in {source} (available: {', '.join(available) or 'none'})",
+                                available)
         return loaded[split]
     # A single saved Dataset carries its split name (or none).
     name = str(loaded.split) if loaded.split is not None else "train"
-    if split != name:
-        raise ClcliError(f"split '{split}' not found in {source} (available: {name})")
+    if split is not None and split != name:
+        raise SplitNotFound(f"split '{split}' not found in {source} (available: {name})", [name])
     return loaded
 
 
@@ -210,8 +233,10 @@ def _decode_split(dataset, source: str, split: str, image_column: str | None, la
     # Arrow format hands back the stored bytes/paths without decoding anything.
     table = dataset.select_columns([image_col, label_col]).with_format("arrow")[:n]
     labels, class_names = _labels(table.column(label_col), features[label_col], label_col, split)
-    images = _decode_images(_records(table.column(image_col)), n, image_size, image_col)
-    return ImageTensors(torch.from_numpy(images), torch.from_numpy(labels), class_names)
+    images, kept, skipped = _decode_images(_records(table.column(image_col)), n, image_size, image_col)
+    if skipped:
+        labels = labels[kept]
+    return ImageTensors(torch.from_numpy(images), torch.from_numpy(labels), class_names, skipped)
 
 
 def _labels(column, feature, name: str, split: str) -> tuple[np.ndarray, list[str]]:
@@ -246,12 +271,26 @@ class _NotUniform(Exception):
     """Raised by the fast path when images differ in size or channel count."""
 
 
-def _decode_images(records: Iterable[tuple[bytes | None, str | None]], n: int, image_size: int | None,
-                   column: str = "image") -> np.ndarray:
-    """Decode `n` stored images into one uint8 array [N, C, H, W].
+class _Unreadable(Exception):
+    """One stored image that cannot be decoded; `where` is its file path (or its row)."""
 
-    Fast path: the first image fixes channels and size, the rest are written straight into a preallocated array.
-    If a later image has another size (and no image_size was given) or is colour after grayscale ones, decode
+    def __init__(self, where: str, reason: str):
+        super().__init__(f"{where}: {reason}")
+        self.where, self.reason = where, reason
+
+
+# What PIL raises for damaged files varies by format: OSError (truncated, unidentified), SyntaxError (broken PNG),
+# ValueError / EOFError / struct.error (bad headers), DecompressionBombError (absurd sizes).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
+
+
+def _decode_images(records: Iterable[tuple[bytes | None, str | None]], n: int, image_size: int | None,
+                   column: str = "image") -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """Decode the first `n` stored images into one uint8 array [K, C, H, W]; unreadable ones are left out.
+
+    Returns (images, kept: the row numbers of the K images, skipped: [{"image", "reason"}] of the others).
+    Fast path: the first readable image fixes channels and size, the rest are written straight into a preallocated
+    array. If a later image has another size (and no image_size was given) or is colour after grayscale ones, decode
     again knowing the whole set: C = 3 if any image is colour, size = the largest side of the commonest size.
     """
     records = list(records)
@@ -261,7 +300,10 @@ def _decode_images(records: Iterable[tuple[bytes | None, str | None]], n: int, i
         pass
     channels, sizes = 1, Counter()
     for i, rec in enumerate(records[:n]):
-        im = _open(rec, i, column)
+        try:
+            im = _open(rec, i, column)
+        except _Unreadable:
+            continue  # reported by the decoding pass below
         channels = max(channels, _channels(im))
         sizes[im.size] += 1
     if image_size is None:
@@ -270,60 +312,89 @@ def _decode_images(records: Iterable[tuple[bytes | None, str | None]], n: int, i
     return _decode_uniform(records, n, image_size, column, channels=channels)
 
 
-def _decode_uniform(records, n: int, image_size: int | None, column: str, channels: int | None = None) -> np.ndarray:
+def _decode_uniform(records, n: int, image_size: int | None, column: str,
+                    channels: int | None = None) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     out = None
+    kept: list[int] = []
+    skipped: list[dict] = []
     for i, rec in enumerate(records[:n]):
-        im = _open(rec, i, column)
-        c = _channels(im)
-        if out is None:
-            channels = channels or c
-            w, h = (image_size, image_size) if image_size else im.size
-            out = np.empty((n, channels, h, w), dtype=np.uint8)
-        if c > channels:
-            raise _NotUniform
-        if im.size != (w, h) and image_size is None:
-            raise _NotUniform
-        arr = _pixels(im, channels, (w, h), i, column)
+        try:
+            im = _open(rec, i, column)
+            c = _channels(im)
+            if out is None:
+                channels = channels or c
+                w, h = (image_size, image_size) if image_size else im.size
+                out = np.empty((n, channels, h, w), dtype=np.uint8)
+            if c > channels:
+                raise _NotUniform
+            if im.size != (w, h) and image_size is None:
+                raise _NotUniform
+            arr = _decoded_pixels(im, channels, (w, h), rec, i)
+        except _Unreadable as e:
+            skipped.append({"image": e.where, "reason": e.reason})
+            continue
+        k = len(kept)
         if channels == 1:
-            out[i, 0] = arr
+            out[k, 0] = arr
         else:
-            out[i] = arr.transpose(2, 0, 1)
-    return out
+            out[k] = arr.transpose(2, 0, 1)
+        kept.append(i)
+    if out is None:
+        first = skipped[0] if skipped else {"image": "-", "reason": "no rows"}
+        raise ClcliError(f"none of the {n} images of column '{column}' is readable (first: {first['image']}: "
+                         f"{first['reason']})")
+    return out[: len(kept)], np.asarray(kept, dtype=np.int64), skipped
+
+
+def _where(rec: tuple[bytes | None, str | None], i: int) -> str:
+    """A stored image's file path when it is read from a file (image folders), else its row."""
+    data, path = rec
+    if data is None and path:
+        return path
+    return f"row {i}" + (f" ({path})" if path else "")
 
 
 def _open(rec: tuple[bytes | None, str | None], i: int, column: str):
     from PIL import Image
 
     data, path = rec
+    if data is None and not path:
+        raise _Unreadable(f"row {i}", f"column '{column}' holds no image")
     try:
         if data is None:
-            if not path:
-                raise ClcliError(f"row {i} of column '{column}' holds no image")
             with open(path, "rb") as f:
                 data = f.read()
         return Image.open(io.BytesIO(data))
-    except (OSError, Image.DecompressionBombError) as e:
-        raise ClcliError(f"row {i} of column '{column}' is not a readable image ({_one_line(e)})") from e
+    except (*_DECODE_ERRORS, Image.DecompressionBombError) as e:
+        raise _Unreadable(_where(rec, i), f"not a readable image ({_one_line(e)})") from e
 
 
 def _channels(im) -> int:
     return 1 if im.mode in _GRAY_MODES else 3
 
 
-def _pixels(im, channels: int, size: tuple[int, int], i: int, column: str) -> np.ndarray:
+def _decoded_pixels(im, channels: int, size: tuple[int, int], rec, i: int) -> np.ndarray:
     from PIL import Image
 
     try:
-        if im.mode.startswith("I;16"):  # 16-bit grayscale: keep the high byte rather than clipping at 255
-            im = Image.fromarray((np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8), mode="L")
-        target = "L" if channels == 1 else "RGB"
-        if im.mode != target:
-            im = im.convert(target)
-        if im.size != size:
-            im = im.resize(size, Image.BILINEAR)
-        return np.asarray(im, dtype=np.uint8)
-    except OSError as e:  # truncated or corrupt data shows up when the pixels are decoded
-        raise ClcliError(f"row {i} of column '{column}' is not a readable image ({_one_line(e)})") from e
+        return _pixels(im, channels, size)
+    except (*_DECODE_ERRORS, Image.DecompressionBombError) as e:  # truncated data shows up when pixels are decoded
+        raise _Unreadable(_where(rec, i), f"not a readable image ({_one_line(e)})") from e
+
+
+def _pixels(im, channels: int, size: tuple[int, int]) -> np.ndarray:
+    """The image as uint8 [H, W] (channels 1) or [H, W, 3], resized (bilinear) to `size` = (W, H) if needed.
+    Training data and `clcli predict` go through this same function, so they see the same pixels."""
+    from PIL import Image
+
+    if im.mode.startswith("I;16"):  # 16-bit grayscale: keep the high byte rather than clipping at 255
+        im = Image.fromarray((np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8), mode="L")
+    target = "L" if channels == 1 else "RGB"
+    if im.mode != target:
+        im = im.convert(target)
+    if im.size != size:
+        im = im.resize(size, Image.BILINEAR)
+    return np.asarray(im, dtype=np.uint8)
 
 
 # --- cache ----------------------------------------------------------------------------------------------------
@@ -349,7 +420,8 @@ def _read_cache(path: Path, key: str) -> ImageTensors | None:
             meta = f.metadata() or {}
             images, labels = f.get_tensor("images"), f.get_tensor("labels")
         class_names = json.loads(meta["class_names"])
-        ok = (meta.get("format") == _CACHE_KIND and meta.get("key") == key
+        skipped = json.loads(meta.get("skipped", "[]"))  # files cached before skipping existed had none
+        ok = (isinstance(skipped, list) and meta.get("format") == _CACHE_KIND and meta.get("key") == key
               and images.dtype == torch.uint8 and images.dim() == 4 and images.shape[1] in (1, 3)
               and labels.dtype == torch.int64 and labels.dim() == 1 and labels.shape[0] == images.shape[0]
               and isinstance(class_names, list) and all(isinstance(x, str) for x in class_names)
@@ -359,14 +431,14 @@ def _read_cache(path: Path, key: str) -> ImageTensors | None:
     except Exception as e:  # any unreadable or foreign file: decode again and overwrite it
         log.warning("ignoring unreadable data cache %s (%s); decoding again", path, _one_line(e))
         return None
-    return ImageTensors(images.contiguous(), labels.contiguous(), class_names)
+    return ImageTensors(images.contiguous(), labels.contiguous(), class_names, skipped)
 
 
-def _write_cache(path: Path, key: str, data: ImageTensors, source: str, split: str) -> None:
+def _write_cache(path: Path, key: str, data: ImageTensors, source: str, split: str | None) -> None:
     from safetensors.torch import save_file
 
     meta = {"format": _CACHE_KIND, "version": str(CACHE_FORMAT_VERSION), "key": key, "source": source,
-            "split": split, "class_names": json.dumps(data.class_names)}
+            "split": str(split), "class_names": json.dumps(data.class_names), "skipped": json.dumps(data.skipped)}
     try:
         with atomic_path(path) as tmp:
             save_file({"images": data.images, "labels": data.labels}, str(tmp), metadata=meta)

@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from clcli.errors import ClcliError
 
-from ._metrics import embedding_distance, get_metric
+from ._metrics import SYMMETRIC, embedding_distance, get_metric
 from ._wasserstein import W2_MAX
 
 if TYPE_CHECKING:
@@ -16,6 +16,8 @@ def _pairwise(e_i: Tensor, peers: list[Tensor], kind: str) -> Tensor:
     """Paper Eq 5: mean over peers j of D(e_i, e_j)."""
     import torch
 
+    if len(peers) == 1:
+        return embedding_distance(e_i, peers[0], kind)
     return torch.stack([embedding_distance(e_i, e_j, kind) for e_j in peers]).mean(dim=0)
 
 
@@ -52,6 +54,39 @@ def metric_loss(embeddings: Sequence[Tensor], i: int, *, kind: str = "dot", mult
     return combine(embeddings[i], peers, kind).mean()
 
 
+def summed_metric_loss(embeddings: Sequence[Tensor], *, kind: str = "dot",
+                       w2: Callable[[int, int], Tensor] | None = None) -> tuple[Tensor, list[Tensor]]:
+    """sum_i L_metric,i of simultaneous training, with pairwise peers (paper Eq 5), evaluating each pair once.
+
+    Siamese input (`w2` None): L_i = metric_loss(embeddings, i, multi='pairwise'), the mean over j != i of
+    t_ij = mean_b D(e_i, sg(e_j)). Different inputs: `w2(i, j)` gives W2^2 [B] of the pair's images and
+    t_ij = different_input_metric_loss(e_i, e_j, w2(i, j)). In both, t is symmetric when D is, so the gradient of
+    sum_i L_i with respect to every e_k equals that of T = sum_{i<j} t(e_i, e_j) / (N - 1) with nothing detached,
+    and its value is 2 T: one distance per pair (and one backward through it) instead of one per network and peer.
+
+    Returns (a scalar with the value and the gradient of sum_i L_i, [L_i detached, for logging]).
+    """
+    get_metric(kind)
+    if kind not in SYMMETRIC:
+        raise ClcliError(f"distance {kind!r} is not registered as symmetric; use metric_loss per network")
+    n = len(embeddings)
+    if n < 2:
+        raise ClcliError(f"the metric loss needs at least 2 networks, got {n}")
+    terms: dict[tuple[int, int], Tensor] = {}
+    for i in range(n):
+        for j in range(i + 1, n):
+            distance = embedding_distance(embeddings[i], embeddings[j], kind)
+            terms[i, j] = distance.mean() if w2 is None else _w2_term(distance, w2(i, j))
+
+    def mean_of(values: list[Tensor]) -> Tensor:  # over the N - 1 peers (sum(rest, first): no `0 +` op)
+        total = sum(values[1:], values[0])
+        return total if n == 2 else total / (n - 1)
+
+    half = mean_of(list(terms.values()))
+    per_network = [mean_of([terms[min(i, j), max(i, j)].detach() for j in range(n) if j != i]) for i in range(n)]
+    return half + half.detach(), per_network
+
+
 def verification_loss(logits: Tensor, targets: Tensor) -> Tensor:
     """Cross-entropy of the linear softmax classifier on an embedding against the true labels."""
     import torch.nn.functional as F
@@ -67,7 +102,10 @@ def different_input_metric_loss(e_i: Tensor, e_j: Tensor, w2: Tensor, *, kind: s
     bound, 2, so it lies in [0, 1], inside every D's range. Natural images are close as histograms, so targets are
     typically small: the loss asks embeddings of different images to keep the order and ratios of their W2^2.
     """
-    distance = embedding_distance(e_i, e_j.detach(), kind)
+    return _w2_term(embedding_distance(e_i, e_j.detach(), kind), w2)
+
+
+def _w2_term(distance: Tensor, w2: Tensor) -> Tensor:
     if w2.shape != distance.shape:
         raise ValueError(f"w2 must be [B] = {tuple(distance.shape)}, got {tuple(w2.shape)}")
     # A fixed bound, not the batch maximum: a pair's target must not depend on which other pairs share its batch

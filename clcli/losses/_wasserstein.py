@@ -114,7 +114,9 @@ class W2Cache:
         out = [solved[k] if k in solved else self._values[k] for k in keys]
         self._values.update(solved)
         self._evict()
-        return torch.tensor(out, dtype=torch.float32, device=x1.device)
+        # Via pinned memory to a GPU: the copy does not wait for the work already queued there.
+        cuda = x1.device.type == "cuda"
+        return torch.tensor(out, dtype=torch.float32, pin_memory=cuda).to(x1.device, non_blocking=cuda)
 
     def _evict(self) -> None:
         if self.max_entries is None:

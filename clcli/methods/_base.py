@@ -34,6 +34,9 @@ class Method(nn.Module):
     name = "base"
     uses_mkb = False          # build the networks with MKB halves attached
     shared_transfer = True    # one space transfer per site shared by all networks (False: one per network)
+    # Computes only the networks in `cohort.indices` (train.placement: per-network, one network per process), and
+    # every trainable parameter gets a gradient in a simultaneous step (DDP need not look for unused ones).
+    per_network = False
 
     def __init__(self, cohort, recipe):
         super().__init__()

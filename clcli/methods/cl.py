@@ -5,9 +5,15 @@ For network i:  L_i = L_cls + alpha * (L_metric + L_verification)               
 - different inputs: L_metric = |D(embed_i, embed_j) - W2^2(x_i, x_j)|^2                 (Eq 4 line 2)
 - L_verification: a linear softmax classifier on the embedding against the true labels
 summed over the MKB sites. Peers' embeddings are detached inside L_i (clcli.losses), so L_i trains network i's
-path; the loop back-propagates sum_i L_i (simultaneous) or L_active (iterative).
+path; the loop back-propagates sum_i L_i (simultaneous) or L_active (iterative). In simultaneous training with
+pairwise peers the metric part of sum_i L_i is evaluated once per pair (`losses.summed_metric_loss`: same value, same
+gradient). With one network per process (train.placement: per-network) L_i is computed by network i's process, on
+the embeddings gathered from all (`Cohort.embeddings`).
 """
 from __future__ import annotations
+
+import functools
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +26,7 @@ from ._base import Batch, Method, register
 @register("cl")
 class CollaborativeLearning(Method):
     uses_mkb = True
+    per_network = True
 
     def __init__(self, cohort, recipe):
         super().__init__(cohort, recipe)
@@ -36,21 +43,42 @@ class CollaborativeLearning(Method):
                 continue
             w2 = self.w2_cache.get(batch.indices[i], batch.indices[j], batch.raw[i], batch.raw[j])
             terms.append(losses.different_input_metric_loss(embeds[i], embeds[j], w2, kind=self.metric))
-        return torch.stack(terms).mean()
+        return terms[0] if len(terms) == 1 else torch.stack(terms).mean()
+
+    def _metrics(self, embeds: dict[str, list[torch.Tensor]], batch: Batch, mine: list[int]):
+        """(sum_i L_metric,i as one term, or None; {i: L_metric,i}) summed over the sites. The joint term is used
+        when every network is computed here in one simultaneous step with pairwise peers and a symmetric distance."""
+        n = len(self.cohort.networks)
+        joint = (batch.active is None and len(mine) == n and (self.multi == "pairwise" or n == 2)
+                 and self.metric in losses.SYMMETRIC)
+        if not joint:
+            return None, {i: _add(self._metric(e, i, batch) for e in embeds.values()) for i in mine}
+        w2 = None if self.input == "siamese" else (
+            lambda i, j: self.w2_cache.get(batch.indices[i], batch.indices[j], batch.raw[i], batch.raw[j]))
+        summed = [losses.summed_metric_loss(e, kind=self.metric, w2=w2) for e in embeds.values()]
+        return _add(s for s, _ in summed), {i: _add(values[i] for _, values in summed) for i in mine}
 
     def forward(self, batch: Batch) -> dict:
         logits = self.cohort(batch.images, active=batch.active)
         embeds = self.cohort.embeddings()          # {site: [embed per network]}
+        mine = self.cohort.indices                 # the networks computed in this process
+        joint, metric = self._metrics(embeds, batch, mine)
         parts: dict[str, torch.Tensor] = {}
-        total = 0.0
-        for i, (out, target) in enumerate(zip(logits, batch.targets)):
-            cls = F.cross_entropy(out, target)
-            metric = sum(self._metric(e, i, batch) for e in embeds.values())
-            verification = sum(
+        terms = [] if joint is None else [self.alpha * joint]
+        for i in mine:
+            target = batch.targets[i]
+            cls = F.cross_entropy(logits[i], target)
+            verification = _add(
                 losses.verification_loss(self.cohort.verifiers[site](e[i].float()), target)
                 for site, e in embeds.items()
             )
-            parts[f"{i}/cls"], parts[f"{i}/metric"], parts[f"{i}/verification"] = cls, metric, verification
+            parts[f"{i}/cls"], parts[f"{i}/metric"], parts[f"{i}/verification"] = cls, metric[i], verification
             if batch.active is None or batch.active == i:
-                total = total + cls + self.alpha * (metric + verification)
-        return {"loss": total, "logits": logits, "parts": parts}
+                own = verification if joint is not None else metric[i] + verification
+                terms.append(cls + self.alpha * own)
+        return {"loss": _add(terms), "logits": logits, "parts": parts}
+
+
+def _add(values):
+    """Sum without Python's leading `0 +` (one op fewer per call on the training step)."""
+    return functools.reduce(operator.add, values)

@@ -29,10 +29,14 @@ def ensemble_accuracy_of(networks: list[nn.Module], images: torch.Tensor, labels
     for net in networks:
         net.eval()
     correct = 0
-    for start in range(0, len(images), batch_size):
-        x = to_input(images[start:start + batch_size], mean, std)
+    # A streamed split (data.stream) decodes its batches in DataLoader workers.
+    batches = images.batches(batch_size) if hasattr(images, "batches") else (
+        (images[start:start + batch_size], labels[start:start + batch_size])
+        for start in range(0, len(images), batch_size))
+    for xb, yb in batches:
+        x = to_input(xb, mean, std)
         probs = ensemble_probabilities(networks, x)
-        correct += (probs.argmax(dim=1) == labels[start:start + batch_size]).sum().item()
+        correct += (probs.argmax(dim=1) == yb).sum().item()
     return 100.0 * correct / max(len(images), 1)
 
 

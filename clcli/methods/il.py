@@ -9,12 +9,14 @@ from ._base import Batch, Method, register
 
 @register("il")
 class IndividualLearning(Method):
+    per_network = True
+
     def forward(self, batch: Batch) -> dict:
         logits = self.cohort(batch.images, active=batch.active)
         parts = {}
         total = 0.0
-        for i, (out, target) in enumerate(zip(logits, batch.targets)):
-            cls = F.cross_entropy(out, target)
+        for i in self.cohort.indices:  # every network, or this process's own (train.placement: per-network)
+            cls = F.cross_entropy(logits[i], batch.targets[i])
             parts[f"{i}/cls"] = cls
             if batch.active is None or batch.active == i:
                 total = total + cls

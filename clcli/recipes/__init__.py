@@ -16,8 +16,8 @@ from clcli.errors import ClcliError
 
 RECIPE_VERSION = 1
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "augment": ("none", "crop_flip", "flip"),
-    "normalize": ("dataset", "imagenet", "none"),
+    "augment": ("none", "crop_flip", "flip", "rrc_flip"),
+    "normalize": ("dataset", "imagenet", "pretrained", "none"),
     "stem": ("imagenet", "small"),
     "metric": ("dot", "l2", "cosine"),
     "fuse": ("mul", "add"),
@@ -26,6 +26,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "multi": ("pairwise", "mean"),
     "schedule": ("plateau", "cosine", "step", "constant"),
     "device": ("auto", "cpu", "cuda", "mps"),
+    "placement": ("replicated", "per-network"),
 }
 _RANGES: dict[str, tuple[float, float]] = {
     "alpha": (0.0, 100.0),
@@ -40,11 +41,16 @@ _RANGES: dict[str, tuple[float, float]] = {
     "input_size": (8, 4096),
     "padding": (0, 64),
     "log_every": (1, 1 << 20),
+    "accumulate": (1, 1 << 16),
     "w2_grid": (1, 64),
     "temperature": (0.05, 100.0),
     "weight": (0.0, 100.0),             # kd.weight is further limited to [0, 1] by the kd method
     "hint_weight": (0.0, 1000.0),
     "hint_epochs": (0, 100000),
+    "val_fraction": (0.01, 0.9),
+    "fold": (0, 1 << 20),
+    "workers": (0, 256),
+    "test_resize": (8, 8192),
 }
 
 
@@ -53,15 +59,23 @@ class DataConfig:
     source: str = "uoft-cs/cifar10"     # hub id, local folder, or "builtin:quickstart"
     config: str | None = None           # dataset config (e.g. "exact_subset")
     train_split: str = "train"
-    test_split: str = "test"
+    test_split: str = "test"            # else a "validation" split, else a held-out part of train_split
+    val_source: str | None = None       # a separate folder (or hub id) with the evaluation images
+    val_fraction: float = 0.1           # held out of train_split when there is no evaluation split
+    val_seed: int = 0                   # the held-out draw; apart from train.seed so seeds share one validation set
     image_column: str | None = None     # auto-detected from the features when None
     label_column: str | None = None
-    image_size: int | None = None       # resize on decode (STL-10 96 -> 32); None keeps the size
+    image_size: int | None = None       # resize on decode (STL-10 96 -> 32); None: input_size
     augment: str = "crop_flip"
     padding: int = 4
-    normalize: str = "dataset"          # per-channel mean/std of the training split
+    normalize: str = "dataset"          # dataset: train-split mean/std; pretrained: the first model's timm config
     train_limit: int | None = None      # first n rows, for quick runs
     test_limit: int | None = None
+    folds: str | None = None            # fold-indices file (STL-10 fold_indices.txt): one fold of train rows a line
+    fold: int | None = None             # with folds: train on this fold only; None runs every fold, then mean ± std
+    stream: bool = False                # decode images in DataLoader workers each epoch instead of into memory
+    workers: int | None = None          # DataLoader workers when streaming (None: up to 8, by CPU count)
+    test_resize: int | None = None      # streaming test images: shorter side to this, then center crop input_size
 
 
 @dataclass
@@ -92,7 +106,9 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True                    # CUDA only
     channels_last: bool = False
-    compile: bool = False
+    compile: bool = False               # torch.compile each network after its MKB halves are hooked in
+    accumulate: int = 1                 # micro-batches per step (per process): the same batch in less memory
+    placement: str = "replicated"       # under torchrun: DDP, or per-network (one network per process)
     log_every: int = 20
     threads: int | None = None
     network_lr: dict[str, float] = field(default_factory=dict)           # per-network overrides, by model name
@@ -133,9 +149,10 @@ class Recipe:
     version: int = RECIPE_VERSION
     models: list[str] = field(default_factory=lambda: ["resnet34", "mobilenetv2_100"])
     methods: list[str] = field(default_factory=lambda: ["cl"])
-    input_size: int = 32
+    input_size: int | None = 32         # None: the first model's pretrained input size
     stem: str = "small"
-    pretrained: bool = False
+    pretrained: bool = False            # start from timm's pretrained weights (the Hub), except models in `weights`
+    weights: dict[str, str] = field(default_factory=dict)   # model name -> local safetensors / timm checkpoint
     data: DataConfig = field(default_factory=DataConfig)
     cl: CLConfig = field(default_factory=CLConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -297,6 +314,10 @@ def load(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
     recipe = _build(Recipe, merged, f"{where} (after --set)" if overrides else where)
     if len(recipe.models) < 1:
         raise ClcliError(f"{where}: 'models' must name at least one model")
+    if recipe.data.fold is not None and not recipe.data.folds:
+        raise ClcliError(f"{where}: 'data.fold' needs 'data.folds' (the fold-indices file)")
+    if recipe.data.augment == "rrc_flip" and not recipe.data.stream:
+        raise ClcliError(f"{where}: 'data.augment' rrc_flip (random-resized crop) needs 'data.stream: true'")
     return recipe
 
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import platform
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from clcli import _io
 from clcli.errors import ClcliError
 
-from . import _run
+from . import _dist, _run
 from ._cohort import Cohort, build_cohort
 from ._loop import Data, evaluate, fit, resolve_device
 
@@ -30,24 +31,154 @@ def _data_source(source: str) -> str:
     return source
 
 
-def load_data(recipe, device) -> Data:
-    """Decode both splits once into uint8 tensors (cached on disk) and move them to the training device."""
-    from clcli.data import channel_stats, load_image_tensors
+@dataclass
+class LoadedData(Data):
+    """The decoded data plus what loading it decided: where the evaluation images come from (in words), the
+    unreadable images left out ({"image", "reason", "split"}) and notes for the user."""
+
+    evaluation: str = ""
+    skipped: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def load_data(recipe, device) -> LoadedData:
+    """Decode the training and evaluation images once into uint8 tensors (cached on disk) and move them to the
+    training device. Evaluation images: `data.val_source` if set, else the `test_split`, else a 'validation' split,
+    else a stratified part of the training split held out with `data.val_seed`. Class names come from the training
+    split; the evaluation labels are mapped onto them by name."""
+    from clcli.data import SplitNotFound, channel_stats, load_image_tensors
 
     cfg = recipe.data
+    if not cfg.source:
+        raise ClcliError(f"recipe '{recipe.name}' names no dataset; pass --data FOLDER (an image folder "
+                         f"class_name/*.jpg, a folder of parquet/arrow files, or a hub id)")
     source = _data_source(cfg.source)
-    common = dict(config=cfg.config, image_column=cfg.image_column, label_column=cfg.label_column,
-                  image_size=cfg.image_size)
-    train = load_image_tensors(source, cfg.train_split, limit=cfg.train_limit, **common)
-    test = load_image_tensors(source, cfg.test_split, limit=cfg.test_limit, **common)
+    if cfg.stream:  # images stay on disk, decoded batch by batch in DataLoader workers (ImageNet)
+        from ._data import load_stream
+
+        return load_stream(recipe, source, device, LoadedData)
+    # Images are decoded at the size the networks are planned for (photos of any size become input_size squares),
+    # unless data.image_size says otherwise.
+    image_size = cfg.image_size if cfg.image_size is not None else recipe.input_size
+    common = dict(image_column=cfg.image_column, label_column=cfg.label_column, image_size=image_size)
+    train = load_image_tensors(source, cfg.train_split, config=cfg.config,
+                               limit=None if cfg.folds else cfg.train_limit, **common)
+    if cfg.folds:  # one predefined fold of the training split (STL-10); train_limit applies within the fold
+        from ._data import select_fold
+
+        train = select_fold(train, recipe, source)
+    notes = []
+    if cfg.val_source:
+        test = load_image_tensors(_data_source(cfg.val_source), None, limit=cfg.test_limit, **common)
+        evaluation, eval_split = f"the folder {cfg.val_source}", "validation"
+    else:
+        try:
+            test = load_image_tensors(source, cfg.test_split, config=cfg.config, limit=cfg.test_limit, **common)
+            evaluation, eval_split = f"split '{cfg.test_split}'", cfg.test_split
+        except SplitNotFound as e:
+            if "validation" not in e.available:
+                train, test = _hold_out(train, cfg)
+                evaluation, eval_split = (f"{len(test)} images held out of split '{cfg.train_split}' "
+                                          f"({cfg.val_fraction:.0%} of each class, seed {cfg.val_seed})"), "held-out"
+                notes.append(f"no '{cfg.test_split}' or 'validation' split in {cfg.source}: holding out "
+                             f"{cfg.val_fraction:.0%} of each class for validation (stratified, seed "
+                             f"{cfg.val_seed}): {len(train)} training, {len(test)} validation images")
+            else:
+                test = load_image_tensors(source, "validation", config=cfg.config, limit=cfg.test_limit, **common)
+                evaluation, eval_split = "split 'validation'", "validation"
+                notes.append(f"no '{cfg.test_split}' split in {cfg.source}: evaluating on its 'validation' split")
+    test = _on_training_classes(test, train.class_names, evaluation)
+    skipped = ([dict(s, split=cfg.train_split) for s in train.skipped]
+               + [dict(s, split=eval_split) for s in test.skipped])
+    if skipped:
+        shown = "; ".join(f"{s['image']}: {s['reason']}" for s in skipped[:10])
+        more = f"; and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+        notes.append(f"skipped {len(skipped)} unreadable image{'s' if len(skipped) > 1 else ''}: {shown}{more}")
+    channels = train.images.shape[1]
     if cfg.normalize == "dataset":
         mean, std = channel_stats(train.images)
     elif cfg.normalize == "imagenet":
-        mean, std = IMAGENET_MEAN[: train.images.shape[1]], IMAGENET_STD[: train.images.shape[1]]
+        mean, std = IMAGENET_MEAN[:channels], IMAGENET_STD[:channels]
+    elif cfg.normalize == "pretrained":
+        from clcli.models import pretrained_config
+
+        pretrained = pretrained_config(recipe.models[0])  # 3 values: grayscale is repeated to RGB before normalising
+        mean, std = pretrained["mean"], pretrained["std"]
     else:
-        mean, std = (0.0,) * train.images.shape[1], (1.0,) * train.images.shape[1]
-    return Data(train.images.to(device), train.labels.to(device), test.images.to(device), test.labels.to(device),
-                list(train.class_names), tuple(mean), tuple(std))
+        mean, std = (0.0,) * channels, (1.0,) * channels
+    return LoadedData(train.images.to(device), train.labels.to(device), test.images.to(device),
+                      test.labels.to(device), list(train.class_names), tuple(mean), tuple(std), evaluation, skipped,
+                      notes)
+
+
+def _hold_out(train, cfg):
+    """(training part, held-out part) of a decoded split, stratified by class; test_limit applies to the held-out."""
+    from clcli.data import ImageTensors, stratified_holdout
+
+    keep, held = stratified_holdout(train.labels, cfg.val_fraction, cfg.val_seed)
+    if cfg.test_limit is not None:
+        held = held[: cfg.test_limit]
+    names = list(train.class_names)
+    return (ImageTensors(train.images[keep], train.labels[keep], names, train.skipped),
+            ImageTensors(train.images[held], train.labels[held], names))
+
+
+def _on_training_classes(test, train_names: list[str], evaluation: str):
+    """Evaluation labels re-numbered by class name onto the training classes (a validation folder may lack some
+    classes, so its own numbering differs); a class the training images lack is an error."""
+    import torch
+
+    from clcli.data import ImageTensors
+
+    if list(test.class_names) == list(train_names):
+        return test
+    index = {name: i for i, name in enumerate(train_names)}
+    unknown = [name for name in test.class_names if name not in index]
+    if unknown:
+        raise ClcliError(f"the evaluation images ({evaluation}) have classes the training images lack: "
+                         f"{', '.join(unknown[:5])}")
+    renumber = torch.tensor([index[name] for name in test.class_names], dtype=torch.int64)
+    return ImageTensors(test.images, renumber[test.labels], list(train_names), test.skipped)
+
+
+def _resolve_pretrained_input(recipe) -> list[str]:
+    """input_size None becomes the first model's pretrained input size (images are decoded at that size). Returns
+    notes for the user: what was taken from the pretrained config, and which models were pretrained otherwise."""
+    from clcli import models
+
+    if recipe.input_size is not None and recipe.data.normalize != "pretrained":
+        return []
+    first = recipe.models[0]
+    configs = {name: models.pretrained_config(name) for name in dict.fromkeys(recipe.models)}
+    ref = configs[first]
+    notes = []
+    if recipe.input_size is None:
+        recipe.input_size = max(ref["input_size"])
+        notes.append(f"input size {recipe.input_size} px: {first}'s pretrained config")
+    if recipe.data.normalize == "pretrained":
+        notes.append(f"mean {list(ref['mean'])}, std {list(ref['std'])}: {first}'s pretrained config")
+    for name, cfg in configs.items():
+        differs = cfg["input_size"] != ref["input_size"] or (
+            recipe.data.normalize == "pretrained" and (cfg["mean"], cfg["std"]) != (ref["mean"], ref["std"]))
+        if name != first and differs:
+            notes.append(f"{name} was pretrained at {cfg['input_size'][0]} px, mean {cfg['mean']}, std {cfg['std']}; "
+                         f"the cohort shares one input: {recipe.input_size} px, normalised as {first} was")
+    return notes
+
+
+def _starting_weights(recipe) -> dict[str, str]:
+    """Where each network's starting weights come from, in words (for run.json and the console)."""
+    return {name: (f"file {recipe.weights[name]}" if name in recipe.weights
+                   else "timm pretrained (Hub)" if recipe.pretrained else "random")
+            for name in recipe.models}
+
+
+def _check_weights(recipe) -> None:
+    for name, file in recipe.weights.items():
+        if name not in recipe.models:
+            raise ClcliError(f"--weights names '{name}', which is not one of the models ({', '.join(recipe.models)})")
+        if not Path(file).expanduser().is_file():
+            raise ClcliError(f"weights file for '{name}' not found: {file}")
 
 
 def _plan_for(recipe, num_classes: int, plan_path: str | None):
@@ -91,25 +222,46 @@ def train(recipe, out: str | Path, *, plan_path: str | None = None, force: bool 
         methods.uses_mkb(m)  # unknown method -> one-line error before any work
     if len(recipe.models) < 2 and any(methods.uses_mkb(m) for m in recipe.methods):
         raise ClcliError("collaborative learning needs at least 2 models")
+    if recipe.data.folds and recipe.data.fold is None:  # every predefined fold (STL-10), then the mean over folds
+        from ._folds import train_folds
+
+        return train_folds(recipe, out, train_one=train, plan_path=plan_path, force=force,
+                           show_progress=show_progress, console=console)
+    _check_weights(recipe)
+    notes = _resolve_pretrained_input(recipe)  # before anything is written: recipe.yaml records the resolved size
     out = Path(out)
     runs = _run_dirs(recipe, out)
+    main = _dist.is_main_process()  # under torchrun, rank 0 alone writes the run folder
     for _, run_dir in runs:
-        _run.prepare(run_dir, resume=False, force=force)
+        if main:
+            _run.prepare(run_dir, resume=False, force=force)
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
-    device = resolve_device(recipe.train.device)
+    device = _dist.setup(recipe)  # joins the torchrun process group, if any
     data = load_data(recipe, device)
     plan = _plan_for(recipe, len(data.class_names), plan_path)
+    starting = _starting_weights(recipe)
+    if recipe.pretrained or recipe.weights:
+        notes.append("starting weights: " + "; ".join(f"{name}: {src}" for name, src in starting.items()))
+    for note in notes + data.notes:
+        if console is not None:
+            console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+    data_info = {"train_images": len(data.train_labels), "eval_images": len(data.test_labels),
+                 "evaluation": data.evaluation, "skipped_images": data.skipped}
     results = {}
     for method_name, run_dir in runs:
-        _io.write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-        _io.write_json(run_dir / "plan.json", plan.to_dict())
+        if main:
+            _io.write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+            _io.write_json(run_dir / "plan.json", plan.to_dict())
         info = {"format": _run.RUN_FORMAT, "method": method_name, "models": plan.names,
                 "class_names": data.class_names, "mean": list(data.mean), "std": list(data.std),
-                "input_size": list(plan.input_size), "status": "running", "versions": _versions()}
-        _io.write_json(run_dir / "run.json", info)
+                "input_size": list(plan.input_size), "data": data_info, "starting_weights": starting,
+                "status": "running", "versions": _versions()}
+        if main:
+            _io.write_json(run_dir / "run.json", info)
         results[method_name] = _train_one(method_name, recipe, plan, data, run_dir, device, None, show_progress,
                                           console)
+        results[method_name]["skipped_images"] = len(data.skipped)
     return results
 
 
@@ -119,14 +271,18 @@ def _train_one(method_name, recipe, plan, data, run_dir: Path, device, state, sh
     from clcli import methods
 
     method_cls = methods.METHODS[method_name]
-    cohort = build_cohort(plan, num_classes=len(data.class_names), seed=recipe.train.seed,
-                          with_mkb=method_cls.uses_mkb, fuse=recipe.cl.fuse,
-                          shared_transfer=method_cls.shared_transfer)
-    cohort.to(device)
-    if recipe.train.channels_last:
-        cohort.to(memory_format=torch.channels_last)
-    info = _run.read_json(run_dir / "run.json")
+    main = _dist.is_main_process()  # under torchrun, rank 0 alone writes the run folder
+    info = _run.read_json(run_dir / "run.json") if main else {}
     try:
+        # Starting weights only matter for a fresh start: a checkpoint replaces them (and needs no download).
+        cohort = build_cohort(plan, num_classes=len(data.class_names), seed=recipe.train.seed,
+                              with_mkb=method_cls.uses_mkb, fuse=recipe.cl.fuse,
+                              shared_transfer=method_cls.shared_transfer,
+                              pretrained=recipe.pretrained and state is None,
+                              weights=recipe.weights if state is None else None)
+        cohort.to(device)
+        if recipe.train.channels_last:
+            cohort.to(memory_format=torch.channels_last)
         method = methods.create(method_name, cohort, recipe)  # may refuse (e.g. kd without a teacher)
         if recipe.train.compile:
             for net in cohort.networks:
@@ -135,10 +291,14 @@ def _train_one(method_name, recipe, plan, data, run_dir: Path, device, state, sh
                       console=console)
     except BaseException as e:
         info["status"] = "failed" if isinstance(e, ClcliError) else "interrupted"
-        _io.write_json(run_dir / "run.json", info)
+        if main:
+            _io.write_json(run_dir / "run.json", info)
         raise
     info.update(status="finished", epochs=summary["epochs"], test_acc=summary["test_acc"])
-    _io.write_json(run_dir / "run.json", info)
+    if "test_top5" in summary:
+        info["test_top5"] = summary["test_top5"]
+    if main:
+        _io.write_json(run_dir / "run.json", info)
     return summary
 
 
@@ -147,6 +307,11 @@ def resume(run_dir: str | Path, *, show_progress: bool = True, console=None) -> 
     from clcli import probe, recipes
 
     run_dir = Path(run_dir)
+    if (run_dir / "folds.json").is_file():  # a fold protocol folder: fold<k>/ run folders
+        from ._folds import resume_folds
+
+        return resume_folds(run_dir, train_one=train, resume_one=resume, show_progress=show_progress,
+                            console=console)
     if not (run_dir / "run.json").is_file():
         subruns = sorted(p.parent for p in run_dir.glob("*/run.json"))
         if not subruns:
@@ -160,8 +325,9 @@ def resume(run_dir: str | Path, *, show_progress: bool = True, console=None) -> 
     plan = probe.Plan.from_dict(_run.read_json(run_dir / "plan.json"))
     method_name = info["method"]
     if info.get("status") == "finished":
-        return {method_name: {"epochs": info["epochs"], "test_acc": info["test_acc"]}}
-    device = resolve_device(recipe.train.device)
+        return {method_name: {"epochs": info["epochs"], "test_acc": info["test_acc"],
+                              **({"test_top5": info["test_top5"]} if "test_top5" in info else {})}}
+    device = _dist.setup(recipe)  # joins the torchrun process group, if any
     data = load_data(recipe, device)
     ckpt = run_dir / _run.CHECKPOINT
     state = _run.load_checkpoint(ckpt, map_location=device) if ckpt.exists() else None
@@ -178,4 +344,5 @@ def _load_yaml(path: Path) -> dict:
         raise ClcliError(f"missing {path}") from None
 
 
-__all__ = ["train", "resume", "load_data", "evaluate", "build_cohort", "Cohort", "Data", "resolve_device"]
+__all__ = ["train", "resume", "load_data", "evaluate", "build_cohort", "Cohort", "Data", "LoadedData",
+           "resolve_device"]

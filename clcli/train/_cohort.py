@@ -18,13 +18,23 @@ class Cohort(nn.Module):
         self.names = names
         self.verifiers = verifiers if verifiers is not None else nn.ModuleDict()
         self.plan = plan  # the probe plan the cohort was built from (methods such as FitNets read its taps)
+        # train.placement per-network: the one network this process runs (its rank); None: all of them.
+        self.local: int | None = None
 
-    def forward(self, images: list[torch.Tensor], active: int | None = None) -> list[torch.Tensor]:
-        """Logits of every network. In iterative training only `active` builds a graph; the frozen networks run
-        without gradients and with their BN statistics restored afterwards, so that the step leaves them as they were."""
-        out = []
+    @property
+    def indices(self) -> list[int]:
+        """The networks this process runs: all, or its own one (train.placement: per-network)."""
+        return list(range(len(self.networks))) if self.local is None else [self.local]
+
+    def forward(self, images: list[torch.Tensor], active: int | None = None) -> list[torch.Tensor | None]:
+        """Logits of every network (None for a network another process runs). In iterative training only `active`
+        builds a graph; the frozen networks run without gradients and with their BN statistics restored afterwards,
+        so that the step leaves them as they were."""
+        out: list[torch.Tensor | None] = []
         for i, (net, x) in enumerate(zip(self.networks, images)):
-            if active is None or active == i:
+            if self.local is not None and i != self.local:
+                out.append(None)
+            elif active is None or active == i:
                 out.append(net(x))
             else:
                 with torch.no_grad(), _frozen_buffers(net):
@@ -32,7 +42,12 @@ class Cohort(nn.Module):
         return out
 
     def embeddings(self) -> dict[str, list[torch.Tensor]]:
-        """{site: [embedding of each network]} from the last forward."""
+        """{site: [embedding of each network]} from the last forward. With one network per process the others'
+        come from their processes (an all_gather that back-propagates to each owner)."""
+        if self.local is not None:
+            from torch.distributed.nn.functional import all_gather
+
+            return {site: list(all_gather(e)) for site, e in mkb.embeddings(self.networks[self.local]).items()}
         per_net = [mkb.embeddings(net) for net in self.networks]
         return {site: [e[site] for e in per_net] for site in (per_net[0] if per_net else {})}
 
@@ -53,15 +68,17 @@ def _frozen_buffers(net: nn.Module):
 
 
 def build_cohort(plan, *, num_classes: int, seed: int, with_mkb: bool, fuse: str = "mul",
-                 shared_transfer: bool = True) -> Cohort:
+                 shared_transfer: bool = True, pretrained: bool = False, weights: dict | None = None) -> Cohort:
     """Build every network of `plan` (the same initial weights for a given seed, with or without MKBs), then the
     MKBs (from their own seed, so IL and CL start from identical networks). `shared_transfer=False` gives each
-    network its own space transfer (the paper's "MKB w/o CL" baseline)."""
+    network its own space transfer (the paper's "MKB w/o CL" baseline). Starting weights: `weights[name]` (a local
+    file), else timm's pretrained weights when `pretrained`, else random (see `models.create`)."""
     networks = []
     for i, probe in enumerate(plan.models):
         torch.manual_seed(seed * 1000 + i)
         kwargs = dict(probe.kwargs, num_classes=num_classes)
-        networks.append(models.create(probe.name, kwargs, stem=probe.stem))
+        networks.append(models.create(probe.name, kwargs, stem=probe.stem, pretrained=pretrained,
+                                      weights_file=(weights or {}).get(probe.name)))
     verifiers = nn.ModuleDict()
     if with_mkb:
         torch.manual_seed(seed * 1000 + 999)

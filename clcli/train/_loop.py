@@ -5,6 +5,7 @@ import math
 import os
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from torch import nn
 
 from clcli.errors import ClcliError
 
-from . import _run
+from . import _dist, _run
 from ._cohort import Cohort
 
 
@@ -52,17 +53,21 @@ def evaluate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean, s
     was_training = net.training
     net.eval()
     device = next(net.parameters()).device
-    correct = {k: 0 for k in topk}
-    for start in range(0, len(images), batch_size):
-        x = to_input(images[start:start + batch_size].to(device), mean, std, channels_last)
-        y = labels[start:start + batch_size].to(device)
+    correct = {k: torch.zeros((), dtype=torch.int64, device=device) for k in topk}  # on the device: no sync per batch
+    # A streamed split (clcli.data._stream.StreamSplit) decodes its batches in DataLoader workers.
+    batches = images.batches(batch_size) if hasattr(images, "batches") else (
+        (images[start:start + batch_size], labels[start:start + batch_size])
+        for start in range(0, len(images), batch_size))
+    for xb, yb in batches:
+        x = to_input(xb.to(device), mean, std, channels_last)
+        y = yb.to(device)
         logits = net(x)
         top = logits.topk(max(topk), dim=1).indices
         for k in topk:
-            correct[k] += (top[:, :k] == y[:, None]).any(dim=1).sum().item()
+            correct[k] += (top[:, :k] == y[:, None]).any(dim=1).sum()
     net.train(was_training)
     n = max(len(images), 1)
-    return {f"top{k}": 100.0 * correct[k] / n for k in topk}
+    return {f"top{k}": 100.0 * c / n for k, c in zip(correct, torch.stack(list(correct.values())).tolist())}
 
 
 def _param_groups(method: nn.Module, recipe) -> list[dict]:
@@ -141,6 +146,35 @@ class _Progress:
             self.progress.stop()
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; to CUDA from pinned memory, without blocking the host."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
+def _micro_batches(batch, n: int) -> list:
+    """`batch` cut into n equal micro-batches along the batch dimension (train.accumulate)."""
+    if n == 1:
+        return [batch]
+    from dataclasses import replace
+
+    def cut(xs):
+        return [x.chunk(n) for x in xs]
+
+    images, targets, indices, raw = (cut(xs) for xs in (batch.images, batch.targets, batch.indices, batch.raw))
+    return [replace(batch, images=[x[m] for x in images], targets=[x[m] for x in targets],
+                    indices=[x[m] for x in indices], raw=[x[m] for x in raw]) for m in range(n)]
+
+
+class _NoLog:
+    """metrics.jsonl on processes other than rank 0: nothing is written."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def fit(method, data: Data, recipe, run_dir: Path, *, start_state: dict | None = None, show_progress: bool = True,
         console=None) -> dict:
     """Train `method` (which owns the cohort) on `data`; checkpoint after every epoch. Returns the final summary."""
@@ -155,7 +189,8 @@ def fit(method, data: Data, recipe, run_dir: Path, *, start_state: dict | None =
     steps_per_epoch = len(data.train_labels) // batch_size
     if steps_per_epoch == 0:
         raise ClcliError(f"the training split has {len(data.train_labels)} images, fewer than one batch")
-    optimizer = torch.optim.SGD(_param_groups(method, recipe), lr=cfg.lr, momentum=cfg.momentum,
+    groups = _param_groups(method, recipe)
+    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                                 nesterov=cfg.nesterov and cfg.momentum > 0)
     scheduler = _scheduler(optimizer, recipe, steps_per_epoch)
     per_step_schedule = not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
@@ -167,15 +202,35 @@ def fit(method, data: Data, recipe, run_dir: Path, *, start_state: dict | None =
         start_epoch = int(start_state["epoch"])
         if getattr(method, "w2_cache", None) is not None and "w2_cache" in start_state:
             method.w2_cache.load_state_dict(start_state["w2_cache"])
-    augment = BatchAugment(recipe.data.augment, recipe.data.padding)
+    # Streamed data (data.stream) comes augmented from its DataLoader workers.
+    augment = None if hasattr(data.train_images, "epoch_feed") else BatchAugment(recipe.data.augment,
+                                                                                 recipe.data.padding)
     siamese = recipe.cl.input == "siamese" or not method.uses_mkb
+    streamed = hasattr(data.train_images, "epoch_feed")  # decoded and augmented in DataLoader workers
+    if streamed and not siamese:
+        raise ClcliError("cl.input=different pairs images across the whole training set; it needs in-memory data "
+                         "(data.stream=false)")
+    topk = (1, 5) if len(data.class_names) > 5 else (1,)
     iterative = recipe.cl.manner == "iterative" and method.uses_mkb
     amp = device.type == "cuda" and cfg.amp
     amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda") if amp and amp_dtype == torch.float16 else None
+    # Under torchrun: this process's slice of each batch (DDP), or its own network (per-network placement).
+    d = _dist.current()
+    _dist.check(d, method, recipe, n_nets, batch_size, scaler)
+    cohort.local = d.rank if d.per_network else None
+    model = _dist.wrap(method, d, find_unused=iterative or not method.per_network)
+    shared = [p for g in groups if g["name"] == "shared" for p in g["params"]]
+    accumulate = cfg.accumulate
 
-    log = _run.MetricsLog(run_dir / "metrics.jsonl", keep_before_epoch=start_epoch)
-    progress = _Progress(show_progress, (cfg.epochs - start_epoch) * steps_per_epoch,
+    def scores() -> dict[str, dict[str, float]]:
+        """Each network's test accuracy with its own MKB halves (as deployed), measured by rank 0."""
+        return _dist.from_main(d, {name: evaluate(net, data.test_images, data.test_labels, data.mean, data.std,
+                                                  topk=topk, channels_last=cfg.channels_last)
+                                   for name, net in zip(cohort.names, cohort.networks)} if d.main else None)
+
+    log = _run.MetricsLog(run_dir / "metrics.jsonl", keep_before_epoch=start_epoch) if d.main else _NoLog()
+    progress = _Progress(show_progress and d.main, (cfg.epochs - start_epoch) * steps_per_epoch,
                          f"{method.name} {'+'.join(cohort.names)}", console)
     summary: dict = {}
     try:
@@ -183,6 +238,8 @@ def fit(method, data: Data, recipe, run_dir: Path, *, start_state: dict | None =
             # Everything random in an epoch derives from (seed, epoch): a resumed run repeats it exactly.
             torch.manual_seed(cfg.seed * 100003 + epoch)
             orders = [epoch_batches(len(data.train_labels), batch_size, seed=cfg.seed, epoch=epoch)]
+            feed = data.train_images.epoch_feed([d.take(b) for b in orders[0][:steps_per_epoch]], seed=cfg.seed,
+                                                epoch=epoch) if streamed else None
             if not siamese:
                 # Different inputs: network j sees partner_j[i] whenever network 0 sees image i. The pairing is
                 # fixed for the run, so each image pair's W2 is solved once (first epoch) and cached after that.
@@ -190,6 +247,8 @@ def fit(method, data: Data, recipe, run_dir: Path, *, start_state: dict | None =
                                                                                      n_nets, cfg.seed)]
             gens = [torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + epoch * 131 + j)
                     for j in range(len(orders))]
+            # The epoch's indices go to the device once (no copy per step); the CPU copy keys the W2 cache.
+            dev_orders = [_to_device(torch.stack(order[:steps_per_epoch]), device) for order in orders]
             method.train()
             if hasattr(method, "set_epoch"):  # staged methods (FitNets) follow the epoch
                 method.set_epoch(epoch)
@@ -200,42 +259,49 @@ def fit(method, data: Data, recipe, run_dir: Path, *, start_state: dict | None =
             for step in range(steps_per_epoch):
                 global_step = epoch * steps_per_epoch + step
                 _fault_injection(global_step)
-                idx = [order[step].to(device) for order in orders]
-                raw = [augment(data.train_images[i], g) for i, g in zip(idx, gens)]
+                idx = [d.take(order[step]) for order in orders]  # this process's slice of the global batch
+                dev_idx = [d.take(order[step]) for order in dev_orders]
+                raw = [next(feed)] if streamed else [augment(data.train_images[i], g, d.part)
+                                                     for i, g in zip(dev_idx, gens)]
                 inputs = [to_input(r, data.mean, data.std, cfg.channels_last) for r in raw]
-                targets = [data.train_labels[i] for i in idx]
+                targets = [data.train_labels[i] for i in dev_idx]
                 if siamese:
                     idx, raw, inputs, targets = idx * n_nets, raw * n_nets, inputs * n_nets, targets * n_nets
                 batch = Batch(inputs, targets, idx, raw, active=(global_step % n_nets) if iterative else None)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                    out = method(batch)
-                loss = out["loss"]
                 optimizer.zero_grad(set_to_none=True)
+                for m, micro in enumerate(_micro_batches(batch, accumulate)):
+                    # DDP all-reduces the gradients once, after the last micro-batch's backward.
+                    with nullcontext() if model is method or m + 1 == accumulate else model.no_sync():
+                        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                            out = model(micro)
+                        loss = out["loss"] / accumulate if accumulate > 1 else out["loss"]
+                        (scaler.scale(loss) if scaler is not None else loss).backward()
+                    with torch.no_grad():  # loss parts stay on the device until the log step: no sync here
+                        for k, v in out["parts"].items():
+                            v = v.detach().float() / accumulate if accumulate > 1 else v.detach().float()
+                            sums[k] = sums[k] + v if k in sums else v
+                        for i, logits in enumerate(out["logits"]):
+                            if logits is not None:  # None: another process's network (per-network placement)
+                                correct[i] += (logits.argmax(1) == micro.targets[i]).sum()
+                _dist.sum_shared_grads(shared, d)
                 if scaler is not None:
-                    scaler.scale(loss).backward()
                     scaler.step(optimizer)
                     scaler.update()
                 else:
-                    loss.backward()
                     optimizer.step()
                 if per_step_schedule:
                     scheduler.step()
-                with torch.no_grad():
-                    for k, v in out["parts"].items():
-                        sums[k] = sums.get(k, 0.0) + v.detach().float()
-                    for i, logits in enumerate(out["logits"]):
-                        correct[i] += (logits.argmax(1) == targets[i]).sum()
                 seen += batch_size
                 window_images += batch_size
                 if (step + 1) % cfg.log_every == 0 or step + 1 == steps_per_epoch:
-                    means = {k: (v / (step + 1)).item() for k, v in sums.items()}  # one host sync per log window
+                    means = _dist.mean_parts(d, sums, step + 1)  # one host sync per log window
                     if not all(math.isfinite(v) for v in means.values()):
                         raise ClcliError(
                             f"non-finite loss at epoch {epoch + 1} step {step + 1} ({means}); stopped, the last "
                             f"good checkpoint is kept in {run_dir}")
                     rate = window_images / max(time.perf_counter() - window_start, 1e-9)
                     window_start, window_images = time.perf_counter(), 0
-                    accs = (100.0 * correct / seen).tolist()
+                    accs = (100.0 * _dist.total(d, correct) / seen).tolist()
                     lr = optimizer.param_groups[0]["lr"]
                     log.write({"type": "step", "epoch": epoch, "step": global_step + 1, "lr": lr,
                                "images_per_s": round(rate, 1), **{k: round(v, 5) for k, v in means.items()},
@@ -247,28 +313,29 @@ def fit(method, data: Data, recipe, run_dir: Path, *, start_state: dict | None =
                         for i in range(n_nets))
                     progress.update((epoch - start_epoch) * steps_per_epoch + step + 1,
                                     f"epoch {epoch + 1}/{cfg.epochs}  {rate:.0f} img/s  {status}")
-            train_loss = sum(sums[f"{i}/cls"].item() for i in range(n_nets)) / steps_per_epoch
+            train_loss = sum(means[f"{i}/cls"] for i in range(n_nets))  # the last log step's means: the epoch's
             if not per_step_schedule:
                 scheduler.step(train_loss)
-            accs = {name: evaluate(net, data.test_images, data.test_labels, data.mean, data.std,
-                                   channels_last=cfg.channels_last)["top1"]
-                    for name, net in zip(cohort.names, cohort.networks)}
+            _dist.sync_networks(method, optimizer, d)  # per-network placement: every process gets every network
+            epoch_scores = scores()
+            accs = {name: s["top1"] for name, s in epoch_scores.items()}
+            top5 = {name: s["top5"] for name, s in epoch_scores.items() if "top5" in s}  # more than 5 classes
             record = {"type": "epoch", "epoch": epoch, "step": (epoch + 1) * steps_per_epoch,
                       "lr": optimizer.param_groups[0]["lr"], "train_loss": round(train_loss, 5),
                       "test_acc": {k: round(v, 3) for k, v in accs.items()}}
+            if top5:
+                record["test_top5"] = {k: round(v, 3) for k, v in top5.items()}
             log.write(record)
             progress.log(f"epoch {epoch + 1}/{cfg.epochs}  " + "  ".join(f"{k} {v:.2f}%" for k, v in accs.items()))
             state = {"version": _run.RUN_FORMAT, "epoch": epoch + 1, "method": method.state_dict(),
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
             if getattr(method, "w2_cache", None) is not None:
                 state["w2_cache"] = method.w2_cache.state_dict()
-            _run.save_checkpoint(run_dir / _run.CHECKPOINT, state)
-            summary = {"epochs": epoch + 1, "test_acc": accs}
+            if d.main:
+                _run.save_checkpoint(run_dir / _run.CHECKPOINT, state)
+            summary = {"epochs": epoch + 1, "test_acc": accs, **({"test_top5": top5} if top5 else {})}
         if not summary:  # resumed after the last epoch's checkpoint: nothing left to train
-            summary = {"epochs": cfg.epochs, "test_acc": {
-                name: evaluate(net, data.test_images, data.test_labels, data.mean, data.std,
-                               channels_last=cfg.channels_last)["top1"]
-                for name, net in zip(cohort.names, cohort.networks)}}
+            summary = {"epochs": cfg.epochs, "test_acc": {name: s["top1"] for name, s in scores().items()}}
     finally:
         progress.stop()
         log.close()

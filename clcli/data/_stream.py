@@ -1,0 +1,171 @@
+"""Streaming splits: images stay on disk and are decoded (and augmented) in DataLoader workers every epoch.
+
+For datasets too large to decode into memory (ImageNet: 1.28 M JPEGs). The split is opened with `datasets` as for
+the in-memory path (a local Hub-layout folder, an image folder class_name/*.jpg, a `save_to_disk` folder or a Hub
+id), which gives the labels and class names at once and, per row, the stored image bytes or file path. Workers
+decode with PIL and transform with torchvision into uint8 [3, S, S] tensors, so the training loop normalises a
+streamed batch exactly like an in-memory one.
+
+    train: rrc_flip  RandomResizedCrop(S) + horizontal flip (the ImageNet recipe)
+           crop_flip resize shorter side to S, center crop S, pad + random crop S, flip
+           flip      resize shorter side to S, center crop S, flip
+           none      resize shorter side to S, center crop S
+    test:  resize shorter side to test_resize (default S), center crop S
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from typing import Iterator, Sequence
+
+import torch
+
+from clcli.errors import ClcliError
+
+from . import _load
+
+STREAM_AUGMENTS = ("none", "flip", "crop_flip", "rrc_flip")
+
+
+class _StreamUnreadable(Exception):
+    """An image a worker could not decode (one string argument, so DataLoader can re-raise it)."""
+
+
+def _transform(train: bool, size: int, augment: str, padding: int, test_resize: int | None):
+    from torchvision import transforms as T
+
+    if augment not in STREAM_AUGMENTS:
+        raise ClcliError(f"unknown augment '{augment}' (choose from {', '.join(STREAM_AUGMENTS)})")
+    if not train:
+        return T.Compose([T.Resize(test_resize or size), T.CenterCrop(size), T.PILToTensor()])
+    if augment == "rrc_flip":
+        steps = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()]
+    else:
+        steps = [T.Resize(size), T.CenterCrop(size)]
+        if augment == "crop_flip":
+            steps.append(T.RandomCrop(size, padding=padding))
+        if augment in ("crop_flip", "flip"):
+            steps.append(T.RandomHorizontalFlip())
+    return T.Compose([*steps, T.PILToTensor()])
+
+
+class _Decoded(torch.utils.data.Dataset):
+    """Row i -> uint8 [3, S, S]: decoded with PIL in the worker, RGB, transformed."""
+
+    def __init__(self, images, column: str, transform):
+        self.images = images          # a `datasets.Dataset` with only the image column, arrow format
+        self.column = column
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        record = self.images[int(i)].column(0)[0].as_py() or {}
+        rec = (record.get("bytes"), record.get("path"))
+        try:
+            im = _load._open(rec, int(i), self.column)
+            return self.transform(im.convert("RGB"))
+        except _load._Unreadable as e:
+            raise _StreamUnreadable(f"unreadable image {e.where}: {e.reason}") from None
+        except (*_load._DECODE_ERRORS,) as e:  # truncated data shows up when the pixels are decoded
+            raise _StreamUnreadable(f"unreadable image {_load._where(rec, int(i))}: "
+                                    f"not a readable image ({_load._one_line(e)})") from None
+
+
+def _one_line_unreadable(e: BaseException) -> ClcliError:
+    # From a worker, the message is the worker's traceback: the exception's own line comes last.
+    found = re.findall(r"unreadable image [^\n]*", str(e))
+    return ClcliError((found[-1] if found else str(e).strip().splitlines()[-1])
+                      + "; remove or replace the file (streamed data is not checked in advance)")
+
+
+class StreamSplit:
+    """One split read from disk on demand. `labels` (int64, on `device`) and `class_names` are known up front;
+    `batches` yields test batches in order, `epoch_feed` yields training batches in a given index order."""
+
+    def __init__(self, source: str, split: str | None, *, train: bool, size: int, augment: str = "none",
+                 padding: int = 4, test_resize: int | None = None, config: str | None = None,
+                 image_column: str | None = None, label_column: str | None = None, limit: int | None = None,
+                 workers: int | None = None, device: torch.device | str = "cpu", cache_dir: str | None = None):
+        import datasets
+
+        if limit is not None and (int(limit) != limit or limit < 1):
+            raise ClcliError(f"limit must be a whole number >= 1, got {limit}")
+        local = _load._local_folder(source)
+        if local is not None:
+            loaded = _load._load_local(local, config, _load._cache_root(cache_dir))
+        else:
+            loaded = _load._load_hub(source, config)
+        dataset = _load._select_split(loaded, split, source)
+        features = dataset.features
+        split_name = split or "the only split"
+        image_col = _load._pick_column(features, image_column, datasets.Image, _load._IMAGE_NAMES, "image",
+                                       split_name, source)
+        label_col = _load._pick_column(features, label_column, datasets.ClassLabel, _load._LABEL_NAMES, "label",
+                                       split_name, source)
+        if not isinstance(features[image_col], datasets.Image):
+            raise ClcliError(f"column '{image_col}' is not an image column "
+                             f"(feature {type(features[image_col]).__name__})")
+        n = len(dataset) if limit is None else min(int(limit), len(dataset))
+        if n == 0:
+            raise ClcliError(f"split '{split_name}' of {source} has no rows")
+        if n < len(dataset):
+            dataset = dataset.select(range(n))
+        label_table = dataset.select_columns([label_col]).with_format("arrow")[:n]
+        labels, self.class_names = _load._labels(label_table.column(label_col), features[label_col], label_col,
+                                                 split_name)
+        self.device = torch.device(device)
+        self.labels = torch.from_numpy(labels).to(self.device)
+        self.size = int(size)
+        self.train = train
+        self.workers = default_workers() if workers is None else int(workers)
+        self.dataset = _Decoded(dataset.select_columns([image_col]).with_format("arrow"), image_col,
+                                _transform(train, self.size, augment, padding, test_resize))
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __repr__(self) -> str:
+        return (f"StreamSplit({len(self)} images, {'train' if self.train else 'test'}, {self.size}px, "
+                f"{self.workers} workers)")
+
+    def _loader(self, batch_sampler: Sequence[Sequence[int]], seed: int):
+        return torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=batch_sampler, num_workers=self.workers,
+            pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(seed))
+
+    def _iterate(self, loader) -> Iterator[torch.Tensor]:
+        it = iter(loader)
+        while True:
+            try:
+                images = next(it)
+            except StopIteration:
+                return
+            except _StreamUnreadable as e:
+                raise _one_line_unreadable(e) from None
+            yield images.to(self.device, non_blocking=True)
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(uint8 images [B, 3, S, S], labels [B]) on `device`, in row order (evaluation)."""
+        order = torch.arange(len(self)).split(int(batch_size))
+        for images, idx in zip(self._iterate(self._loader([b.tolist() for b in order], 0)), order):
+            yield images, self.labels[idx.to(self.device)]
+
+    def epoch_feed(self, order: Sequence[torch.Tensor], *, seed: int, epoch: int) -> Iterator[torch.Tensor]:
+        """uint8 images [B, 3, S, S] on `device` for each index batch of `order` (training). The augmentation draws
+        come from the workers' torch generators, seeded from (seed, epoch): one seed gives one run."""
+        digest = hashlib.sha256(f"clcli.stream:{int(seed)}:{int(epoch)}".encode()).digest()
+        return self._iterate(self._loader([b.tolist() for b in order], int.from_bytes(digest[:8], "little")))
+
+
+def default_workers() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(0, min(8, cpus - 1))
+
+
+__all__ = ["StreamSplit", "STREAM_AUGMENTS", "default_workers"]

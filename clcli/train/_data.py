@@ -1,0 +1,69 @@
+"""The two variants of `load_data`: one fold of the training split (STL-10), and streamed splits (ImageNet)."""
+from __future__ import annotations
+
+from clcli.errors import ClcliError
+
+
+def select_fold(train, recipe, source: str):
+    """The training images of fold `recipe.data.fold` (all of them when it is None), then `train_limit`."""
+    from clcli.data import ImageTensors
+    from clcli.data._folds import fold_file, fold_rows, read_folds
+
+    cfg = recipe.data
+    if cfg.fold is None:
+        return train
+    path = fold_file(cfg.folds, source)
+    if train.skipped:
+        raise ClcliError(f"{len(train.skipped)} training images could not be decoded (first: "
+                         f"{train.skipped[0]['image']}); the rows of {path} would no longer match the training split")
+    rows = fold_rows(read_folds(path), cfg.fold, len(train), path)
+    if cfg.train_limit is not None:
+        rows = rows[: cfg.train_limit]
+    return ImageTensors(train.images[rows], train.labels[rows], list(train.class_names))
+
+
+def fold_count(recipe, source: str) -> int:
+    from clcli.data._folds import fold_file, read_folds
+
+    return len(read_folds(fold_file(recipe.data.folds, source)))
+
+
+def load_stream(recipe, source: str, device, data_cls):
+    """Both splits as `StreamSplit`s: labels now, images decoded by DataLoader workers batch by batch. Returns
+    `data_cls(train, train labels, test, test labels, class names, mean, std)`; streamed images are always RGB."""
+    from clcli.data._stream import StreamSplit
+
+    cfg = recipe.data
+    if cfg.folds:
+        raise ClcliError("data.folds works with in-memory data only; set data.stream=false")
+    if cfg.normalize == "dataset":
+        raise ClcliError("data.normalize=dataset needs a pass over every training image, which streaming avoids; "
+                         "use data.normalize=imagenet (or none)")
+    if cfg.image_size is not None:
+        raise ClcliError("data.image_size resizes images once in memory; with data.stream the transforms crop to "
+                         "input_size (and data.test_resize), so drop data.image_size")
+    size = recipe.input_size
+    if size is None:
+        raise ClcliError("data.stream needs input_size")
+    common = dict(size=size, padding=cfg.padding, test_resize=cfg.test_resize, config=cfg.config,
+                  image_column=cfg.image_column, label_column=cfg.label_column, workers=cfg.workers, device=device)
+    train = StreamSplit(source, cfg.train_split, train=True, augment=cfg.augment, limit=cfg.train_limit, **common)
+    test = StreamSplit(source, cfg.test_split, train=False, limit=cfg.test_limit, **common)
+    if len(test.class_names) != len(train.class_names):
+        raise ClcliError(f"the test split has {len(test.class_names)} classes, the training split "
+                         f"{len(train.class_names)}")
+    if cfg.normalize == "imagenet":
+        from clcli.train import IMAGENET_MEAN, IMAGENET_STD
+
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    elif cfg.normalize == "pretrained":
+        from clcli.models import pretrained_config
+
+        pretrained = pretrained_config(recipe.models[0])
+        mean, std = pretrained["mean"], pretrained["std"]
+    else:
+        mean, std = (0.0,) * 3, (1.0,) * 3
+    return data_cls(train, train.labels, test, test.labels, list(train.class_names), tuple(mean), tuple(std))
+
+
+__all__ = ["select_fold", "fold_count", "load_stream"]
