@@ -235,8 +235,7 @@ def train(recipe, out: str | Path, *, plan_path: str | None = None, force: bool 
     for _, run_dir in runs:
         if main:
             _run.prepare(run_dir, resume=False, force=force)
-    if recipe.train.threads:
-        torch.set_num_threads(recipe.train.threads)
+    _apply_threads(recipe)
     device = _dist.setup(recipe)  # joins the torchrun process group, if any
     data = load_data(recipe, device)
     plan = _plan_for(recipe, len(data.class_names), plan_path)
@@ -327,12 +326,20 @@ def resume(run_dir: str | Path, *, show_progress: bool = True, console=None) -> 
     if info.get("status") == "finished":
         return {method_name: {"epochs": info["epochs"], "test_acc": info["test_acc"],
                               **({"test_top5": info["test_top5"]} if "test_top5" in info else {})}}
+    _apply_threads(recipe)  # a resumed run keeps the thread count it was started with
     device = _dist.setup(recipe)  # joins the torchrun process group, if any
     data = load_data(recipe, device)
     ckpt = run_dir / _run.CHECKPOINT
     state = _run.load_checkpoint(ckpt, map_location=device) if ckpt.exists() else None
     return {method_name: _train_one(method_name, recipe, plan, data, run_dir, device, state, show_progress,
                                     console)}
+
+
+def _apply_threads(recipe) -> None:
+    import torch
+
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
 
 
 def _load_yaml(path: Path) -> dict:
