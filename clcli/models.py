@@ -6,7 +6,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import asdict, dataclass
 
-from clcli.errors import ClcliError
+from clcli.errors import ClcliError, one_line
 
 
 @dataclass
@@ -86,14 +86,12 @@ def create(name: str, kwargs: dict, *, stem: StemChange | None = None, pretraine
 def _create_pretrained(name: str, kwargs: dict):
     import timm
 
-    from clcli.data._load import _one_line
-
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
     except TypeError:
         raise
     except Exception as e:  # offline, hub unreachable, no pretrained weights for this model: point to a local file
-        raise ClcliError(f"cannot load timm's pretrained weights for '{name}' ({_one_line(e)}); to start from a "
+        raise ClcliError(f"cannot load timm's pretrained weights for '{name}' ({one_line(e)}); to start from a "
                          f"local file instead, pass --weights {name}=FILE (a safetensors file or a timm "
                          f"checkpoint)") from None
 
@@ -106,15 +104,13 @@ def read_weights_file(name: str, path) -> dict:
 
     from timm.models import load_state_dict
 
-    from clcli.data._load import _one_line
-
     path = Path(path).expanduser()
     if not path.is_file():
         raise ClcliError(f"weights file for '{name}' not found: {path}")
     try:
         state = load_state_dict(str(path), weights_only=True)
     except Exception as e:  # damaged file, a pickle with more than tensors, not a checkpoint at all
-        raise ClcliError(f"cannot read weights file {path} ({_one_line(e)}); expected a safetensors file or a "
+        raise ClcliError(f"cannot read weights file {path} ({one_line(e)}); expected a safetensors file or a "
                          f"timm checkpoint of tensors") from None
     if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
         raise ClcliError(f"{path} is not a state dict of tensors; expected a safetensors file or a timm checkpoint")

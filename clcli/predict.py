@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from clcli.errors import ClcliError
+from clcli.errors import ClcliError, one_line
 
 
 @dataclass
@@ -165,7 +165,7 @@ def predict(classifier: Classifier, files: list[Path], *, top: int = 1, batch_si
 def _read(path: Path, preprocess):
     from PIL import Image
 
-    from clcli.data._load import _DECODE_ERRORS, _one_line
+    from clcli.data._load import _DECODE_ERRORS
 
     if not path.exists():
         raise ClcliError("no such file")
@@ -173,7 +173,7 @@ def _read(path: Path, preprocess):
         with Image.open(path) as image:
             return preprocess(image)
     except (*_DECODE_ERRORS, Image.DecompressionBombError) as e:
-        raise ClcliError(f"not a readable image ({_one_line(e)})") from None
+        raise ClcliError(f"not a readable image ({one_line(e)})") from None
 
 
 __all__ = ["Classifier", "load_classifier", "image_files", "predict"]

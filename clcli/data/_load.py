@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from clcli._io import atomic_path
-from clcli.errors import ClcliError
+from clcli.errors import ClcliError, one_line
 
 log = logging.getLogger("clcli.data")
 
@@ -156,7 +156,7 @@ def _load_local(folder: Path, config: str | None, root: Path):
     try:
         return load()
     except Exception as e:  # whatever `datasets` raises while reading the user's folder
-        raise ClcliError(f"cannot read dataset folder {folder}: {_one_line(e)}") from e
+        raise ClcliError(f"cannot read dataset folder {folder}: {one_line(e)}") from e
     finally:
         if bars_were_on:
             datasets.enable_progress_bars()
@@ -169,7 +169,7 @@ def _load_hub(hub_id: str, config: str | None):
         return datasets.load_dataset(hub_id, config)
     except Exception as e:  # offline, unknown id, gated, bad config: the user has to point elsewhere
         raise ClcliError(f"'{hub_id}' is not a local folder and could not be loaded from the Hugging Face Hub "
-                         f"({_one_line(e)}); pass a local folder with --data") from e
+                         f"({one_line(e)}); pass a local folder with --data") from e
 
 
 def _select_split(loaded, split: str | None, source: str):
@@ -366,7 +366,7 @@ def _open(rec: tuple[bytes | None, str | None], i: int, column: str):
                 data = f.read()
         return Image.open(io.BytesIO(data))
     except (*_DECODE_ERRORS, Image.DecompressionBombError) as e:
-        raise _Unreadable(_where(rec, i), f"not a readable image ({_one_line(e)})") from e
+        raise _Unreadable(_where(rec, i), f"not a readable image ({one_line(e)})") from e
 
 
 def _channels(im) -> int:
@@ -379,7 +379,7 @@ def _decoded_pixels(im, channels: int, size: tuple[int, int], rec, i: int) -> np
     try:
         return _pixels(im, channels, size)
     except (*_DECODE_ERRORS, Image.DecompressionBombError) as e:  # truncated data shows up when pixels are decoded
-        raise _Unreadable(_where(rec, i), f"not a readable image ({_one_line(e)})") from e
+        raise _Unreadable(_where(rec, i), f"not a readable image ({one_line(e)})") from e
 
 
 def _pixels(im, channels: int, size: tuple[int, int]) -> np.ndarray:
@@ -429,7 +429,7 @@ def _read_cache(path: Path, key: str) -> ImageTensors | None:
         if not ok:
             raise ValueError("unexpected contents")
     except Exception as e:  # any unreadable or foreign file: decode again and overwrite it
-        log.warning("ignoring unreadable data cache %s (%s); decoding again", path, _one_line(e))
+        log.warning("ignoring unreadable data cache %s (%s); decoding again", path, one_line(e))
         return None
     return ImageTensors(images.contiguous(), labels.contiguous(), class_names, skipped)
 
@@ -443,9 +443,4 @@ def _write_cache(path: Path, key: str, data: ImageTensors, source: str, split: s
         with atomic_path(path) as tmp:
             save_file({"images": data.images, "labels": data.labels}, str(tmp), metadata=meta)
     except OSError as e:  # a read-only or full cache must not stop training: the tensors are already decoded
-        log.warning("could not write data cache %s (%s)", path, _one_line(e))
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+        log.warning("could not write data cache %s (%s)", path, one_line(e))

@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from clcli.errors import ClcliError
+from clcli.errors import ClcliError, one_line
 
 from . import _load
 
@@ -71,7 +71,7 @@ class _Decoded(torch.utils.data.Dataset):
             raise _StreamUnreadable(f"unreadable image {e.where}: {e.reason}") from None
         except (*_load._DECODE_ERRORS,) as e:  # truncated data shows up when the pixels are decoded
             raise _StreamUnreadable(f"unreadable image {_load._where(rec, int(i))}: "
-                                    f"not a readable image ({_load._one_line(e)})") from None
+                                    f"not a readable image ({one_line(e)})") from None
 
 
 def _one_line_unreadable(e: BaseException) -> ClcliError:

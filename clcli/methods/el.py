@@ -24,16 +24,12 @@ def ensemble_probabilities(networks: list[nn.Module], x: torch.Tensor) -> torch.
 def ensemble_accuracy_of(networks: list[nn.Module], images: torch.Tensor, labels: torch.Tensor, mean, std, *,
                          batch_size: int = 500) -> float:
     """Top-1 accuracy (%) of the averaged probabilities on uint8 images."""
-    from clcli.train._loop import to_input
+    from clcli.train._loop import eval_batches, to_input
 
     for net in networks:
         net.eval()
     correct = 0
-    # A streamed split (data.stream) decodes its batches in DataLoader workers.
-    batches = images.batches(batch_size) if hasattr(images, "batches") else (
-        (images[start:start + batch_size], labels[start:start + batch_size])
-        for start in range(0, len(images), batch_size))
-    for xb, yb in batches:
+    for xb, yb in eval_batches(images, labels, batch_size):
         x = to_input(xb, mean, std)
         probs = ensemble_probabilities(networks, x)
         correct += (probs.argmax(dim=1) == yb).sum().item()

@@ -17,6 +17,12 @@ from .spec import EMBEDDING, HalfSpec, MKBSpec, size_mkb
 PREFIX = "mkb"
 
 
+def is_shared(qualified_name: str) -> bool:
+    """Whether a parameter or buffer name belongs to a space transfer, which the networks of a cohort share (so it is
+    optimised, checkpointed and synchronised once, not per network)."""
+    return ".transfer." in qualified_name
+
+
 def site_name(index: int) -> str:
     return f"site{index}"
 
@@ -111,4 +117,4 @@ def embeddings(model) -> dict:
 
 
 __all__ = ["attach", "half_plans", "embeddings", "HalfPlan", "MKBSpec", "HalfSpec", "size_mkb", "PREFIX",
-           "EMBEDDING", "site_name"]
+           "EMBEDDING", "site_name", "is_shared"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from clcli.errors import ClcliError
+from clcli.errors import ClcliError, one_line
 
 
 class _Splice(nn.Module):
@@ -49,8 +49,7 @@ def _trace(model: nn.Module, training: bool) -> torch.fx.Graph:
     try:
         return _TimmTracer().trace(model, concrete_args=_concrete_args(model))
     except Exception as e:  # noqa: BLE001 - any fx failure is one line for the user
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise ClcliError(f"{type(model).__name__}: fx cannot trace this model to splice an MKB ({first}); "
+        raise ClcliError(f"{type(model).__name__}: fx cannot trace this model to splice an MKB ({one_line(e)}); "
                          "choose a site whose tap is a module output (clcli probe lists them)") from None
     finally:
         model.train(was_training)

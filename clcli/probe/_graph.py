@@ -168,16 +168,11 @@ def trace(model: nn.Module, example: torch.Tensor) -> Graph:
         try:
             nodes = _export_graph(model, example)
         except Exception as export_error:  # noqa: BLE001
-            from clcli.errors import ClcliError
+            from clcli.errors import ClcliError, one_line
 
             raise ClcliError(
-                f"cannot analyse {type(model).__name__}: fx failed ({_first_line(fx_error)}) and torch.export "
-                f"failed ({_first_line(export_error)})"
+                f"cannot analyse {type(model).__name__}: fx failed ({one_line(fx_error)}) and torch.export "
+                f"failed ({one_line(export_error)})"
             ) from None
         tracer = "export"
     return Graph(nodes, tracer, _count_macs(model, nodes))
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return (text[0] if text else type(error).__name__)[:160]

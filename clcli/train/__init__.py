@@ -46,7 +46,7 @@ def load_data(recipe, device) -> LoadedData:
     training device. Evaluation images: `data.val_source` if set, else the `test_split`, else a 'validation' split,
     else a stratified part of the training split held out with `data.val_seed`. Class names come from the training
     split; the evaluation labels are mapped onto them by name."""
-    from clcli.data import SplitNotFound, channel_stats, load_image_tensors
+    from clcli.data import SplitNotFound, load_image_tensors
 
     cfg = recipe.data
     if not cfg.source:
@@ -94,21 +94,31 @@ def load_data(recipe, device) -> LoadedData:
         shown = "; ".join(f"{s['image']}: {s['reason']}" for s in skipped[:10])
         more = f"; and {len(skipped) - 10} more" if len(skipped) > 10 else ""
         notes.append(f"skipped {len(skipped)} unreadable image{'s' if len(skipped) > 1 else ''}: {shown}{more}")
-    channels = train.images.shape[1]
-    if cfg.normalize == "dataset":
-        mean, std = channel_stats(train.images)
-    elif cfg.normalize == "imagenet":
+    mean, std = normalization(recipe, channels=train.images.shape[1], train_images=train.images)
+    return LoadedData(train.images.to(device), train.labels.to(device), test.images.to(device),
+                      test.labels.to(device), list(train.class_names), mean, std, evaluation, skipped,
+                      notes)
+
+
+def normalization(recipe, *, channels: int, train_images=None) -> tuple[tuple, tuple]:
+    """(mean, std) per channel for `data.normalize`: the training images' own statistics (`dataset`, in memory only),
+    ImageNet's, the first model's pretrained config (3 values: grayscale is repeated to RGB before normalising), or
+    none."""
+    kind = recipe.data.normalize
+    if kind == "dataset":
+        from clcli.data import channel_stats
+
+        mean, std = channel_stats(train_images)
+    elif kind == "imagenet":
         mean, std = IMAGENET_MEAN[:channels], IMAGENET_STD[:channels]
-    elif cfg.normalize == "pretrained":
+    elif kind == "pretrained":
         from clcli.models import pretrained_config
 
-        pretrained = pretrained_config(recipe.models[0])  # 3 values: grayscale is repeated to RGB before normalising
+        pretrained = pretrained_config(recipe.models[0])
         mean, std = pretrained["mean"], pretrained["std"]
     else:
         mean, std = (0.0,) * channels, (1.0,) * channels
-    return LoadedData(train.images.to(device), train.labels.to(device), test.images.to(device),
-                      test.labels.to(device), list(train.class_names), tuple(mean), tuple(std), evaluation, skipped,
-                      notes)
+    return tuple(mean), tuple(std)
 
 
 def _hold_out(train, cfg):

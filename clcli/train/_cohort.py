@@ -54,7 +54,7 @@ class Cohort(nn.Module):
 
 def _own_buffers(net: nn.Module) -> list[torch.Tensor]:
     # The shared space transfer is updated by the active network too, so its statistics are not the frozen one's.
-    return [b for name, b in net.named_buffers() if ".transfer." not in name]
+    return [b for name, b in net.named_buffers() if not mkb.is_shared(name)]
 
 
 @contextmanager

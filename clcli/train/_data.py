@@ -22,12 +22,6 @@ def select_fold(train, recipe, source: str):
     return ImageTensors(train.images[rows], train.labels[rows], list(train.class_names))
 
 
-def fold_count(recipe, source: str) -> int:
-    from clcli.data._folds import fold_file, read_folds
-
-    return len(read_folds(fold_file(recipe.data.folds, source)))
-
-
 def load_stream(recipe, source: str, device, data_cls):
     """Both splits as `StreamSplit`s: labels now, images decoded by DataLoader workers batch by batch. Returns
     `data_cls(train, train labels, test, test labels, class names, mean, std)`; streamed images are always RGB."""
@@ -52,18 +46,10 @@ def load_stream(recipe, source: str, device, data_cls):
     if len(test.class_names) != len(train.class_names):
         raise ClcliError(f"the test split has {len(test.class_names)} classes, the training split "
                          f"{len(train.class_names)}")
-    if cfg.normalize == "imagenet":
-        from clcli.train import IMAGENET_MEAN, IMAGENET_STD
+    from clcli.train import normalization
 
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
-    elif cfg.normalize == "pretrained":
-        from clcli.models import pretrained_config
-
-        pretrained = pretrained_config(recipe.models[0])
-        mean, std = pretrained["mean"], pretrained["std"]
-    else:
-        mean, std = (0.0,) * 3, (1.0,) * 3
+    mean, std = normalization(recipe, channels=3)  # streamed images are always RGB
     return data_cls(train, train.labels, test, test.labels, list(train.class_names), tuple(mean), tuple(std))
 
 
-__all__ = ["select_fold", "fold_count", "load_stream"]
+__all__ = ["select_fold", "load_stream"]

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from clcli import mkb
 from clcli.errors import ClcliError
 
 PLACEMENTS = ("replicated", "per-network")
@@ -168,7 +169,7 @@ def sync_networks(method: nn.Module, optimizer: torch.optim.Optimizer, d: Dist) 
 
     for j, net in enumerate(method.cohort.networks):
         for name, p in net.named_parameters():
-            if ".transfer." in name:
+            if mkb.is_shared(name):
                 continue
             dist.broadcast(p.data, src=j)
             if optimizer.defaults.get("momentum"):  # SGD's one state tensor; the other processes may lack it
@@ -177,10 +178,10 @@ def sync_networks(method: nn.Module, optimizer: torch.optim.Optimizer, d: Dist) 
                     state["momentum_buffer"] = torch.zeros_like(p)
                 dist.broadcast(state["momentum_buffer"], src=j)
         for name, b in net.named_buffers():
-            if ".transfer." not in name:
+            if not mkb.is_shared(name):
                 dist.broadcast(b, src=j)
     for name, b in method.named_buffers():
-        if ".transfer." in name and b.is_floating_point():
+        if mkb.is_shared(name) and b.is_floating_point():
             dist.all_reduce(b)
             b.div_(d.world)
 

@@ -9,7 +9,7 @@ split, and the accuracy averaged over the folds.
 from __future__ import annotations
 
 import copy
-import math
+import statistics
 from pathlib import Path
 
 from clcli import _io
@@ -29,9 +29,7 @@ def _fold_recipe(recipe, k: int):
 
 def _stats(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (n - 1; 0 for a single fold)."""
-    mean = sum(values) / len(values)
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
-    return mean, math.sqrt(var)
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def summarize(per_fold: dict[int, dict[str, dict]]) -> dict[str, dict]:
@@ -108,17 +106,13 @@ def _run_folds(recipe, out: Path, n: int, path: str, per_fold: dict, *, train_on
 
 def resume_folds(out: str | Path, *, train_one, resume_one, show_progress: bool = True, console=None):
     """Continue a fold protocol folder: finished folds are read back, started ones resumed, the rest trained."""
-    import yaml
-
     from clcli import recipes
+
+    from . import _load_yaml
 
     out = Path(out)
     info = _run.read_json(out / FOLDS_FILE)
-    try:
-        raw = yaml.safe_load((out / "recipe.yaml").read_text())
-    except FileNotFoundError:
-        raise ClcliError(f"missing {out / 'recipe.yaml'}") from None
-    recipe = recipes.from_dict(raw, str(out / "recipe.yaml"))
+    recipe = recipes.from_dict(_load_yaml(out / "recipe.yaml"), str(out / "recipe.yaml"))
     return _run_folds(recipe, out, int(info["folds"]), info.get("fold_file", ""), {}, train_one=train_one,
                       plan_path=None, show_progress=show_progress, console=console, resume_one=resume_one)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from clcli import mkb
 from clcli.errors import ClcliError
 
 from . import _dist, _run
@@ -47,6 +48,15 @@ def to_input(images_u8: torch.Tensor, mean, std, channels_last: bool = False) ->
 
 
 @torch.no_grad()
+def eval_batches(images, labels, batch_size: int):
+    """(uint8 images, labels) in order, batch by batch; a streamed split (clcli.data._stream.StreamSplit) decodes
+    its batches in DataLoader workers."""
+    if hasattr(images, "batches"):
+        return images.batches(batch_size)
+    return ((images[start:start + batch_size], labels[start:start + batch_size])
+            for start in range(0, len(images), batch_size))
+
+
 def evaluate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean, std, *, batch_size: int = 500,
              topk: tuple[int, ...] = (1,), channels_last: bool = False) -> dict[str, float]:
     """Accuracy (%) of one network (with its own MKB halves, as deployed) on uint8 images."""
@@ -54,11 +64,7 @@ def evaluate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean, s
     net.eval()
     device = next(net.parameters()).device
     correct = {k: torch.zeros((), dtype=torch.int64, device=device) for k in topk}  # on the device: no sync per batch
-    # A streamed split (clcli.data._stream.StreamSplit) decodes its batches in DataLoader workers.
-    batches = images.batches(batch_size) if hasattr(images, "batches") else (
-        (images[start:start + batch_size], labels[start:start + batch_size])
-        for start in range(0, len(images), batch_size))
-    for xb, yb in batches:
+    for xb, yb in eval_batches(images, labels, batch_size):
         x = to_input(xb.to(device), mean, std, channels_last)
         y = yb.to(device)
         logits = net(x)
@@ -79,7 +85,7 @@ def _param_groups(method: nn.Module, recipe) -> list[dict]:
     seen: set[int] = set()
     groups = []
     for net, name in zip(cohort.networks, cohort.names):
-        own = [p for n, p in net.named_parameters() if ".transfer." not in n]
+        own = [p for n, p in net.named_parameters() if not mkb.is_shared(n)]
         seen.update(id(p) for p in own)
         groups.append({"params": own, "lr": cfg.network_lr.get(name, cfg.lr),
                        "weight_decay": cfg.network_weight_decay.get(name, cfg.weight_decay), "name": name})
@@ -202,11 +208,9 @@ def fit(method, data: Data, recipe, run_dir: Path, *, start_state: dict | None =
         start_epoch = int(start_state["epoch"])
         if getattr(method, "w2_cache", None) is not None and "w2_cache" in start_state:
             method.w2_cache.load_state_dict(start_state["w2_cache"])
-    # Streamed data (data.stream) comes augmented from its DataLoader workers.
-    augment = None if hasattr(data.train_images, "epoch_feed") else BatchAugment(recipe.data.augment,
-                                                                                 recipe.data.padding)
-    siamese = recipe.cl.input == "siamese" or not method.uses_mkb
     streamed = hasattr(data.train_images, "epoch_feed")  # decoded and augmented in DataLoader workers
+    augment = None if streamed else BatchAugment(recipe.data.augment, recipe.data.padding)
+    siamese = recipe.cl.input == "siamese" or not method.uses_mkb
     if streamed and not siamese:
         raise ClcliError("cl.input=different pairs images across the whole training set; it needs in-memory data "
                          "(data.stream=false)")
