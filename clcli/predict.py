@@ -52,13 +52,10 @@ def _clcli_manifest(path: Path) -> dict | None:
     from clcli import export
 
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception:  # noqa: BLE001 - not safetensors: the timm reader decides whether it is a checkpoint
+        meta = export.safetensors_header(Path(path))
+    except ClcliError:  # not safetensors: the timm reader decides whether it is a checkpoint
         return None
-    return export.read_manifest(path) if export.META_KEY in meta else None
+    return export.manifest_from_header(Path(path), meta) if export.META_KEY in meta else None
 
 
 def _export_classifier(net, manifest: dict) -> Classifier:

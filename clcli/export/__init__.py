@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from clcli import _io
-from clcli.errors import ClcliError
+from clcli.errors import ClcliError, one_line
 
 FORMAT = "clcli.split"
 FORMAT_VERSION = 1
@@ -193,16 +193,25 @@ def _stem(manifest: dict):
 
 def read_manifest(path: str | Path) -> dict:
     """The clcli manifest of an export file; one-line errors for corrupt, truncated, foreign or future files."""
+    path = Path(path)
+    return manifest_from_header(path, safetensors_header(path))
+
+
+def safetensors_header(path: Path) -> dict:
+    """The string metadata of a safetensors file's header (no tensor is read)."""
     from safetensors import safe_open
 
-    path = Path(path)
     if not path.is_file():
         raise ClcliError(f"no such file: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+            return f.metadata() or {}
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for damaged files
-        raise ClcliError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0][:100]})") from None
+        raise ClcliError(f"{path} is not a readable safetensors file ({one_line(e)})") from None
+
+
+def manifest_from_header(path: Path, meta: dict) -> dict:
+    """The clcli manifest in a header read by `safetensors_header`, checked."""
     if META_KEY not in meta:
         raise ClcliError(f"{path} is not a clcli export (no '{META_KEY}' manifest in its header)")
     try:
