@@ -195,3 +195,39 @@ def test_channels_first_tokens_are_not_mistaken_for_a_token_grid():
     # a ViT whose model declares its class token keeps its grid even when C happens to be a square number
     assert _layout((1, 5, 64), (32, 32), 1, None) == ("NLC", 64, 2, 2, 1)
     assert _layout((1, 197, 192), (224, 224), None, None) == ("NLC", 192, 14, 14, 1)
+
+
+def _tap(size, depth, name):
+    return probe.Tap(name, name, "NCHW", 16, size, size, 0, 0, depth, True)
+
+
+def test_sizes_in_a_ratio_of_2_pair_only_when_no_equal_size_exists():
+    from clcli.mkb._modules import MKBHalf, SpaceTransfer
+    from clcli.probe._pairing import candidate_sites
+
+    a = [_tap(16, 0.2, "a16"), _tap(8, 0.5, "a8"), _tap(4, 0.8, "a4")]
+    b = [_tap(32, 0.1, "b32"), _tap(2, 0.9, "b2")]  # b halves every side of a's, a's 8 and 4 sit between b's
+    sites, resized = candidate_sites([a, b])
+    assert resized
+    pairs = {tuple(s["size"]): [t.module for t in s["taps"]] for s in sites}
+    assert pairs == {(16, 16): ["a16", "b32"], (2, 2): ["a4", "b2"]}  # never a ratio of 4 (a8 with b2 or b32)
+    assert candidate_sites([a, a])[1] is False
+
+    spec = size_mkb([(16, 4, 4), (16, 2, 2)], [10**6, 10**6])
+    assert [h.resample for h in spec.halves] == ["x2", "none"]
+    transfer = SpaceTransfer(spec)
+    for half_spec, side in zip(spec.halves, (4, 2)):
+        half = MKBHalf("NCHW", 0, half_spec, spec, transfer, "mul")
+        torch.nn.init.normal_(half.decoder[-1].weight)
+        fused, embedding = half(torch.randn(2, 16, side, side))
+        assert fused.shape == (2, 16, side, side) and embedding.shape == (2, spec.embedding)
+
+
+def test_the_table_says_when_sites_pair_different_sizes(monkeypatch):
+    from clcli.probe import _pairing
+
+    real = _pairing.candidate_sites
+    monkeypatch.setattr(_pairing, "candidate_sites", lambda taps: (real(taps)[0], True))
+    result = runner.invoke(app, ["probe", "test_resnet", "test_efficientnet", "--stem", "small"])
+    assert result.exit_code == 0, result.output
+    assert "ratio of 2" in result.stdout

@@ -27,19 +27,20 @@ def candidate_sites(per_model: list[list[Tap]]) -> tuple[list[dict], bool]:
     sites = [
         {"size": list(s), "taps": [m[s] for m in sizes], "resized": False} for s in sorted(common)
     ]
-    resized = False
-    if not sites:
-        resized = True
-        for s in sorted(sizes[0]):
+    resized = not sites
+    if resized:
+        # Every model contributes a tap at a base size or at twice it, so that no two taps of a site are more than a
+        # ratio of 2 apart; each site is labelled by its base (the smaller) size.
+        for base in sorted(set().union(*sizes)):
+            double = (2 * base[0], 2 * base[1])
             picks = []
             for m in sizes:
-                match = [m[x] for x in m if x in (s, (s[0] * 2, s[1] * 2), (s[0] // 2, s[1] // 2))]
+                match = [m[x] for x in (base, double) if x in m]
                 if not match:
                     break
                 picks.append(max(match, key=lambda t: t.depth))
             else:
-                smallest = min((t.size for t in picks))
-                sites.append({"size": list(smallest), "taps": picks, "resized": True})
+                sites.append({"size": list(base), "taps": picks, "resized": True})
     for site in sites:
         site["score"] = _score(site["taps"])
     sites.sort(key=lambda s: -s["score"])
