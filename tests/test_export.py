@@ -122,6 +122,32 @@ def test_existing_export_is_not_overwritten_without_force(cl_run, tmp_path):
     export.export_run(cl_run, tmp_path, measure=False, force=True)
 
 
+def test_a_clash_with_any_target_writes_nothing(cl_run, tmp_path):
+    mine = tmp_path / "test_efficientnet-hub"
+    mine.mkdir()
+    with pytest.raises(ClcliError, match="test_efficientnet-hub already exists"):
+        export.export_run(cl_run, tmp_path, hub_folder=True, measure=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["test_efficientnet-hub"]
+
+
+def test_the_folder_manifest_keeps_earlier_exports_of_other_networks(cl_run, tmp_path):
+    (tmp_path / "other.safetensors").write_bytes(b"an earlier export")
+    earlier = {"model": "other", "file": "other.safetensors", "run": "runs/earlier", "method": "cl"}
+    gone = {"model": "gone", "file": "gone.safetensors", "run": "runs/earlier", "method": "cl"}
+    (tmp_path / "manifest.json").write_text(json.dumps({"networks": [earlier, gone]}))
+    result = export.export_run(cl_run, tmp_path, measure=False)
+    assert [e["model"] for e in result["networks"]] == ["test_resnet", "test_efficientnet"]
+    index = json.loads((tmp_path / "manifest.json").read_text())
+    assert [e["model"] for e in index["networks"]] == ["other", "test_resnet", "test_efficientnet"]
+    assert index["networks"][1]["run"] == str(cl_run)
+    (tmp_path / "manifest.json").write_text("{not json")
+    before = (tmp_path / "test_resnet.safetensors").read_bytes()
+    (tmp_path / "test_resnet.safetensors").write_bytes(b"x")
+    with pytest.raises(ClcliError, match="not a readable export manifest"):
+        export.export_run(cl_run, tmp_path, measure=False, force=True)
+    assert (tmp_path / "test_resnet.safetensors").read_bytes() == b"x" and before  # refused before writing
+
+
 def test_damaged_and_foreign_files_are_one_line_errors(cl_run, tmp_path):
     export.export_run(cl_run, tmp_path, measure=False)
     good = (tmp_path / "test_resnet.safetensors").read_bytes()

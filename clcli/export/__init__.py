@@ -80,39 +80,66 @@ def _measure(net, data) -> float:
     return evaluate(net, data.test_images, data.test_labels, data.mean, data.std)["top1"]
 
 
+def _targets(names: list[str], out_dir: Path, plain: bool, hub_folder: bool) -> list[Path]:
+    paths = [out_dir / f"{n}.safetensors" for n in names]
+    if plain:
+        paths += [out_dir / f"{n}.timm.safetensors" for n in names]
+    if hub_folder:
+        paths += [out_dir / f"{n}-hub" for n in names]
+    return paths
+
+
+def _earlier_entries(out_dir: Path) -> list[dict]:
+    """The networks that manifest.json of the export folder already lists (read before anything is written)."""
+    path = out_dir / "manifest.json"
+    if not path.is_file():
+        return []
+    try:
+        return [e for e in json.loads(path.read_text()).get("networks", []) if isinstance(e, dict)]
+    except (json.JSONDecodeError, AttributeError):
+        raise ClcliError(f"{path} is not a readable export manifest; move it away to export here") from None
+
+
 def export_run(run_dir: str | Path, out_dir: str | Path, *, plain: bool = False, hub_folder: bool = False,
                measure: bool = True, force: bool = False) -> dict:
     """Write one safetensors file per network of the run (and optionally timm-only files / Hub folders).
-    Returns the manifest of the export folder."""
+
+    Nothing is written when any target exists and `force` is off. The folder's manifest.json lists every export
+    in it (earlier exports of other networks stay listed). Returns {run, method, networks} of this export."""
     import torch
     from safetensors.torch import save_file
 
-    from clcli import __version__, mkb
+    from clcli import __version__
     from clcli.train import load_data
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     info, recipe, plan, cohort, with_mkb = _cohort_from_run(run_dir)
+    if not force:
+        for target in _targets(cohort.names, out_dir, plain, hub_folder):
+            if target.exists():
+                raise ClcliError(f"{target} already exists; use --force to replace it")
+    earlier = _earlier_entries(out_dir)
     data = load_data(recipe, torch.device("cpu")) if measure else None
     files = []
     for i, (name, net) in enumerate(zip(cohort.names, cohort.networks)):
         target = out_dir / f"{name}.safetensors"
-        if target.exists() and not force:
-            raise ClcliError(f"{target} already exists; use --force to replace it")
         acc = _measure(net, data) if data is not None else info.get("test_acc", {}).get(name)
         manifest = _manifest(info, recipe, plan, i, with_mkb, acc)
         manifest["clcli_version"] = __version__
         with _io.atomic_path(target) as tmp:
             save_file(_tensors(net.state_dict()), str(tmp), metadata={META_KEY: json.dumps(manifest)})
-        entry = {"model": name, "file": target.name, "sha256": _sha256(target), "test_acc": acc}
+        entry = {"model": name, "file": target.name, "sha256": _sha256(target), "test_acc": acc,
+                 "run": str(run_dir), "method": info["method"]}
         if plain:
-            entry.update(_export_plain(net, name, manifest, out_dir, data, force))
+            entry.update(_export_plain(net, name, manifest, out_dir, data))
         if hub_folder:
-            entry["hub_folder"] = _export_hub_folder(net, name, manifest, out_dir, force)
+            entry["hub_folder"] = _export_hub_folder(net, name, manifest, out_dir)
         files.append(entry)
-    index = {"format": FORMAT, "format_version": FORMAT_VERSION, "run": str(run_dir), "method": info["method"],
-             "networks": files}
-    _io.write_json(out_dir / "manifest.json", index)
-    return index
+    written = {e["file"] for e in files}
+    kept = [e for e in earlier if e.get("file") not in written and (out_dir / str(e.get("file"))).is_file()]
+    _io.write_json(out_dir / "manifest.json", {"format": FORMAT, "format_version": FORMAT_VERSION,
+                                               "networks": kept + files})
+    return {"run": str(run_dir), "method": info["method"], "networks": files}
 
 
 def _plain_state(net) -> dict:
@@ -121,15 +148,13 @@ def _plain_state(net) -> dict:
     return {k: v for k, v in net.state_dict().items() if not k.startswith(mkb.PREFIX + ".")}
 
 
-def _export_plain(net, name: str, manifest: dict, out_dir: Path, data, force: bool) -> dict:
+def _export_plain(net, name: str, manifest: dict, out_dir: Path, data) -> dict:
     """A timm-only file (the base network without its MKB halves), loadable by timm alone."""
     from safetensors.torch import save_file
 
     from clcli import models
 
     target = out_dir / f"{name}.timm.safetensors"
-    if target.exists() and not force:
-        raise ClcliError(f"{target} already exists; use --force to replace it")
     with _io.atomic_path(target) as tmp:
         save_file(_tensors(_plain_state(net)), str(tmp), metadata={"format": "pt"})
     entry = {"plain_file": target.name}
@@ -140,13 +165,11 @@ def _export_plain(net, name: str, manifest: dict, out_dir: Path, data, force: bo
     return entry
 
 
-def _export_hub_folder(net, name: str, manifest: dict, out_dir: Path, force: bool) -> str:
+def _export_hub_folder(net, name: str, manifest: dict, out_dir: Path) -> str:
     """A Hugging Face Hub-style folder: config.json + model.safetensors + README.md model card."""
     from safetensors.torch import save_file
 
     folder = out_dir / f"{name}-hub"
-    if folder.exists() and not force:
-        raise ClcliError(f"{folder} already exists; use --force to replace it")
     config = {
         "architecture": name,
         "num_classes": len(manifest["class_names"]),
@@ -197,10 +220,11 @@ def read_manifest(path: str | Path) -> dict:
     return manifest_from_header(path, safetensors_header(path))
 
 
-def safetensors_header(path: Path) -> dict:
+def safetensors_header(path: str | Path) -> dict:
     """The string metadata of a safetensors file's header (no tensor is read)."""
     from safetensors import safe_open
 
+    path = Path(path)
     if not path.is_file():
         raise ClcliError(f"no such file: {path}")
     try:
