@@ -278,30 +278,17 @@ def evaluate_cmd(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Measure the test accuracy of an exported network, on its own."""
-    import torch
+    from clcli.export import evaluate_export
 
-    from clcli import recipes
-    from clcli.export import load
-    from clcli.train import evaluate, load_data
-
-    net = load(file)
-    manifest = net.clcli_manifest
-    rec = recipes.load(recipe) if recipe else recipes.from_dict(manifest["recipe"], str(file))
-    if data is not None:
-        rec.data.source = data
-    test = load_data(rec, torch.device("cpu"))
-    if len(test.class_names) != len(manifest["class_names"]):
-        raise ClcliError(f"the data has {len(test.class_names)} classes; {file} was trained on "
-                         f"{len(manifest['class_names'])}")
-    acc = evaluate(net, test.test_images, test.test_labels, manifest["mean"], manifest["std"], topk=(1, 5)
-                   if len(test.class_names) > 5 else (1,))
+    result = evaluate_export(file, recipe=recipe, data=data)
     if as_json:
-        sys.stdout.write(json.dumps({"file": str(file), "model": manifest["model"], **acc}) + "\n")
+        sys.stdout.write(json.dumps(result) + "\n")
         return
-    _console().print(f"{manifest['model']}: top-1 {acc['top1']:.2f}%"
-                     + (f", top-5 {acc['top5']:.2f}%" if "top5" in acc else "")
-                     + f" on {len(test.test_labels)} test images (export recorded "
-                     + (f"{manifest['test_acc']:.2f}%)" if manifest.get("test_acc") is not None else "nothing)"))
+    recorded = result["recorded"]
+    _console().print(f"{result['model']}: top-1 {result['top1']:.2f}%"
+                     + (f", top-5 {result['top5']:.2f}%" if "top5" in result else "")
+                     + f" on {result['images']} test images (export recorded "
+                     + (f"{recorded:.2f}%)" if recorded is not None else "nothing)"))
 
 
 @app.command()

@@ -95,6 +95,41 @@ def test_eval_reproduces_the_accuracy_the_run_reported(cl_run, tmp_path):
         assert acc == pytest.approx(info["test_acc"][name], abs=1e-9)
 
 
+def test_eval_matches_classes_by_name_not_by_folder_order(cl_run, tmp_path, monkeypatch):
+    import clcli.train
+    from PIL import Image
+
+    from clcli.data import QUICKSTART_DIR, load_image_tensors
+
+    export.export_run(cl_run, tmp_path / "exp", measure=False)
+    path = tmp_path / "exp" / "test_resnet.safetensors"
+    test = load_image_tensors(str(QUICKSTART_DIR), "test", limit=200)
+
+    def save(split, name, row):
+        folder = tmp_path / "folder" / split / name
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(test.images[row].permute(1, 2, 0).numpy()).save(folder / f"{row}.png")
+
+    # an image folder numbers these cat 0, truck 1; the export was trained with CIFAR's cat 3, truck 9
+    for name in ("truck", "cat"):
+        for row in (test.labels == test.class_names.index(name)).nonzero().flatten()[:3].tolist():
+            save("train", name, row)
+            save("test", name, row)
+    seen = {}
+    real_evaluate = clcli.train.evaluate
+
+    def spy(net, images, labels, *args, **kwargs):
+        seen["labels"] = sorted(labels.tolist())
+        return real_evaluate(net, images, labels, *args, **kwargs)
+
+    monkeypatch.setattr(clcli.train, "evaluate", spy)
+    result = export.evaluate_export(path, data=str(tmp_path / "folder"))
+    assert result["images"] == 6 and seen["labels"] == [3, 3, 3, 9, 9, 9]
+    save("train", "unicorn", 0)
+    with pytest.raises(ClcliError, match="not trained on: unicorn"):
+        export.evaluate_export(path, data=str(tmp_path / "folder"))
+
+
 def test_plain_export_is_loadable_by_timm_alone(cl_run, tmp_path):
     import timm
     from safetensors.torch import load_file

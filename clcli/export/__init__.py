@@ -273,4 +273,39 @@ def load(path: str | Path, *, device: str = "cpu"):
     return net.to(device).eval()
 
 
-__all__ = ["export_run", "load", "read_manifest", "FORMAT_VERSION"]
+def evaluate_export(path: str | Path, *, recipe: str | None = None, data: str | None = None) -> dict:
+    """Test accuracy of an exported network on its own: the test split of the recipe stored in the file (or
+    `recipe`, with `data` replacing its dataset), decoded at the export's input size, normalised with its mean/std,
+    labels matched to the export's classes by name. Returns {file, model, top1[, top5], images, recorded}."""
+    import torch
+
+    from clcli import recipes
+    from clcli.train import evaluate, load_data
+
+    net = load(path)
+    manifest = net.clcli_manifest
+    rec = recipes.load(recipe) if recipe else recipes.from_dict(manifest["recipe"], str(path))
+    if data is not None:
+        rec.data.source = data
+    height, width = manifest["input_size"]
+    if height == width:
+        rec.input_size = height
+    loaded = load_data(rec, torch.device("cpu"))
+    trained, names = list(manifest["class_names"]), list(loaded.class_names)
+    labels = loaded.test_labels
+    if names != trained:
+        unknown = [n for n in names if n not in trained]
+        if unknown:
+            raise ClcliError(f"the data has classes {path} was not trained on: {', '.join(unknown[:5])}"
+                             + (f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""))
+        if hasattr(loaded.test_images, "batches"):
+            raise ClcliError(f"the data's classes are not in the order {path} was trained on; streamed data "
+                             "cannot be renumbered")
+        labels = torch.tensor([trained.index(n) for n in names], dtype=torch.int64)[labels]
+    acc = evaluate(net, loaded.test_images, labels, manifest["mean"], manifest["std"],
+                   topk=(1, 5) if len(trained) > 5 else (1,))
+    return {"file": str(path), "model": manifest["model"], **acc, "images": len(loaded.test_images),
+            "recorded": manifest.get("test_acc")}
+
+
+__all__ = ["export_run", "evaluate_export", "load", "read_manifest", "FORMAT_VERSION"]
