@@ -394,7 +394,8 @@ def compare(
     methods: str = typer.Option("il,el,kd,fitnets,dml,wel,mkb-solo,cl", "--methods",
                                 help="comma separated; IL always runs (reference, teacher, EL)"),
     seeds: int = typer.Option(3, "--seeds", help="seeds per method: the recipe's seed, +1, +2, ..."),
-    out: Path = typer.Option(..., "--out", "-o", help="report folder (runs/ inside it are reused)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="report folder (default reports/<recipe>); the runs/ "
+                                       "inside it are reused"),
     data: Optional[str] = typer.Option(None, "--data", help="local dataset folder (or hub id) replacing the recipe's"),
     epochs: Optional[int] = typer.Option(None, "--epochs"),
     overrides: List[str] = typer.Option([], "--set", help="recipe override key=value (dotted keys)"),
@@ -413,7 +414,9 @@ def compare(
         sets.append(_data_override(data))
     names = parse_methods(methods)
     console = _console()
-    result = compare_lib(recipes.load(recipe, sets), names, seeds, out, show_progress=not no_progress,
+    loaded = recipes.load(recipe, sets)
+    out = out if out is not None else Path("reports") / loaded.name
+    result = compare_lib(loaded, names, seeds, out, show_progress=not no_progress,
                          console=console)
     seeds_text = ", ".join(map(str, result["seeds"]))
     table = Table(title=f"test accuracy (%), mean ± std over seeds {seeds_text}", title_justify="left")

@@ -298,3 +298,24 @@ def test_compare_writes_the_table_and_reuses_finished_runs(grid):
     assert resumed["rows"] == result["rows"]  # the same recipe and seed train the same weights
     with pytest.raises(ClcliError, match="train.epochs"):
         compare(_recipe(epochs=3), ["il"], 1, out, show_progress=False)
+
+
+def test_compare_cli_writes_to_reports_by_default_and_reuses_runs(grid, tmp_path, monkeypatch):
+    import shutil
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from clcli.cli import app
+
+    out, result = grid
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(_recipe(epochs=2).to_dict()))
+    shutil.copytree(out / "runs", tmp_path / "reports" / "tiny-methods" / "runs")
+    stamp = (tmp_path / "reports/tiny-methods/runs/il/seed0/checkpoint.pt").stat().st_mtime_ns
+    invoked = CliRunner().invoke(app, ["compare", "--recipe", "tiny.yaml", "--methods", "il,el", "--seeds", "2",
+                                       "--no-progress"])
+    assert invoked.exit_code == 0, invoked.output
+    assert (tmp_path / "reports/tiny-methods/table.md").is_file()
+    assert (tmp_path / "reports/tiny-methods/runs/il/seed0/checkpoint.pt").stat().st_mtime_ns == stamp  # reused
+    assert result["rows"][0][1] in invoked.stdout  # the IL cell, as the library computed it
