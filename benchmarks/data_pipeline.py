@@ -12,43 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
 
 GOAL = 10.0
-
-
-def interleaved(pipeline_step, train_step, *, pipeline_per_round: int, min_rounds: int, min_seconds: float,
-                warmup: int = 2) -> tuple[float, float, int]:
-    """Median seconds per pipeline batch and per training step, measured in alternating rounds.
-
-    Alternating (as the training loop does) means both sides see the same machine: on a shared, busy CPU a burst
-    of load slows whichever side happens to run, and medians over rounds keep such bursts out of the ratio.
-    """
-    import statistics
-
-    for _ in range(warmup):
-        pipeline_step()
-        train_step()
-    pipe, train, start = [], [], time.perf_counter()
-    while len(train) < min_rounds or time.perf_counter() - start < min_seconds:
-        t0 = time.perf_counter()
-        for _ in range(pipeline_per_round):
-            pipeline_step()
-        t1 = time.perf_counter()
-        train_step()
-        t2 = time.perf_counter()
-        pipe.append((t1 - t0) / pipeline_per_round)
-        train.append(t2 - t1)
-    return statistics.median(pipe), statistics.median(train), len(train)
-
-
-def sync(device):
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -73,6 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     import clcli.data as D
+    from clcli.bench import pipeline_batches, time_steps
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -90,24 +60,11 @@ def main(argv: list[str] | None = None) -> dict:
     images, labels = data.images.to(device), data.labels.to(device)
     n, c, h, w = images.shape
     bs = min(args.batch_size, n)
-    mean, std = D.channel_stats(data.images)
-    augment = D.BatchAugment(args.augment)
-    gen = torch.Generator(device=device).manual_seed(0)
-    state = {"epoch": 0, "step": 0, "order": D.epoch_batches(n, bs, seed=0, epoch=0)}
+    next_batch = pipeline_batches(images, labels, batch_size=bs, augment=args.augment)
 
-    def next_batch():
-        if state["step"] == len(state["order"]):
-            state["epoch"] += 1
-            state["step"] = 0
-            state["order"] = D.epoch_batches(n, bs, seed=0, epoch=state["epoch"])
-        idx = state["order"][state["step"]].to(device)
-        state["step"] += 1
-        x = D.normalize(augment(images[idx], gen), mean, std, channels=3)
-        return x, labels[idx]
-
-    def pipeline_step():
-        next_batch()
-        sync(device)
+    def pipeline_round():
+        for _ in range(args.pipeline_batches):
+            next_batch()
 
     model = timm.create_model(args.model, pretrained=False, num_classes=len(data.class_names)).to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -118,10 +75,13 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss_fn(model(x_fixed), y_fixed).backward()
         optimizer.step()
-        sync(device)
 
-    pipe_s, train_s, rounds = interleaved(pipeline_step, train_step, pipeline_per_round=args.pipeline_batches,
-                                          min_rounds=args.rounds, min_seconds=args.seconds)
+    # alternating rounds, as the training loop alternates: both sides see the same (possibly busy) machine
+    times = time_steps({"pipeline": pipeline_round, "train": train_step}, device, min_rounds=args.rounds,
+                       min_seconds=args.seconds)
+    pipe_s = statistics.median(times["pipeline"]["wall"]) / args.pipeline_batches
+    train_s = statistics.median(times["train"]["wall"])
+    rounds = len(times["train"]["wall"])
 
     pipeline_ips = bs / pipe_s
     train_ips = bs / train_s

@@ -116,34 +116,46 @@ def count_ops(fn) -> int:
     return Count.n
 
 
-def pipeline_rate(dev, *, batch_size: int, min_rounds: int, min_seconds: float, augment: str = "crop_flip"):
-    """Images/s of the training loop's data pipeline on the shipped CIFAR-10 subset (in memory, on `dev`)."""
+def pipeline_batches(images, labels, *, batch_size: int, augment: str = "crop_flip", seed: int = 0):
+    """A callable giving the next normalised (x, y) batch exactly as the training loop makes it from in-memory uint8
+    images: seeded epoch order, uint8 gather on the images' device, batch augmentation, normalisation."""
     import torch
 
-    from clcli.data import QUICKSTART_DIR, BatchAugment, channel_stats, epoch_batches, load_image_tensors
+    from clcli.data import BatchAugment, channel_stats, epoch_batches
     from clcli.train._loop import to_input
 
-    data = load_image_tensors(str(QUICKSTART_DIR), "train")
-    images = data.images.to(dev)
-    mean, std = channel_stats(data.images)
+    dev = images.device
+    mean, std = channel_stats(images.cpu())
     aug = BatchAugment(augment)
-    gen = torch.Generator(device=dev).manual_seed(0)
-    order = torch.stack(epoch_batches(len(images), batch_size, seed=0, epoch=0)).to(dev)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    state = {"epoch": 0, "step": 0, "order": epoch_batches(len(images), batch_size, seed=seed, epoch=0)}
 
-    def batch(i: int):
-        x = to_input(aug(images[order[i % len(order)]], gen), mean, std)
-        _sync(dev)
-        return x
+    def next_batch():
+        if state["step"] == len(state["order"]):
+            state["epoch"] += 1
+            state["step"] = 0
+            state["order"] = epoch_batches(len(images), batch_size, seed=seed, epoch=state["epoch"])
+        idx = state["order"][state["step"]].to(dev)
+        state["step"] += 1
+        return to_input(aug(images[idx], gen), mean, std), labels[idx]
 
-    batch(0)
-    rates, start, i = [], time.perf_counter(), 0
-    while len(rates) < min_rounds or time.perf_counter() - start < min_seconds:
-        t0 = time.perf_counter()
-        for _ in range(10):
-            batch(i)
-            i += 1
-        rates.append(10 * batch_size / (time.perf_counter() - t0))
-    return statistics.median(rates), len(images)
+    return next_batch
+
+
+def pipeline_rate(dev, *, batch_size: int, min_rounds: int, min_seconds: float, augment: str = "crop_flip"):
+    """Images/s of the training loop's data pipeline on the shipped CIFAR-10 subset (in memory, on `dev`)."""
+    from clcli.data import QUICKSTART_DIR, load_image_tensors
+
+    data = load_image_tensors(str(QUICKSTART_DIR), "train")
+    next_batch = pipeline_batches(data.images.to(dev), data.labels.to(dev), batch_size=batch_size, augment=augment)
+    per_round = 10
+
+    def ten_batches():
+        for _ in range(per_round):
+            next_batch()
+
+    times = time_steps({"pipeline": ten_batches}, dev, min_rounds=min_rounds, min_seconds=min_seconds, warmup=1)
+    return per_round * batch_size / statistics.median(times["pipeline"]["wall"]), len(data.images)
 
 
 def w2_cost(batch_size: int, *, rounds: int = 3, grid: int = 8) -> dict:
