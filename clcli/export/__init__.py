@@ -264,11 +264,11 @@ def load(path: str | Path, *, device: str = "cpu"):
     try:
         state = load_file(str(path))
     except Exception as e:  # noqa: BLE001
-        raise ClcliError(f"{path} is damaged ({str(e).splitlines()[0][:100]})") from None
+        raise ClcliError(f"{path} is damaged ({one_line(e)})") from None
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise ClcliError(f"{path} does not match {manifest['model']} ({str(e).splitlines()[0][:120]})") from None
+        raise ClcliError(f"{path} does not match {manifest['model']} ({one_line(e)})") from None
     net.clcli_manifest = manifest
     return net.to(device).eval()
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clcli.errors import ClcliError
+from clcli.errors import ClcliError, one_line
 
 from ._base import Batch, Method, register
 
@@ -68,7 +68,7 @@ def load_teacher(net: nn.Module, source: str | None, name: str, method: str) -> 
     try:
         net.load_state_dict(teacher_state(source, name), strict=True)
     except RuntimeError as e:
-        raise ClcliError(f"teacher {source} does not fit network 0 ({name}): {str(e).splitlines()[0][:160]}") from None
+        raise ClcliError(f"teacher {source} does not fit network 0 ({name}): {one_line(e)}") from None
     net.requires_grad_(False)
     net.eval()
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clcli.errors import ClcliError
+from clcli.errors import ClcliError, one_line
 
 RECIPE_VERSION = 1
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -301,7 +301,7 @@ def load(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ClcliError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ClcliError(f"{where}: not valid YAML ({one_line(e)})") from None
     if not isinstance(raw, dict):
         raise ClcliError(f"{where}: a recipe must be a mapping")
     recipe = _build(Recipe, raw, where)  # validate the file itself first, so errors name the file's keys

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from clcli import _io
-from clcli.errors import ClcliError
+from clcli.errors import ClcliError, one_line
 
 CHECKPOINT = "checkpoint.pt"
 RUN_FORMAT = 1
@@ -56,7 +56,7 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is a user-facing "corrupt" error
-        raise ClcliError(f"{path} is not a readable clcli checkpoint ({str(e).splitlines()[0][:120]})") from None
+        raise ClcliError(f"{path} is not a readable clcli checkpoint ({one_line(e)})") from None
 
 
 class MetricsLog:
