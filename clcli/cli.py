@@ -287,8 +287,8 @@ def evaluate_cmd(
     recorded = result["recorded"]
     _console().print(f"{result['model']}: top-1 {result['top1']:.2f}%"
                      + (f", top-5 {result['top5']:.2f}%" if "top5" in result else "")
-                     + f" on {result['images']} test images (export recorded "
-                     + (f"{recorded:.2f}%)" if recorded is not None else "nothing)"))
+                     + f" on {result['images']} images, {result['evaluation']} (export recorded "
+                     + (f"{recorded:.2f}%)" if recorded is not None else "nothing)"), highlight=False)
 
 
 @app.command()

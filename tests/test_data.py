@@ -187,7 +187,7 @@ def test_dataset_without_an_image_column_is_a_clear_error(tmp_path):
 def test_dataset_without_a_label_column_is_a_clear_error(tmp_path):
     feats = datasets.Features({"image": datasets.Image(), "y": datasets.Value("int64")})
     src = write_parquet(tmp_path / "ds", {"train": {"image": [gray(1)], "y": [0]}}, feats)
-    one_line_error("no label column .*--label-column", load, src, tmp_path=tmp_path)
+    one_line_error("no label column .*--set data.label_column=NAME", load, src, tmp_path=tmp_path)
 
 
 def test_unknown_split_names_the_available_ones(tmp_path):

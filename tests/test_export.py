@@ -125,7 +125,10 @@ def test_eval_matches_classes_by_name_not_by_folder_order(cl_run, tmp_path, monk
     monkeypatch.setattr(clcli.train, "evaluate", spy)
     result = export.evaluate_export(path, data=str(tmp_path / "folder"))
     assert result["images"] == 6 and seen["labels"] == [3, 3, 3, 9, 9, 9]
-    save("train", "unicorn", 0)
+    assert result["evaluation"] == f"split 'test' of {tmp_path / 'folder'}"
+    flat = tmp_path / "folder" / "test"  # one split only: all of it is evaluated
+    assert export.evaluate_export(path, data=str(flat))["images"] == 6
+    save("test", "unicorn", 0)
     with pytest.raises(ClcliError, match="not trained on: unicorn"):
         export.evaluate_export(path, data=str(tmp_path / "folder"))
 

@@ -206,7 +206,7 @@ def _pick_column(features, wanted: str | None, feature_type, preferred: tuple[st
         return wanted
     found = [name for name, feature in features.items() if isinstance(feature, feature_type)]
     if not found:
-        option = "--image-column" if what == "image" else "--label-column"
+        option = f"--set data.{what}_column=NAME (recipe key data.{what}_column)"
         kind = "Image" if what == "image" else "ClassLabel"
         raise ClcliError(f"no {what} column (feature {kind}) in split '{split}' of {source} "
                          f"(columns: {', '.join(columns)}); name one with {option}")

@@ -273,10 +273,34 @@ def load(path: str | Path, *, device: str = "cpu"):
     return net.to(device).eval()
 
 
+def _evaluation_images(rec, data: str):
+    """The evaluation images of a dataset given to `clcli eval --data`: its test split, else its validation split,
+    else all of it (a single-split folder is the evaluation set itself). Returns (ImageTensors, in words)."""
+    from clcli.data import SplitNotFound, load_image_tensors
+
+    cfg = rec.data
+    common = dict(config=cfg.config, image_column=cfg.image_column, label_column=cfg.label_column,
+                  image_size=cfg.image_size if cfg.image_size is not None else rec.input_size, limit=cfg.test_limit)
+    available: list[str] = []
+    for split in dict.fromkeys((cfg.test_split, "validation")):
+        try:
+            return load_image_tensors(data, split, **common), f"split '{split}' of {data}"
+        except SplitNotFound as e:
+            available = e.available
+    if len(available) == 1:
+        return load_image_tensors(data, available[0], **common), f"all of {data}"
+    raise ClcliError(f"{data} has no '{cfg.test_split}' or 'validation' split to evaluate on (splits: "
+                     f"{', '.join(available)})")
+
+
 def evaluate_export(path: str | Path, *, recipe: str | None = None, data: str | None = None) -> dict:
-    """Test accuracy of an exported network on its own: the test split of the recipe stored in the file (or
-    `recipe`, with `data` replacing its dataset), decoded at the export's input size, normalised with its mean/std,
-    labels matched to the export's classes by name. Returns {file, model, top1[, top5], images, recorded}."""
+    """Test accuracy of an exported network on its own, labels matched to the export's classes by name, images
+    decoded at the export's input size and normalised with its mean/std.
+
+    Without `data`: the evaluation images of the recipe stored in the file (or `recipe`), chosen as training chose
+    them (so a held-out part of the training images is the same part). With `data` (a folder or hub id): its test
+    split, else its validation split, else all its images. Returns {file, model, top1[, top5], images, evaluation,
+    recorded}."""
     import torch
 
     from clcli import recipes
@@ -285,26 +309,30 @@ def evaluate_export(path: str | Path, *, recipe: str | None = None, data: str | 
     net = load(path)
     manifest = net.clcli_manifest
     rec = recipes.load(recipe) if recipe else recipes.from_dict(manifest["recipe"], str(path))
-    if data is not None:
-        rec.data.source = data
     height, width = manifest["input_size"]
     if height == width:
         rec.input_size = height
-    loaded = load_data(rec, torch.device("cpu"))
-    trained, names = list(manifest["class_names"]), list(loaded.class_names)
-    labels = loaded.test_labels
+    if data is not None and not rec.data.stream:
+        test, evaluation = _evaluation_images(rec, data)
+        images, labels, names = test.images, test.labels, list(test.class_names)
+    else:
+        if data is not None:
+            rec.data.source = data
+        loaded = load_data(rec, torch.device("cpu"))
+        images, labels, names = loaded.test_images, loaded.test_labels, list(loaded.class_names)
+        evaluation = loaded.evaluation
+    trained = list(manifest["class_names"])
     if names != trained:
         unknown = [n for n in names if n not in trained]
         if unknown:
             raise ClcliError(f"the data has classes {path} was not trained on: {', '.join(unknown[:5])}"
                              + (f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""))
-        if hasattr(loaded.test_images, "batches"):
+        if hasattr(images, "batches"):
             raise ClcliError(f"the data's classes are not in the order {path} was trained on; streamed data "
                              "cannot be renumbered")
         labels = torch.tensor([trained.index(n) for n in names], dtype=torch.int64)[labels]
-    acc = evaluate(net, loaded.test_images, labels, manifest["mean"], manifest["std"],
-                   topk=(1, 5) if len(trained) > 5 else (1,))
-    return {"file": str(path), "model": manifest["model"], **acc, "images": len(loaded.test_images),
+    acc = evaluate(net, images, labels, manifest["mean"], manifest["std"], topk=(1, 5) if len(trained) > 5 else (1,))
+    return {"file": str(path), "model": manifest["model"], **acc, "images": len(images), "evaluation": evaluation,
             "recorded": manifest.get("test_acc")}
 
 
