@@ -172,6 +172,36 @@ def test_fitnets_in_the_loop_moves_from_hints_to_kd(grid, plan):
     assert all("1/hint" in x and "1/kd" in x for x in lines if x["type"] == "step")
 
 
+def test_fitnets_reads_a_hint_at_a_graph_node_by_fx_splicing(grid, plan, batch):
+    import copy
+    import dataclasses
+
+    out, _ = grid
+    node_plan = copy.deepcopy(plan)
+    site = node_plan.sites[0]
+    # the teacher's residual `add` before its block activation: no module produces it, so no hook can read it
+    (add,) = [t for t in node_plan.models[0].taps if t.module is None and t.size == site.size]
+    site.taps[0] = dataclasses.replace(add)
+    cohort = _cohort(node_plan, "fitnets")
+    cohort.plan = node_plan
+    plain = copy.deepcopy(cohort.networks[0])
+    method = create("fitnets", cohort, _recipe(kd={"teacher": str(out / "runs/il/seed0")}))
+    assert method.regressors[0][-1].out_channels == add.channels
+    method.train()
+    method.set_epoch(0)
+    result = method(batch)
+    assert tuple(method._features[0].shape) == (32, add.channels, add.height, add.width)
+    result["loss"].backward()
+    assert method.regressors[0][-1].weight.grad.abs().sum() > 0
+    assert set(method.teacher.state_dict()) == set(plain.state_dict())  # timm's keys, nothing spliced in
+    plain.load_state_dict(method.teacher.state_dict())
+    seen = {}
+    plain.layer3.register_forward_hook(lambda m, a, o: seen.__setitem__("layer3", o))
+    with torch.no_grad():  # the capture passes the node's value on unchanged: the teacher computes what it did
+        assert torch.equal(method.teacher(batch.images[0]), plain.eval()(batch.images[0]))
+    assert torch.equal(torch.relu(method._features[0]), seen["layer3"])  # the add is layer3's output before act
+
+
 def test_fitnets_hint_reads_nhwc_and_token_taps_as_feature_maps():
     from clcli.methods.fitnets import regressor, to_nchw
 

@@ -1,6 +1,7 @@
 """FitNets: hint learning (Romero et al. 2015), the paper's HL(1 -> 2). Network 0 is the frozen teacher (as in kd).
 
-The hint is read where the plan puts the first MKB (`plan.sites[0].taps`), captured with forward hooks. A regressor
+The hint is read where the plan puts the first MKB (`plan.sites[0].taps`), captured with forward hooks (or, at a
+graph node that is not a module output, by the same fx splice that places MKB halves there). A regressor
 per student (adaptive pooling when the tap sizes differ, then a 1x1 conv from the student's channels to the
 teacher's) maps the student's features onto the teacher's, with an L2 loss:
 
@@ -16,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clcli.errors import ClcliError
 
 from ._base import Batch, register
 from .kd import KnowledgeDistillation
@@ -40,6 +40,18 @@ def regressor(student_tap, teacher_tap) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class _Capture(nn.Module):
+    """Records a graph node's output for the hint and passes it on unchanged."""
+
+    def __init__(self, store: dict, index: int):
+        super().__init__()
+        self.store, self.index = store, index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.store[self.index] = x
+        return x
+
+
 @register("fitnets")
 class FitNets(KnowledgeDistillation):
     def __init__(self, cohort, recipe):
@@ -48,21 +60,18 @@ class FitNets(KnowledgeDistillation):
         if plan is None or not plan.sites:
             raise ValueError("fitnets needs the cohort's probe plan with at least one site (cohort.plan)")
         self.taps = plan.sites[0].taps
-        for name, tap in zip(cohort.names, self.taps):
-            if tap.module is None:
-                raise ClcliError(f"{name}: the hint tap {tap.node} is not a module output and cannot be hooked")
         self.regressors = nn.ModuleList(regressor(tap, self.taps[0]) for tap in self.taps[1:])
         self.regressors.to(next(cohort.parameters()).device)
         self.epoch = 0
         self._features: dict[int, torch.Tensor] = {}
         for i, (net, tap) in enumerate(zip(cohort.networks, self.taps)):
-            net.get_submodule(tap.module).register_forward_hook(self._capture(i))
+            if tap.module is not None:
+                net.get_submodule(tap.module).register_forward_hook(
+                    lambda module, inputs, output, i=i: self._features.__setitem__(i, output))
+            else:  # a graph node (e.g. a residual add): spliced in by fx rewriting, as an MKB half would be
+                from clcli.mkb._rewrite import splice
 
-    def _capture(self, i: int):
-        def hook(module, inputs, output):
-            self._features[i] = output
-
-        return hook
+                splice(net, {tap.node: _Capture(self._features, i)}, what="the FitNets hint capture")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

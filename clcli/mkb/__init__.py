@@ -83,12 +83,12 @@ def attach(model, halves: list[HalfPlan], transfers: dict | None = None) -> list
     if any(hp.module is None for hp in halves):
         # Graph rewriting replaces forward, which runs non-leaf modules inline, so their hooks would never fire:
         # then every half of this model is spliced in by node.
-        from ._rewrite import splice
+        from ._rewrite import HalfAtNode, splice
 
         missing = [hp.site for hp in halves if hp.node is None]
         if missing:
             raise ClcliError(f"MKB {missing[0]} has neither a module nor a graph node to attach to")
-        splice(model, {hp.node: container[hp.site] for hp in halves})
+        splice(model, {hp.node: HalfAtNode(container[hp.site]) for hp in halves})
         return handles
     for hp in halves:
         try:

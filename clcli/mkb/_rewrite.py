@@ -1,4 +1,5 @@
-"""Splice MKB halves into a model at graph nodes that are not module outputs (fx rewriting).
+"""Splice modules into a model at graph nodes that are not module outputs (fx rewriting): MKB halves, and the
+feature capture of FitNets' hint.
 
 A forward hook can only replace a module's output. A tap such as the residual `add` before a block's activation,
 or a `flatten` inside `forward`, has no module to hook. For those, the model is traced with the same fx tracer the
@@ -17,7 +18,7 @@ from torch import nn
 from clcli.errors import ClcliError, one_line
 
 
-class _Splice(nn.Module):
+class HalfAtNode(nn.Module):
     """Runs one MKB half on a node's output, keeps its embedding and returns the fused features."""
 
     def __init__(self, half: nn.Module):
@@ -49,26 +50,29 @@ def _trace(model: nn.Module, training: bool) -> torch.fx.Graph:
     try:
         return _TimmTracer().trace(model, concrete_args=_concrete_args(model))
     except Exception as e:  # noqa: BLE001 - any fx failure is one line for the user
-        raise ClcliError(f"{type(model).__name__}: fx cannot trace this model to splice an MKB ({one_line(e)}); "
-                         "choose a site whose tap is a module output (clcli probe lists them)") from None
+        raise ClcliError(f"{type(model).__name__}: fx cannot trace this model to splice into a graph node "
+                         f"({one_line(e)}); choose a site whose tap is a module output (clcli probe lists them)") from None
     finally:
         model.train(was_training)
 
 
-def splice(model: nn.Module, sites: dict[str, nn.Module]) -> None:
-    """Insert `sites` (graph node name -> MKB half) into `model` by fx rewriting."""
+def splice(model: nn.Module, sites: dict[str, nn.Module], what: str = "an MKB") -> None:
+    """Insert `sites` into `model` by fx rewriting: graph node name -> a module applied to that node's output, whose
+    result replaces it for every later use. The modules are borrowed, not registered under the model."""
+    if isinstance(model.forward, RewrittenForward):
+        raise ClcliError(f"{type(model).__name__}: graph nodes can be spliced into a model only once")
     graphs = {}
     for training in (True, False):
         graph = _trace(model, training)
         by_name = {n.name: n for n in graph.nodes}
         owners: dict[str, object] = {}  # qualified name -> object; the GraphModule borrows, never copies
-        for node_name, half in sites.items():
+        for node_name, module in sites.items():
             node = by_name.get(node_name)
             if node is None:
                 raise ClcliError(f"{type(model).__name__} has no graph node '{node_name}' "
-                                 f"({'train' if training else 'eval'} mode) to splice an MKB into")
+                                 f"({'train' if training else 'eval'} mode) to splice {what} into")
             target = f"clcli_splice_{node_name}"
-            owners[target] = _Splice(half)
+            owners[target] = module
             with graph.inserting_after(node):
                 fused = graph.call_module(target, (node,))
             node.replace_all_uses_with(fused, delete_user_cb=lambda user, f=fused: user is not f)
