@@ -92,6 +92,24 @@ def test_plan_file_from_probe_drives_training(tmp_path):
     assert len(json.loads((out / "plan.json").read_text())["sites"]) == 2
 
 
+def test_the_plan_decides_models_input_size_and_stem(tmp_path):
+    result = runner.invoke(app, ["probe", "test_efficientnet", "test_resnet", "--input-size", "48", "--json"])
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(result.stdout)
+    args = tiny_args(tmp_path / "run", epochs=1)  # recipe: test_resnet + test_efficientnet, 32 px, small stem
+    trained = runner.invoke(app, [*args, "--plan", str(plan_file)])
+    assert trained.exit_code == 0, trained.output
+    assert "decides: models" in trained.stdout and "input_size 32 -> 48" in trained.stdout
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["models"] == ["test_efficientnet", "test_resnet"] and info["input_size"] == [48, 48]
+    recipe = (tmp_path / "run" / "recipe.yaml").read_text()
+    assert "input_size: 48" in recipe and "stem: imagenet" in recipe
+    for bad, message in [("[1, 2]", "not a clcli plan"), ('{"version": 1, "models": 3}', "malformed clcli plan")]:
+        plan_file.write_text(bad)
+        failed = runner.invoke(app, [*args, "--plan", str(plan_file), "--force"])
+        assert isinstance(failed.exception, ClcliError) and message in str(failed.exception)
+
+
 def _cli(args, env=None):
     return subprocess.run([sys.executable, "-m", "clcli", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=600)

@@ -191,15 +191,29 @@ def _check_weights(recipe) -> None:
             raise ClcliError(f"weights file for '{name}' not found: {file}")
 
 
-def _plan_for(recipe, num_classes: int, plan_path: str | None):
+def read_plan(recipe, plan_path: str) -> tuple[object, list[str]]:
+    """A `clcli probe --json` plan, and the recipe made to match it: the plan decides the models, the input size,
+    the stem and the number of MKBs (the MKBs are built exactly as planned). Returns (plan, notes on what changed)."""
     from clcli import probe
 
-    if plan_path:
-        raw = _run.read_json(Path(plan_path))
-        plan = probe.Plan.from_dict(raw)
-        if plan.names != list(recipe.models):
-            recipe.models = plan.names  # the plan decides which networks are trained
-        return plan
+    plan = probe.Plan.from_dict(_run.read_json(Path(plan_path)))
+    height, width = plan.input_size
+    if height != width:
+        raise ClcliError(f"{plan_path} plans a {height}x{width} input; recipes train on square inputs")
+    changed = []
+    for key, planned, current in (("models", plan.names, list(recipe.models)), ("input_size", height,
+                                  recipe.input_size), ("stem", plan.stem, recipe.stem),
+                                  ("cl.mkbs", len(plan.sites), recipe.cl.mkbs)):
+        if planned != current:
+            changed.append(f"{key} {current} -> {planned}")
+    recipe.models, recipe.input_size, recipe.stem, recipe.cl.mkbs = plan.names, height, plan.stem, len(plan.sites)
+    notes = [f"the plan {plan_path} decides: " + "; ".join(changed)] if changed else []
+    return plan, notes
+
+
+def _plan_for(recipe, num_classes: int):
+    from clcli import probe
+
     return probe.plan(list(recipe.models), recipe.input_size, stem=recipe.stem, mkbs=recipe.cl.mkbs,
                       num_classes=num_classes, embedding=recipe.cl.embedding, budget=recipe.cl.budget)
 
@@ -237,8 +251,9 @@ def train(recipe, out: str | Path, *, plan_path: str | None = None, force: bool 
 
         return train_folds(recipe, out, train_one=train, plan_path=plan_path, force=force,
                            show_progress=show_progress, console=console)
+    plan, notes = read_plan(recipe, plan_path) if plan_path else (None, [])
     _check_weights(recipe)
-    notes = _resolve_pretrained_input(recipe)  # before anything is written: recipe.yaml records the resolved size
+    notes += _resolve_pretrained_input(recipe)  # before anything is written: recipe.yaml records the resolved size
     out = Path(out)
     runs = _run_dirs(recipe, out)
     main = _dist.is_main_process()  # under torchrun, rank 0 alone writes the run folder
@@ -248,7 +263,7 @@ def train(recipe, out: str | Path, *, plan_path: str | None = None, force: bool 
     _apply_threads(recipe)
     device = _dist.setup(recipe)  # joins the torchrun process group, if any
     data = load_data(recipe, device)
-    plan = _plan_for(recipe, len(data.class_names), plan_path)
+    plan = plan if plan is not None else _plan_for(recipe, len(data.class_names))
     starting = _starting_weights(recipe)
     if recipe.pretrained or recipe.weights:
         notes.append("starting weights: " + "; ".join(f"{name}: {src}" for name, src in starting.items()))
