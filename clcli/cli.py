@@ -19,8 +19,19 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from clcli import __version__
+
+        typer.echo(f"clcli {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="print clcli's version and exit"),
+) -> None:
     """Collaborative learning of timm classifiers with Mutual Knowledge Bases (MKBs)."""
 
 

@@ -231,3 +231,21 @@ def test_the_table_says_when_sites_pair_different_sizes(monkeypatch):
     result = runner.invoke(app, ["probe", "test_resnet", "test_efficientnet", "--stem", "small"])
     assert result.exit_code == 0, result.output
     assert "ratio of 2" in result.stdout
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["probe", "--help"], ["train", "--help"],
+                                  ["export", "--help"]])
+def test_help_and_version_answer_without_importing_torch_or_timm(args):
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom clcli.cli import app\ntry:\n    app(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    code = e.code\nheavy = [m for m in ('torch', 'timm', 'datasets') if m in sys.modules]\n"
+            "print('HEAVY', heavy)\nsys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "HEAVY []" in done.stdout
+    if args == ["--version"]:
+        from clcli import __version__
+
+        assert f"clcli {__version__}" in done.stdout
