@@ -267,13 +267,13 @@ def export(
         table.add_column("timm-only acc (%)")
     for e in index["networks"]:
         acc = f"{e['test_acc']:.2f}" if e["test_acc"] is not None else "-"
-        row = [e["model"], e["file"], acc]
+        row = [e["network"], e["file"], acc]
         if plain:
             row.append(f"{e['plain_test_acc']:.2f}" if e.get("plain_test_acc") is not None else "-")
         table.add_row(*row)
     console.print(table)
     if plain:
-        changes = [f"{e['model']} {e['plain_test_acc'] - e['test_acc']:+.2f}" for e in index["networks"]
+        changes = [f"{e['network']} {e['plain_test_acc'] - e['test_acc']:+.2f}" for e in index["networks"]
                    if e.get("plain_test_acc") is not None and e["test_acc"] is not None]
         console.print("[yellow]warning:[/] the timm-only files drop the MKB halves the networks were trained with"
                       + (f"; measured top-1 change without them: {', '.join(changes)} points" if changes else

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from clcli import _io
 from clcli.errors import ClcliError
+from clcli.models import network_labels
 
 LABELS = {"il": "IL", "el": "EL", "kd": "DL (1→2)", "fitnets": "HL (1→2)", "dml": "DML", "wel": "WEL",
           "mkb-solo": "MKB (w/o CL)", "cl": "CL"}
@@ -106,7 +107,7 @@ def _read_run(method: str, seed: int, run_dir: Path) -> RunResult:
     from clcli.train import _run
 
     info = _run.read_json(run_dir / "run.json")
-    names = list(info["models"])
+    names = network_labels(list(info["models"]))
     curve = [(int(r["step"]), [float(r["test_acc"][n]) for n in names])
              for r in _run.read_metrics(run_dir) if r.get("type") == "epoch"]
     return RunResult(method, seed, run_dir, names, [float(info["test_acc"][n]) for n in names], curve)

@@ -9,6 +9,20 @@ from dataclasses import asdict, dataclass
 from clcli.errors import ClcliError, one_line
 
 
+def network_labels(names: list[str]) -> list[str]:
+    """What tells the networks of a cohort apart in tables, metrics, run.json, export file names and per-network
+    recipe keys: the timm name, numbered (-1, -2, ...) where the same model appears more than once."""
+    seen: dict[str, int] = {}
+    labels = []
+    for name in names:
+        if names.count(name) == 1:
+            labels.append(name)
+        else:
+            seen[name] = seen.get(name, 0) + 1
+            labels.append(f"{name}-{seen[name]}")
+    return labels
+
+
 @dataclass
 class StemChange:
     """What `--stem small` changed: the first strided conv set to stride 1, the first pooling removed."""

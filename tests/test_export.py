@@ -28,7 +28,7 @@ def _exact_round_trip(run_dir, out_dir, size=32):
     export.export_run(run_dir, out_dir, measure=False)
     _, _, plan, cohort, _ = _cohort_from_run(run_dir)
     x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
-    for name, net in zip(cohort.names, cohort.networks):
+    for name, net in zip(cohort.labels, cohort.networks):
         loaded = clcli.load(out_dir / f"{name}.safetensors")
         assert torch.equal(loaded(x), net(x)), name  # bit for bit, without the run folder or the other networks
     return plan
@@ -83,6 +83,26 @@ def test_three_networks_and_two_sites_round_trip(tmp_path):
     train(recipe, tmp_path / "run", show_progress=False)
     plan = _exact_round_trip(tmp_path / "run", tmp_path / "exp")
     assert len(plan.sites) == 2 and len(plan.models) == 3
+
+
+def test_the_same_model_twice_is_two_networks_everywhere(tmp_path):
+    recipe = tiny_recipe(models=["test_resnet", "test_resnet"], epochs=1)
+    recipe.data.train_limit, recipe.data.test_limit = 64, 32
+    recipe.train.network_lr = {"test_resnet-2": 0.01}
+    train(recipe, tmp_path / "run", show_progress=False)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["models"] == ["test_resnet", "test_resnet"] and list(info["test_acc"]) == ["test_resnet-1",
+                                                                                         "test_resnet-2"]
+    _exact_round_trip(tmp_path / "run", tmp_path / "exp")
+    index = export.export_run(tmp_path / "run", tmp_path / "measured", measure=True)
+    assert [(e["network"], e["model"], e["file"]) for e in index["networks"]] == [
+        ("test_resnet-1", "test_resnet", "test_resnet-1.safetensors"),
+        ("test_resnet-2", "test_resnet", "test_resnet-2.safetensors")]
+    for e in index["networks"]:
+        assert e["test_acc"] == pytest.approx(info["test_acc"][e["network"]], abs=1e-9)
+    recipe.train.network_lr = {"test_resnet": 0.01}  # ambiguous: which of the two?
+    with pytest.raises(ClcliError, match="not a network of this cohort"):
+        train(recipe, tmp_path / "run2", show_progress=False)
 
 
 def test_eval_reproduces_the_accuracy_the_run_reported(cl_run, tmp_path):

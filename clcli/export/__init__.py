@@ -13,6 +13,7 @@ from pathlib import Path
 
 from clcli import _io
 from clcli.errors import ClcliError, one_line
+from clcli.models import network_labels
 
 FORMAT = "clcli.split"
 FORMAT_VERSION = 1
@@ -46,6 +47,7 @@ def _manifest(info, recipe, plan, index: int, with_mkb: bool, test_acc: float | 
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model": probe_m.name,
+        "network": network_labels(plan.names)[index],
         "kwargs": dict(probe_m.kwargs, num_classes=len(info["class_names"])),
         "stem": probe_m.stem.to_dict() if probe_m.stem else None,
         "input_size": info["input_size"],
@@ -115,20 +117,20 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, plain: bool = False,
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     info, recipe, plan, cohort, with_mkb = _cohort_from_run(run_dir)
     if not force:
-        for target in _targets(cohort.names, out_dir, plain, hub_folder):
+        for target in _targets(cohort.labels, out_dir, plain, hub_folder):
             if target.exists():
                 raise ClcliError(f"{target} already exists; use --force to replace it")
     earlier = _earlier_entries(out_dir)
     data = load_data(recipe, torch.device("cpu")) if measure else None
     files = []
-    for i, (name, net) in enumerate(zip(cohort.names, cohort.networks)):
+    for i, (name, net) in enumerate(zip(cohort.labels, cohort.networks)):
         target = out_dir / f"{name}.safetensors"
         acc = _measure(net, data) if data is not None else info.get("test_acc", {}).get(name)
         manifest = _manifest(info, recipe, plan, i, with_mkb, acc)
         manifest["clcli_version"] = __version__
         with _io.atomic_path(target) as tmp:
             save_file(_tensors(net.state_dict()), str(tmp), metadata={META_KEY: json.dumps(manifest)})
-        entry = {"model": name, "file": target.name, "sha256": _sha256(target), "test_acc": acc,
+        entry = {"network": name, "model": cohort.names[i], "file": target.name, "sha256": _sha256(target), "test_acc": acc,
                  "run": str(run_dir), "method": info["method"]}
         if plain:
             entry.update(_export_plain(net, name, manifest, out_dir, data))
@@ -159,7 +161,7 @@ def _export_plain(net, name: str, manifest: dict, out_dir: Path, data) -> dict:
         save_file(_tensors(_plain_state(net)), str(tmp), metadata={"format": "pt"})
     entry = {"plain_file": target.name}
     if data is not None:
-        bare = models.create(name, manifest["kwargs"], stem=_stem(manifest))
+        bare = models.create(manifest["model"], manifest["kwargs"], stem=_stem(manifest))
         bare.load_state_dict(_plain_state(net))
         entry["plain_test_acc"] = _measure(bare, data)
     return entry
@@ -171,7 +173,7 @@ def _export_hub_folder(net, name: str, manifest: dict, out_dir: Path) -> str:
 
     folder = out_dir / f"{name}-hub"
     config = {
-        "architecture": name,
+        "architecture": manifest["model"],
         "num_classes": len(manifest["class_names"]),
         "num_features": getattr(net, "num_features", None),
         "label_names": manifest["class_names"],
@@ -183,13 +185,14 @@ def _export_hub_folder(net, name: str, manifest: dict, out_dir: Path) -> str:
     with _io.atomic_path(folder / "model.safetensors") as tmp:
         save_file(_tensors(net.state_dict()), str(tmp), metadata={META_KEY: json.dumps(manifest)})
     acc = manifest["test_acc"]
+    others = [n for n in network_labels(manifest["cohort"]) if n != name]
     card = f"""---
 library_name: clcli
 tags: [image-classification, timm, collaborative-learning]
 ---
 # {name} trained with clcli ({manifest['method']})
 
-`{name}` from timm, trained together with {', '.join(n for n in manifest['cohort'] if n != name)} by collaborative
+`{manifest['model']}` from timm, trained together with {', '.join(others)} by collaborative
 learning with Mutual Knowledge Bases. This file keeps the network's own MKB half.
 
 - test accuracy (measured at export): {f'{acc:.2f}%' if acc is not None else 'not measured'}

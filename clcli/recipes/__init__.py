@@ -111,7 +111,7 @@ class TrainConfig:
     placement: str = "replicated"       # under torchrun: DDP, or per-network (one network per process)
     log_every: int = 20
     threads: int | None = None
-    network_lr: dict[str, float] = field(default_factory=dict)           # per-network overrides, by model name
+    network_lr: dict[str, float] = field(default_factory=dict)           # per-network overrides, by network label
     network_weight_decay: dict[str, float] = field(default_factory=dict)
 
 

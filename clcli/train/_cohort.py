@@ -15,7 +15,8 @@ class Cohort(nn.Module):
                  plan=None):
         super().__init__()
         self.networks = nn.ModuleList(networks)
-        self.names = names
+        self.names = names  # timm model names
+        self.labels = models.network_labels(names)  # unique, even when a model appears twice
         self.verifiers = verifiers if verifiers is not None else nn.ModuleDict()
         self.plan = plan  # the probe plan the cohort was built from (methods such as FitNets read its taps)
         # train.placement per-network: the one network this process runs (its rank); None: all of them.

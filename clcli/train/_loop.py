@@ -84,7 +84,11 @@ def _param_groups(method: nn.Module, recipe) -> list[dict]:
     cohort: Cohort = method.cohort
     seen: set[int] = set()
     groups = []
-    for net, name in zip(cohort.networks, cohort.names):
+    unknown = sorted((set(cfg.network_lr) | set(cfg.network_weight_decay)) - set(cohort.labels))
+    if unknown:
+        raise ClcliError(f"train.network_lr / train.network_weight_decay name '{unknown[0]}', which is not a network "
+                         f"of this cohort ({', '.join(cohort.labels)})")
+    for net, name in zip(cohort.networks, cohort.labels):
         own = [p for n, p in net.named_parameters() if not mkb.is_shared(n)]
         seen.update(id(p) for p in own)
         groups.append({"params": own, "lr": cfg.network_lr.get(name, cfg.lr),
@@ -231,11 +235,11 @@ def fit(method, data: Data, recipe, run_dir: Path, *, start_state: dict | None =
         """Each network's test accuracy with its own MKB halves (as deployed), measured by rank 0."""
         return _dist.from_main(d, {name: evaluate(net, data.test_images, data.test_labels, data.mean, data.std,
                                                   topk=topk, channels_last=cfg.channels_last)
-                                   for name, net in zip(cohort.names, cohort.networks)} if d.main else None)
+                                   for name, net in zip(cohort.labels, cohort.networks)} if d.main else None)
 
     log = _run.MetricsLog(run_dir / "metrics.jsonl", keep_before_epoch=start_epoch) if d.main else _NoLog()
     progress = _Progress(show_progress and d.main, (cfg.epochs - start_epoch) * steps_per_epoch,
-                         f"{method.name} {'+'.join(cohort.names)}", console)
+                         f"{method.name} {'+'.join(cohort.labels)}", console)
     summary: dict = {}
     try:
         for epoch in range(start_epoch, cfg.epochs):
@@ -311,7 +315,7 @@ def fit(method, data: Data, recipe, run_dir: Path, *, start_state: dict | None =
                                "images_per_s": round(rate, 1), **{k: round(v, 5) for k, v in means.items()},
                                **{f"{i}/train_acc": round(a, 3) for i, a in enumerate(accs)}})
                     status = "  ".join(
-                        f"{cohort.names[i]}: loss {means[f'{i}/cls']:.3f} acc {accs[i]:.1f}"
+                        f"{cohort.labels[i]}: loss {means[f'{i}/cls']:.3f} acc {accs[i]:.1f}"
                         + (f" metric {means[f'{i}/metric']:.3f} ver {means[f'{i}/verification']:.3f}"
                            if f"{i}/metric" in means else "")
                         for i in range(n_nets))
