@@ -260,6 +260,10 @@ def export(
         run_dir = (cl_runs or subruns)[0]
     console = _console()
     index = export_run(run_dir, out, plain=plain, hub_folder=hub_folder, measure=measure, force=force)
+    if index["status"] != "finished":
+        console.print(f"[yellow]warning:[/] {run_dir} is not finished ({index['status']}, "
+                      f"{index['epochs_trained']} of {index['epochs_planned']} epochs): exported its last checkpoint",
+                      highlight=False, soft_wrap=True)
     table = Table(title=f"exported from {run_dir} ({index['method']}) to {out}", title_justify="left")
     for col in ("network", "file", "test acc (%)"):
         table.add_column(col)

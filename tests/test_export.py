@@ -236,3 +236,16 @@ def test_export_cli_defaults_to_the_newest_run(cl_run, tmp_path, monkeypatch):
     result = runner.invoke(app, ["export", "--split", "--no-measure"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "exported" / "test_resnet.safetensors").is_file()
+
+
+def test_exporting_an_unfinished_run_says_so(cl_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(cl_run, run)
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "status": "interrupted"}))
+    result = runner.invoke(app, ["export", str(run), "--split", "--out", str(tmp_path / "exp"), "--no-measure"])
+    assert result.exit_code == 0, result.output
+    assert "is not finished (interrupted, 1 of 1 epochs)" in result.stdout
+    assert export.read_manifest(tmp_path / "exp" / "test_resnet.safetensors")["epochs_trained"] == 1

@@ -35,6 +35,7 @@ def _cohort_from_run(run_dir: Path):
                           fuse=recipe.cl.fuse, shared_transfer=methods.METHODS[info["method"]].shared_transfer)
     cohort_state = {k[len("cohort."):]: v for k, v in state["method"].items() if k.startswith("cohort.")}
     cohort.load_state_dict(cohort_state)
+    info = dict(info, epochs_trained=int(state.get("epoch", 0)), epochs_planned=recipe.train.epochs)
     return info, recipe, plan, cohort.eval(), with_mkb
 
 
@@ -59,6 +60,7 @@ def _manifest(info, recipe, plan, index: int, with_mkb: bool, test_acc: float | 
         "cohort": plan.names,
         "recipe": recipe.to_dict(),
         "versions": info.get("versions", {}),
+        "epochs_trained": info["epochs_trained"],
         "test_acc": test_acc,
     }
 
@@ -141,7 +143,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, plain: bool = False,
     kept = [e for e in earlier if e.get("file") not in written and (out_dir / str(e.get("file"))).is_file()]
     _io.write_json(out_dir / "manifest.json", {"format": FORMAT, "format_version": FORMAT_VERSION,
                                                "networks": kept + files})
-    return {"run": str(run_dir), "method": info["method"], "networks": files}
+    return {"run": str(run_dir), "method": info["method"], "networks": files, "status": info.get("status"),
+            "epochs_trained": info["epochs_trained"], "epochs_planned": info["epochs_planned"]}
 
 
 def _plain_state(net) -> dict:
