@@ -14,4 +14,4 @@ COMMON=(--recipe cifar10 --data "$DATA" --models resnet10t mobilenetv3_small_050
 clcli train "${COMMON[@]}" --method il --out "$OUT/il" > "$OUT-il.log" 2>&1 &
 clcli train "${COMMON[@]}" --method cl --out "$OUT/cl" > "$OUT-cl.log" 2>&1 &
 wait
-python scripts/summarize_runs.py "$OUT"/il "$OUT"/cl
+python scripts/summarize_runs.py "$OUT"
