@@ -109,7 +109,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, plain: bool = False,
     """Write one safetensors file per network of the run (and optionally timm-only files / Hub folders).
 
     Nothing is written when any target exists and `force` is off. The folder's manifest.json lists every export
-    in it (earlier exports of other networks stay listed). Returns {run, method, networks} of this export."""
+    in it (earlier exports of other networks stay listed). Returns this export's {run, method, networks, status,
+    epochs_trained, epochs_planned}."""
     import torch
     from safetensors.torch import save_file
 
@@ -132,8 +133,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, plain: bool = False,
         manifest["clcli_version"] = __version__
         with _io.atomic_path(target) as tmp:
             save_file(_tensors(net.state_dict()), str(tmp), metadata={META_KEY: json.dumps(manifest)})
-        entry = {"network": name, "model": cohort.names[i], "file": target.name, "sha256": _sha256(target), "test_acc": acc,
-                 "run": str(run_dir), "method": info["method"]}
+        entry = {"network": name, "model": cohort.names[i], "file": target.name, "sha256": _sha256(target),
+                 "test_acc": acc, "run": str(run_dir), "method": info["method"]}
         if plain:
             entry.update(_export_plain(net, name, manifest, out_dir, data))
         if hub_folder:

@@ -51,7 +51,8 @@ def _trace(model: nn.Module, training: bool) -> torch.fx.Graph:
         return _TimmTracer().trace(model, concrete_args=_concrete_args(model))
     except Exception as e:  # noqa: BLE001 - any fx failure is one line for the user
         raise ClcliError(f"{type(model).__name__}: fx cannot trace this model to splice into a graph node "
-                         f"({one_line(e)}); choose a site whose tap is a module output (clcli probe lists them)") from None
+                         f"({one_line(e)}); choose a site whose tap is a module output (clcli probe lists them)"
+                         ) from None
     finally:
         model.train(was_training)
 
