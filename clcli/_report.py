@@ -21,7 +21,7 @@ def print_plan(console, plan) -> None:
         table = Table(title=f"{m.name}  ({_fmt_int(m.params)} params, {_fmt_int(m.macs)} MACs, traced with "
                             f"{m.tracer}{stem})", title_justify="left")
         for col in ("tap", "layout", "C", "H x W", "stage", "depth", "module output"):
-            table.add_column(col)
+            table.add_column(col, overflow="fold")
         for t in m.stage_taps:
             table.add_row(t.module or t.node, t.layout, str(t.channels), f"{t.height}x{t.width}", str(t.stage),
                           f"{t.depth:.2f}", "yes" if t.is_module_output else "no (fx rewrite)")
@@ -30,16 +30,21 @@ def print_plan(console, plan) -> None:
         console.print("[yellow]note:[/] fx could not trace some models; torch.export analysed them instead")
     if plan.resized:
         console.print("[yellow]note:[/] no equal spatial size: sites pair sizes in a ratio of 2, bridged by a resize")
-    table = Table(title="MKB sites, best first (* = planned)", title_justify="left")
-    for col in ("", "size", *plan.names, "code C x h x w", "embedding", "MKB half params (% of net)", "MKB MACs"):
-        table.add_column(col)
+    # One row per network and site, so that a narrow terminal never has to wrap a number.
+    table = Table(title="MKB sites, best first (* = planned); each network's MKB half: params, % of the network, "
+                        "MACs per image", title_justify="left")
+    for col in ("", "size", "network", "tap", "code", "emb", "params", "%", "MACs"):
+        table.add_column(col, overflow="fold", no_wrap=col in ("size", "code", "params", "MACs"))
     for s in plan.candidates:
         mark = "*" if any(s.taps is c.taps for c in plan.sites) else ""
         spec = s.mkb
-        halves = " / ".join(f"{_fmt_int(x.params)} ({100 * x.fraction:.1f}%)" for x in spec.halves)
-        macs = " / ".join(_fmt_int(x.macs) for x in spec.halves)
         budget = "" if spec.within_budget else " [red]over budget[/]"
-        table.add_row(mark, f"{s.size[0]}x{s.size[1]}", *[t.module or t.node for t in s.taps],
-                      f"{spec.code_channels}x{spec.code_height}x{spec.code_width}", str(spec.embedding),
-                      halves + budget, macs)
+        for i, (name, tap, half) in enumerate(zip(plan.names, s.taps, spec.halves)):
+            first = i == 0
+            table.add_row(mark if first else "", f"{s.size[0]}x{s.size[1]}" if first else "", name,
+                          tap.module or tap.node,
+                          f"{spec.code_channels}x{spec.code_height}x{spec.code_width}" if first else "",
+                          str(spec.embedding) if first else "", _fmt_int(half.params),
+                          f"{100 * half.fraction:.1f}{budget}", _fmt_int(half.macs),
+                          end_section=i == len(s.taps) - 1)
     console.print(table)
