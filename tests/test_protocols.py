@@ -241,16 +241,37 @@ def test_cifar100_recipe_has_no_augmentation_unless_switched_on():
                            images)
 
 
-def test_an_unreadable_streamed_image_stops_with_one_line_naming_it(image_folder, tmp_path):
+def test_an_unreadable_streamed_image_is_skipped_and_reported(image_folder, tmp_path):
     import shutil
 
-    root = tmp_path / "folder"
-    shutil.copytree(image_folder / "train", root)
-    (root / "cat" / "1.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg" * 4)
-    split = StreamSplit(str(root), None, train=True, size=16, workers=1, cache_dir=str(tmp_path / "c"))
-    with pytest.raises(ClcliError, match=r"unreadable image .*cat/1\.jpg") as info:
-        list(split.epoch_feed(list(torch.arange(30).split(10)), seed=0, epoch=0))
-    assert "\n" not in str(info.value)
+    root = tmp_path / "imagenet"
+    shutil.copytree(image_folder, root)
+    (root / "train" / "cat" / "1.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg" * 4)
+    (root / "val" / "dog" / "0.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg" * 4)
+    split = StreamSplit(str(root), "train", train=True, size=16, workers=1, cache_dir=str(tmp_path / "c"))
+    fed = list(split.epoch_feed(list(torch.arange(30).split(10)), seed=0, epoch=0))
+    assert [tuple(images.shape) for images, _ in fed] == [(10, 3, 16, 16)] * 3  # shapes never change
+    (bad_path,) = split.skipped
+    assert bad_path.endswith("cat/1.jpg") and "not a readable image" in split.skipped[bad_path]
+    bad = [k for k, (_, positions) in enumerate(fed) if positions is not None]
+    assert len(bad) == 1
+    images, positions = fed[bad[0]]
+    slot = int((positions != torch.arange(10)).nonzero())
+    assert torch.equal(images[slot], images[positions[slot]])  # a copy of a readable image, never a blank
+    val = StreamSplit(str(root), "validation", train=False, size=16, workers=1, cache_dir=str(tmp_path / "c"))
+    assert sum(len(labels) for _, labels in val.batches(8)) == len(val) - 1  # evaluation leaves it out
+
+    out = tmp_path / "run"  # end to end: training and evaluation go on, the run lists both files
+    result = runner.invoke(app, ["train", "--recipe", "imagenet", "--data", str(root), "--models", *TINY,
+                                 "--epochs", "1", "--out", str(out), "--no-progress", "--set", "input_size=32",
+                                 "--set", "train.batch_size=10", "--set", "data.workers=1", "--set",
+                                 "train.threads=1", "--set", "train.channels_last=false", "--method", "cl"])
+    assert result.exit_code == 0, result.output
+    info = json.loads((out / "run.json").read_text())
+    listed = {(s["split"], s["image"].split("/")[-2] + "/" + s["image"].split("/")[-1])
+              for s in info["data"]["skipped_images"]}
+    assert listed == {("train", "cat/1.jpg"), ("evaluation", "dog/0.jpg")}
+    assert "skipped 2 unreadable images" in result.output
 
 
 def test_recipes_command_lists_stl10_and_imagenet():

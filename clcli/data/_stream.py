@@ -11,12 +11,15 @@ streamed batch exactly like an in-memory one.
            flip      resize shorter side to S, center crop S, flip
            none      resize shorter side to S, center crop S
     test:  resize shorter side to test_resize (default S), center crop S
+
+An image that cannot be decoded is skipped, as on the in-memory path: in a training batch its slot gets a copy of
+another image of the same batch (with that image's label), so batch shapes never change; in evaluation it is left
+out of the count. Each one is reported once through `StreamSplit.skipped`.
 """
 from __future__ import annotations
 
 import hashlib
 import os
-import re
 from typing import Iterator, Sequence
 
 import torch
@@ -26,10 +29,6 @@ from clcli.errors import ClcliError, one_line
 from . import _load
 
 STREAM_AUGMENTS = ("none", "flip", "crop_flip", "rrc_flip")
-
-
-class _StreamUnreadable(Exception):
-    """An image a worker could not decode (one string argument, so DataLoader can re-raise it)."""
 
 
 def _transform(train: bool, size: int, augment: str, padding: int, test_resize: int | None):
@@ -51,34 +50,35 @@ def _transform(train: bool, size: int, augment: str, padding: int, test_resize: 
 
 
 class _Decoded(torch.utils.data.Dataset):
-    """Row i -> uint8 [3, S, S]: decoded with PIL in the worker, RGB, transformed."""
+    """Row i -> (uint8 [3, S, S], None or (image, why it could not be decoded)): decoded with PIL in the worker,
+    RGB, transformed. An unreadable image gives zeros of the right shape, so the batch still collates."""
 
-    def __init__(self, images, column: str, transform):
+    def __init__(self, images, column: str, transform, size: int):
         self.images = images          # a `datasets.Dataset` with only the image column, arrow format
         self.column = column
         self.transform = transform
+        self.size = size
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, tuple[str, str] | None]:
         record = self.images[int(i)].column(0)[0].as_py() or {}
         rec = (record.get("bytes"), record.get("path"))
         try:
             im = _load._open(rec, int(i), self.column)
-            return self.transform(im.convert("RGB"))
+            return self.transform(im.convert("RGB")), None
         except _load._Unreadable as e:
-            raise _StreamUnreadable(f"unreadable image {e.where}: {e.reason}") from None
+            return self._blank(), (e.where, e.reason)
         except (*_load._DECODE_ERRORS,) as e:  # truncated data shows up when the pixels are decoded
-            raise _StreamUnreadable(f"unreadable image {_load._where(rec, int(i))}: "
-                                    f"not a readable image ({one_line(e)})") from None
+            return self._blank(), (_load._where(rec, int(i)), f"not a readable image ({one_line(e)})")
+
+    def _blank(self) -> torch.Tensor:
+        return torch.zeros(3, self.size, self.size, dtype=torch.uint8)
 
 
-def _one_line_unreadable(e: BaseException) -> ClcliError:
-    # From a worker, the message is the worker's traceback: the exception's own line comes last.
-    found = re.findall(r"unreadable image [^\n]*", str(e))
-    return ClcliError((found[-1] if found else str(e).strip().splitlines()[-1])
-                      + "; remove or replace the file (streamed data is not checked in advance)")
+def _collate(items: list[tuple[torch.Tensor, tuple | None]]) -> tuple[torch.Tensor, list[tuple | None]]:
+    return torch.stack([image for image, _ in items]), [problem for _, problem in items]
 
 
 class StreamSplit:
@@ -122,7 +122,8 @@ class StreamSplit:
         self.train = train
         self.workers = default_workers() if workers is None else int(workers)
         self.dataset = _Decoded(dataset.select_columns([image_col]).with_format("arrow"), image_col,
-                                _transform(train, self.size, augment, padding, test_resize))
+                                _transform(train, self.size, augment, padding, test_resize), self.size)
+        self.skipped: dict[str, str] = {}  # image -> reason, in the order met; filled as batches are decoded
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -133,31 +134,46 @@ class StreamSplit:
 
     def _loader(self, batch_sampler: Sequence[Sequence[int]], seed: int):
         return torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=batch_sampler, num_workers=self.workers,
+            self.dataset, batch_sampler=batch_sampler, num_workers=self.workers, collate_fn=_collate,
             pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(seed))
 
-    def _iterate(self, loader) -> Iterator[torch.Tensor]:
-        it = iter(loader)
-        while True:
-            try:
-                images = next(it)
-            except StopIteration:
-                return
-            except _StreamUnreadable as e:
-                raise _one_line_unreadable(e) from None
-            yield images.to(self.device, non_blocking=True)
+    def _readable(self, problems: list[tuple | None]) -> torch.Tensor:
+        """Which slots of a decoded batch hold a real image; records the others in `skipped`."""
+        for problem in problems:
+            if problem is not None:
+                self.skipped.setdefault(*problem)
+        return torch.tensor([p is None for p in problems], dtype=torch.bool)
 
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(uint8 images [B, 3, S, S], labels [B]) on `device`, in row order (evaluation)."""
+        """(uint8 images [B', 3, S, S], labels [B']) on `device`, in row order (evaluation); unreadable images are
+        left out, so B' may be smaller than the batch size."""
         order = torch.arange(len(self)).split(int(batch_size))
-        for images, idx in zip(self._iterate(self._loader([b.tolist() for b in order], 0)), order):
-            yield images, self.labels[idx.to(self.device)]
+        for (images, problems), idx in zip(self._loader([b.tolist() for b in order], 0), order):
+            ok = self._readable(problems)
+            yield images[ok].to(self.device, non_blocking=True), self.labels[idx[ok].to(self.device)]
 
-    def epoch_feed(self, order: Sequence[torch.Tensor], *, seed: int, epoch: int) -> Iterator[torch.Tensor]:
-        """uint8 images [B, 3, S, S] on `device` for each index batch of `order` (training). The augmentation draws
-        come from the workers' torch generators, seeded from (seed, epoch): one seed gives one run."""
+    def epoch_feed(self, order: Sequence[torch.Tensor], *, seed: int,
+                   epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """For each index batch of `order` (training): uint8 images [B, 3, S, S] on `device`, and None, or, where
+        some images could not be decoded, the position in the batch whose image (and label) each slot holds. The
+        augmentation draws come from the workers' torch generators, seeded from (seed, epoch): one run per seed."""
         digest = hashlib.sha256(f"clcli.stream:{int(seed)}:{int(epoch)}".encode()).digest()
-        return self._iterate(self._loader([b.tolist() for b in order], int.from_bytes(digest[:8], "little")))
+        loader = self._loader([b.tolist() for b in order], int.from_bytes(digest[:8], "little"))
+        for images, problems in loader:
+            ok = self._readable(problems)
+            if bool(ok.all()):
+                yield images.to(self.device, non_blocking=True), None
+                continue
+            if not bool(ok.any()):
+                where, reason = problems[0]
+                raise ClcliError(f"no image of a training batch could be decoded (the first, {where}: {reason}); "
+                                 "check the data")
+            # the k-th unreadable slot takes the k-th readable image (cycling): a copy, never a blank
+            readable = ok.nonzero().flatten()
+            positions = torch.arange(len(problems))
+            bad = (~ok).nonzero().flatten()
+            positions[bad] = readable[torch.arange(len(bad)) % len(readable)]
+            yield images[positions].to(self.device, non_blocking=True), positions
 
 
 def default_workers() -> int:

@@ -28,12 +28,13 @@ def ensemble_accuracy_of(networks: list[nn.Module], images: torch.Tensor, labels
 
     for net in networks:
         net.eval()
-    correct = 0
+    correct = seen = 0
     for xb, yb in eval_batches(images, labels, batch_size):
         x = to_input(xb, mean, std)
         probs = ensemble_probabilities(networks, x)
         correct += (probs.argmax(dim=1) == yb).sum().item()
-    return 100.0 * correct / max(len(images), 1)
+        seen += len(yb)  # a streamed split leaves out images it cannot decode
+    return 100.0 * correct / max(seen, 1)
 
 
 def ensemble_accuracy(run_dir: str | Path) -> float:

@@ -14,7 +14,7 @@ from clcli.errors import ClcliError
 
 from . import _dist, _run
 from ._cohort import Cohort, build_cohort
-from ._loop import Data, evaluate, fit, resolve_device
+from ._loop import Data, evaluate, fit, resolve_device, streamed_skips
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -285,7 +285,7 @@ def train(recipe, out: str | Path, *, plan_path: str | None = None, force: bool 
             _io.write_json(run_dir / "run.json", info)
         results[method_name] = _train_one(method_name, recipe, plan, data, run_dir, device, None, show_progress,
                                           console)
-        results[method_name]["skipped_images"] = len(data.skipped)
+        results[method_name]["skipped_images"] = len(data.skipped) + len(streamed_skips(data))
     return results
 
 
@@ -319,6 +319,9 @@ def _train_one(method_name, recipe, plan, data, run_dir: Path, device, state, sh
             _io.write_json(run_dir / "run.json", info)
         raise
     info.update(status="finished", epochs=summary["epochs"], test_acc=summary["test_acc"])
+    if streamed_skips(data) and main:  # met while streaming: added to what loading found
+        known = {s["image"] for s in info["data"]["skipped_images"]}
+        info["data"]["skipped_images"] += [s for s in streamed_skips(data) if s["image"] not in known]
     if "test_top5" in summary:
         info["test_top5"] = summary["test_top5"]
     if main:

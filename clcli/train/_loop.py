@@ -57,6 +57,14 @@ def eval_batches(images, labels, batch_size: int):
             for start in range(0, len(images), batch_size))
 
 
+def streamed_skips(data) -> list[dict]:
+    """The images of streamed splits that could not be decoded so far ({"image", "reason", "split"})."""
+    found = []
+    for split, images in (("train", data.train_images), ("evaluation", data.test_images)):
+        found += [{"image": k, "reason": v, "split": split} for k, v in getattr(images, "skipped", {}).items()]
+    return found
+
+
 def evaluate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean, std, *, batch_size: int = 500,
              topk: tuple[int, ...] = (1,), channels_last: bool = False) -> dict[str, float]:
     """Accuracy (%) of one network (with its own MKB halves, as deployed) on uint8 images."""
@@ -64,7 +72,9 @@ def evaluate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean, s
     net.eval()
     device = next(net.parameters()).device
     correct = {k: torch.zeros((), dtype=torch.int64, device=device) for k in topk}  # on the device: no sync per batch
+    n = 0  # counted per batch: a streamed split leaves out images it cannot decode
     for xb, yb in eval_batches(images, labels, batch_size):
+        n += len(yb)
         x = to_input(xb.to(device), mean, std, channels_last)
         y = yb.to(device)
         logits = net(x)
@@ -72,7 +82,7 @@ def evaluate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean, s
         for k in topk:
             correct[k] += (top[:, :k] == y[:, None]).any(dim=1).sum()
     net.train(was_training)
-    n = max(len(images), 1)
+    n = max(n, 1)
     return {f"top{k}": 100.0 * c / n for k, c in zip(correct, torch.stack(list(correct.values())).tolist())}
 
 
@@ -241,6 +251,7 @@ def fit(method, data: Data, recipe, run_dir: Path, *, start_state: dict | None =
     progress = _Progress(show_progress and d.main, (cfg.epochs - start_epoch) * steps_per_epoch,
                          f"{method.name} {'+'.join(cohort.labels)}", console)
     summary: dict = {}
+    reported_skips = 0
     try:
         for epoch in range(start_epoch, cfg.epochs):
             # Everything random in an epoch derives from (seed, epoch): a resumed run repeats it exactly.
@@ -269,8 +280,13 @@ def fit(method, data: Data, recipe, run_dir: Path, *, start_state: dict | None =
                 _fault_injection(global_step)
                 idx = [d.take(order[step]) for order in orders]  # this process's slice of the global batch
                 dev_idx = [d.take(order[step]) for order in dev_orders]
-                raw = [next(feed)] if streamed else [augment(data.train_images[i], g, d.part)
-                                                     for i, g in zip(dev_idx, gens)]
+                if streamed:
+                    images, positions = next(feed)
+                    if positions is not None:  # unreadable images: their slots hold copies of readable ones
+                        idx[0], dev_idx[0] = idx[0][positions], dev_idx[0][positions.to(dev_idx[0].device)]
+                    raw = [images]
+                else:
+                    raw = [augment(data.train_images[i], g, d.part) for i, g in zip(dev_idx, gens)]
                 inputs = [to_input(r, data.mean, data.std, cfg.channels_last) for r in raw]
                 targets = [data.train_labels[i] for i in dev_idx]
                 if siamese:
@@ -335,6 +351,11 @@ def fit(method, data: Data, recipe, run_dir: Path, *, start_state: dict | None =
                 record["test_top5"] = {k: round(v, 3) for k, v in top5.items()}
             log.write(record)
             progress.log(f"epoch {epoch + 1}/{cfg.epochs}  " + "  ".join(f"{k} {v:.2f}%" for k, v in accs.items()))
+            skips = streamed_skips(data)
+            if len(skips) > reported_skips:
+                progress.log(f"skipped {len(skips) - reported_skips} unreadable streamed image(s) (first: "
+                             f"{skips[reported_skips]['image']}: {skips[reported_skips]['reason']})")
+                reported_skips = len(skips)
             state = {"version": _run.RUN_FORMAT, "epoch": epoch + 1, "method": method.state_dict(),
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
             if getattr(method, "w2_cache", None) is not None:
