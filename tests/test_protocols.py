@@ -187,9 +187,9 @@ def test_stream_train_transform_is_a_seeded_random_resized_crop_and_flip(image_f
     split = StreamSplit(str(image_folder), "train", train=True, size=24, augment="rrc_flip", workers=1)
     assert len(split) == 30 and split.class_names[0] == "airplane"
     order = list(torch.arange(30).split(10))
-    a = torch.cat(list(split.epoch_feed(order, seed=0, epoch=0)))
-    b = torch.cat(list(split.epoch_feed(order, seed=0, epoch=0)))
-    c = torch.cat(list(split.epoch_feed(order, seed=0, epoch=1)))
+    a = torch.cat([images for images, _ in split.epoch_feed(order, seed=0, epoch=0)])
+    b = torch.cat([images for images, _ in split.epoch_feed(order, seed=0, epoch=0)])
+    c = torch.cat([images for images, _ in split.epoch_feed(order, seed=0, epoch=1)])
     assert a.shape == (30, 3, 24, 24) and a.dtype == torch.uint8
     assert torch.equal(a, b) and not torch.equal(a, c)                     # one seed, one augmentation per epoch
     plain = torch.cat([x for x, _ in StreamSplit(str(image_folder), "train", train=False, size=24,
