@@ -186,3 +186,16 @@ def test_mnist_recipe_trains_any_timm_model_on_grayscale(tmp_path):
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["class_names"] == [str(d) for d in range(10)] and info["mean"] == [0.0]
     assert set(results["cl"]["test_acc"]) == {"test_resnet", "test_efficientnet"}
+
+
+def test_evaluation_builds_no_autograd_graph():
+    import timm
+
+    from clcli.train import evaluate
+
+    net = timm.create_model("test_resnet", num_classes=10)
+    grad_enabled = []
+    net.register_forward_hook(lambda m, i, o: grad_enabled.append(torch.is_grad_enabled() or o.requires_grad))
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    evaluate(net, images, torch.zeros(4, dtype=torch.int64), (0.5,) * 3, (0.25,) * 3)
+    assert grad_enabled == [False]

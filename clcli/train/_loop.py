@@ -47,7 +47,6 @@ def to_input(images_u8: torch.Tensor, mean, std, channels_last: bool = False) ->
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-@torch.no_grad()
 def eval_batches(images, labels, batch_size: int):
     """(uint8 images, labels) in order, batch by batch; a streamed split (clcli.data._stream.StreamSplit) decodes
     its batches in DataLoader workers."""
@@ -65,6 +64,7 @@ def streamed_skips(data) -> list[dict]:
     return found
 
 
+@torch.no_grad()
 def evaluate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean, std, *, batch_size: int = 500,
              topk: tuple[int, ...] = (1,), channels_last: bool = False) -> dict[str, float]:
     """Accuracy (%) of one network (with its own MKB halves, as deployed) on uint8 images."""
