@@ -280,38 +280,19 @@ def load(path: str | Path, *, device: str = "cpu"):
     return net.to(device).eval()
 
 
-def _evaluation_images(rec, data: str):
-    """The evaluation images of a dataset given to `clcli eval --data`: its test split, else its validation split,
-    else all of it (a single-split folder is the evaluation set itself). Returns (ImageTensors, in words)."""
-    from clcli.data import SplitNotFound, load_image_tensors
-
-    cfg = rec.data
-    common = dict(config=cfg.config, image_column=cfg.image_column, label_column=cfg.label_column,
-                  image_size=cfg.image_size if cfg.image_size is not None else rec.input_size, limit=cfg.test_limit)
-    available: list[str] = []
-    for split in dict.fromkeys((cfg.test_split, "validation")):
-        try:
-            return load_image_tensors(data, split, **common), f"split '{split}' of {data}"
-        except SplitNotFound as e:
-            available = e.available
-    if len(available) == 1:
-        return load_image_tensors(data, available[0], **common), f"all of {data}"
-    raise ClcliError(f"{data} has no '{cfg.test_split}' or 'validation' split to evaluate on (splits: "
-                     f"{', '.join(available)})")
-
-
 def evaluate_export(path: str | Path, *, recipe: str | None = None, data: str | None = None) -> dict:
     """Test accuracy of an exported network on its own, labels matched to the export's classes by name, images
     decoded at the export's input size and normalised with its mean/std.
 
     Without `data`: the evaluation images of the recipe stored in the file (or `recipe`), chosen as training chose
     them (so a held-out part of the training images is the same part). With `data` (a folder or hub id): its test
-    split, else its validation split, else all its images. Returns {file, model, top1[, top5], images, evaluation,
-    recorded}."""
+    split, else its validation split, else all of it (a folder with one split is the evaluation set itself).
+    Returns {file, model, top1[, top5], images, evaluation, recorded}."""
     import torch
 
     from clcli import recipes
-    from clcli.train import evaluate, load_data
+    from clcli.data import SplitNotFound, load_image_tensors
+    from clcli.train import evaluate, evaluation_split, load_data, on_classes
 
     net = load(path)
     manifest = net.clcli_manifest
@@ -320,7 +301,18 @@ def evaluate_export(path: str | Path, *, recipe: str | None = None, data: str | 
     if height == width:
         rec.input_size = height
     if data is not None and not rec.data.stream:
-        test, evaluation = _evaluation_images(rec, data)
+        common = dict(image_column=rec.data.image_column, label_column=rec.data.label_column,
+                      image_size=rec.data.image_size or rec.input_size)
+        try:
+            test, split = evaluation_split(data, rec.data, **common)
+            evaluation = f"split '{split}' of {data}"
+        except SplitNotFound as e:
+            if len(e.available) != 1:
+                raise ClcliError(f"{data} has no '{rec.data.test_split}' or 'validation' split to evaluate on "
+                                 f"(splits: {', '.join(e.available)})") from None
+            test = load_image_tensors(data, e.available[0], config=rec.data.config, limit=rec.data.test_limit,
+                                      **common)
+            evaluation = f"all of {data}"
         images, labels, names = test.images, test.labels, list(test.class_names)
     else:
         if data is not None:
@@ -328,17 +320,12 @@ def evaluate_export(path: str | Path, *, recipe: str | None = None, data: str | 
         loaded = load_data(rec, torch.device("cpu"))
         images, labels, names = loaded.test_images, loaded.test_labels, list(loaded.class_names)
         evaluation = loaded.evaluation
-    trained = list(manifest["class_names"])
-    if names != trained:
-        unknown = [n for n in names if n not in trained]
-        if unknown:
-            raise ClcliError(f"the data has classes {path} was not trained on: {', '.join(unknown[:5])}"
-                             + (f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""))
-        if hasattr(images, "batches"):
-            raise ClcliError(f"the data's classes are not in the order {path} was trained on; streamed data "
-                             "cannot be renumbered")
-        labels = torch.tensor([trained.index(n) for n in names], dtype=torch.int64)[labels]
-    acc = evaluate(net, images, labels, manifest["mean"], manifest["std"], topk=(1, 5) if len(trained) > 5 else (1,))
+    labels = on_classes(labels, names, list(manifest["class_names"]), what=f"the evaluation images ({evaluation})",
+                        lacking=f"{path} was not trained on")
+    if hasattr(images, "labels"):  # a streamed split reads its labels from itself
+        images.labels = labels
+    acc = evaluate(net, images, labels, manifest["mean"], manifest["std"],
+                   topk=(1, 5) if len(manifest["class_names"]) > 5 else (1,))
     return {"file": str(path), "model": manifest["model"], **acc, "images": len(images), "evaluation": evaluation,
             "recorded": manifest.get("test_acc")}
 

@@ -46,7 +46,7 @@ def load_data(recipe, device) -> LoadedData:
     training device. Evaluation images: `data.val_source` if set, else the `test_split`, else a 'validation' split,
     else a stratified part of the training split held out with `data.val_seed`. Class names come from the training
     split; the evaluation labels are mapped onto them by name."""
-    from clcli.data import SplitNotFound, load_image_tensors
+    from clcli.data import ImageTensors, SplitNotFound, load_image_tensors
 
     cfg = recipe.data
     if not cfg.source:
@@ -73,21 +73,20 @@ def load_data(recipe, device) -> LoadedData:
         evaluation, eval_split = f"the folder {cfg.val_source}", "validation"
     else:
         try:
-            test = load_image_tensors(source, cfg.test_split, config=cfg.config, limit=cfg.test_limit, **common)
-            evaluation, eval_split = f"split '{cfg.test_split}'", cfg.test_split
-        except SplitNotFound as e:
-            if "validation" not in e.available:
-                train, test = _hold_out(train, cfg)
-                evaluation, eval_split = (f"{len(test)} images held out of split '{cfg.train_split}' "
-                                          f"({cfg.val_fraction:.0%} of each class, seed {cfg.val_seed})"), "held-out"
-                notes.append(f"no '{cfg.test_split}' or 'validation' split in {cfg.source}: holding out "
-                             f"{cfg.val_fraction:.0%} of each class for validation (stratified, seed "
-                             f"{cfg.val_seed}): {len(train)} training, {len(test)} validation images")
-            else:
-                test = load_image_tensors(source, "validation", config=cfg.config, limit=cfg.test_limit, **common)
-                evaluation, eval_split = "split 'validation'", "validation"
-                notes.append(f"no '{cfg.test_split}' split in {cfg.source}: evaluating on its 'validation' split")
-    test = _on_training_classes(test, train.class_names, evaluation)
+            test, eval_split = evaluation_split(source, cfg, **common)
+            evaluation = f"split '{eval_split}'"
+            if eval_split != cfg.test_split:
+                notes.append(f"no '{cfg.test_split}' split in {cfg.source}: evaluating on its '{eval_split}' split")
+        except SplitNotFound:
+            train, test = _hold_out(train, cfg)
+            evaluation, eval_split = (f"{len(test)} images held out of split '{cfg.train_split}' "
+                                      f"({cfg.val_fraction:.0%} of each class, seed {cfg.val_seed})"), "held-out"
+            notes.append(f"no '{cfg.test_split}' or 'validation' split in {cfg.source}: holding out "
+                         f"{cfg.val_fraction:.0%} of each class for validation (stratified, seed "
+                         f"{cfg.val_seed}): {len(train)} training, {len(test)} validation images")
+    labels = on_classes(test.labels, test.class_names, train.class_names,
+                        what=f"the evaluation images ({evaluation})", lacking="the training images lack")
+    test = ImageTensors(test.images, labels, list(train.class_names), test.skipped)
     skipped = ([dict(s, split=cfg.train_split) for s in train.skipped]
                + [dict(s, split=eval_split) for s in test.skipped])
     if skipped:
@@ -133,22 +132,33 @@ def _hold_out(train, cfg):
             ImageTensors(train.images[held], train.labels[held], names))
 
 
-def _on_training_classes(test, train_names: list[str], evaluation: str):
-    """Evaluation labels re-numbered by class name onto the training classes (a validation folder may lack some
-    classes, so its own numbering differs); a class the training images lack is an error."""
+def evaluation_split(source: str, cfg, **common):
+    """(decoded images, split name) of the data's evaluation split: `cfg.test_split`, else 'validation'. Raises
+    SplitNotFound (naming the splits there are) when the data has neither."""
+    from clcli.data import SplitNotFound, load_image_tensors
+
+    kwargs = dict(common, config=cfg.config, limit=cfg.test_limit)
+    try:
+        return load_image_tensors(source, cfg.test_split, **kwargs), cfg.test_split
+    except SplitNotFound as e:
+        if "validation" not in e.available:
+            raise
+    return load_image_tensors(source, "validation", **kwargs), "validation"
+
+
+def on_classes(labels, names: list[str], onto: list[str], *, what: str, lacking: str):
+    """`labels` (numbered by `names`) re-numbered by class name onto the class list `onto`: an evaluation set may
+    lack some classes or list them in another order. A class `onto` does not have is an error:
+    "{what} have classes {lacking}: ..."."""
     import torch
 
-    from clcli.data import ImageTensors
-
-    if list(test.class_names) == list(train_names):
-        return test
-    index = {name: i for i, name in enumerate(train_names)}
-    unknown = [name for name in test.class_names if name not in index]
+    if list(names) == list(onto):
+        return labels
+    index = {name: i for i, name in enumerate(onto)}
+    unknown = [name for name in names if name not in index]
     if unknown:
-        raise ClcliError(f"the evaluation images ({evaluation}) have classes the training images lack: "
-                         f"{', '.join(unknown[:5])}")
-    renumber = torch.tensor([index[name] for name in test.class_names], dtype=torch.int64)
-    return ImageTensors(test.images, renumber[test.labels], list(train_names), test.skipped)
+        raise ClcliError(f"{what} have classes {lacking}: {', '.join(unknown[:5])}")
+    return torch.tensor([index[name] for name in names], dtype=torch.int64, device=labels.device)[labels]
 
 
 def _resolve_pretrained_input(recipe) -> list[str]:

@@ -43,10 +43,12 @@ def load_stream(recipe, source: str, device, data_cls):
                   image_column=cfg.image_column, label_column=cfg.label_column, workers=cfg.workers, device=device)
     train = StreamSplit(source, cfg.train_split, train=True, augment=cfg.augment, limit=cfg.train_limit, **common)
     test = StreamSplit(source, cfg.test_split, train=False, limit=cfg.test_limit, **common)
-    if len(test.class_names) != len(train.class_names):
-        raise ClcliError(f"the test split has {len(test.class_names)} classes, the training split "
-                         f"{len(train.class_names)}")
-    from clcli.train import normalization
+    from clcli.train import normalization, on_classes
+
+    # StreamSplit.batches reads its labels from `labels`: re-numbered there, evaluation uses the training classes
+    test.labels = on_classes(test.labels, test.class_names, train.class_names,
+                             what=f"the evaluation images (split '{cfg.test_split}')", lacking="the training images lack")
+    test.class_names = list(train.class_names)
 
     mean, std = normalization(recipe, channels=3)  # streamed images are always RGB
     return data_cls(train, train.labels, test, test.labels, list(train.class_names), tuple(mean), tuple(std))
