@@ -32,13 +32,12 @@ def make_steps(models: list[str], *, input_size: int = 32, stem: str = "small", 
     from clcli import probe, recipes
     from clcli.methods import Batch, create
     from clcli.train import Cohort, build_cohort, resolve_device
-    from clcli.train._loop import _param_groups
+    from clcli.train._loop import _param_groups, mixed_precision
 
     dev = resolve_device(device)
     plan = probe.plan(models, input_size, stem=stem)
     recipe = recipes.from_dict({"models": list(models), "input_size": input_size, "stem": stem})
-    use_amp = amp and dev.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    use_amp, amp_dtype, _ = mixed_precision(dev, amp)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     cl_cohort = build_cohort(plan, num_classes=10, seed=seed, with_mkb=True).to(dev, memory_format=memory_format)
     il_cohort = build_cohort(plan, num_classes=10, seed=seed, with_mkb=False).to(dev, memory_format=memory_format)
@@ -50,7 +49,7 @@ def make_steps(models: list[str], *, input_size: int = 32, stem: str = "small", 
 
     def step_fn(method, batch):
         optimizer = torch.optim.SGD(_param_groups(method, recipe), lr=0.01, momentum=0.9)
-        scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
+        scaler = mixed_precision(dev, amp)[2]  # one scaler per optimiser
         method.train()
 
         def step():
@@ -142,11 +141,8 @@ def pipeline_batches(images, labels, *, batch_size: int, augment: str = "crop_fl
     return next_batch
 
 
-def pipeline_rate(dev, *, batch_size: int, min_rounds: int, min_seconds: float, augment: str = "crop_flip"):
-    """Images/s of the training loop's data pipeline on the shipped CIFAR-10 subset (in memory, on `dev`)."""
-    from clcli.data import QUICKSTART_DIR, load_image_tensors
-
-    data = load_image_tensors(str(QUICKSTART_DIR), "train")
+def pipeline_rate(data, dev, *, batch_size: int, min_rounds: int, min_seconds: float, augment: str = "crop_flip"):
+    """Images/s of the training loop's data pipeline on decoded images `data` (ImageTensors), in memory on `dev`."""
     next_batch = pipeline_batches(data.images.to(dev), data.labels.to(dev), batch_size=batch_size, augment=augment)
     per_round = 10
 
@@ -155,17 +151,16 @@ def pipeline_rate(dev, *, batch_size: int, min_rounds: int, min_seconds: float, 
             next_batch()
 
     times = time_steps({"pipeline": ten_batches}, dev, min_rounds=min_rounds, min_seconds=min_seconds, warmup=1)
-    return per_round * batch_size / statistics.median(times["pipeline"]["wall"]), len(data.images)
+    return per_round * batch_size / statistics.median(times["pipeline"]["wall"])
 
 
-def w2_cost(batch_size: int, *, rounds: int = 3, grid: int = 8) -> dict:
-    """Seconds per step for the W2^2 targets of one network pair in different-input mode (POT on the CPU)."""
+def w2_cost(images, batch_size: int, *, rounds: int = 3, grid: int = 8) -> dict:
+    """Seconds per step for the W2^2 targets of one network pair in different-input mode (POT on the CPU), on
+    uint8 `images`."""
     import torch
 
-    from clcli.data import QUICKSTART_DIR, load_image_tensors
     from clcli.losses import W2Cache
 
-    images = load_image_tensors(str(QUICKSTART_DIR), "train").images
     cache = W2Cache(grid=grid)
     uncached, cached = [], []
     for r in range(rounds):
@@ -221,16 +216,21 @@ def run(models: list[str], *, input_size: int = 32, stem: str = "small", batch_s
         "network_macs": {m.name: m.macs for m in plan.models},
     }
     cl_rate = batch_size / med[main_clock]["cl"]
+    if pipeline or w2:  # both measure on the shipped CIFAR-10 subset, decoded once
+        from clcli.data import QUICKSTART_DIR, load_image_tensors
+
+        subset = load_image_tensors(str(QUICKSTART_DIR), "train")
     if pipeline:
-        rate, n_images = pipeline_rate(dev, batch_size=batch_size, min_rounds=min_rounds,
-                                       min_seconds=min(min_seconds, 3.0))
-        result["pipeline"] = {"images_per_s": round(rate, 1), "images": n_images, "augment": "crop_flip",
+        rate = pipeline_rate(subset, dev, batch_size=batch_size, min_rounds=min_rounds,
+                             min_seconds=min(min_seconds, 3.0))
+        result["pipeline"] = {"images_per_s": round(rate, 1), "images": len(subset), "augment": "crop_flip",
                               "cl_step_images_per_s": round(cl_rate, 1),
                               "ratio_pipeline_over_cl_step": round(rate / cl_rate, 1)}
     if w2:
-        cost = w2_cost(batch_size)
+        grid = 8
+        cost = w2_cost(subset.images, batch_size, grid=grid)
         result["w2"] = {"seconds_per_step_uncached": round(cost["uncached"], 5),
                         "seconds_per_step_cached": round(cost["cached"], 6),
                         "uncached_over_cl_step": round(cost["uncached"] / med[main_clock]["cl"], 3),
-                        "grid": 8, "pairs_per_step": batch_size}
+                        "grid": grid, "pairs_per_step": batch_size}
     return result

@@ -166,6 +166,14 @@ class _Progress:
             self.progress.stop()
 
 
+def mixed_precision(device: torch.device, enabled: bool):
+    """(autocast on?, its dtype, GradScaler or None): bf16 autocast on CUDA where the GPU has it, else fp16 with a
+    gradient scaler; nothing on other devices."""
+    amp = device.type == "cuda" and enabled
+    dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
+    return amp, dtype, torch.amp.GradScaler("cuda") if amp and dtype == torch.float16 else None
+
+
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor on `device`; to CUDA from pinned memory, without blocking the host."""
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
@@ -230,9 +238,7 @@ def fit(method, data: Data, recipe, run_dir: Path, *, start_state: dict | None =
                          "(data.stream=false)")
     topk = (1, 5) if len(data.class_names) > 5 else (1,)
     iterative = recipe.cl.manner == "iterative" and method.uses_mkb
-    amp = device.type == "cuda" and cfg.amp
-    amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if amp and amp_dtype == torch.float16 else None
+    amp, amp_dtype, scaler = mixed_precision(device, cfg.amp)
     # Under torchrun: this process's slice of each batch (DDP), or its own network (per-network placement).
     d = _dist.current()
     _dist.check(d, method, recipe, n_nets, batch_size, scaler)
