@@ -150,7 +150,9 @@ class StreamSplit:
         order = torch.arange(len(self)).split(int(batch_size))
         for (images, problems), idx in zip(self._loader([b.tolist() for b in order], 0), order):
             ok = self._readable(problems)
-            yield images[ok].to(self.device, non_blocking=True), self.labels[idx[ok].to(self.device)]
+            if not bool(ok.all()):  # copies only for a batch that has an unreadable image
+                images, idx = images[ok], idx[ok]
+            yield images.to(self.device, non_blocking=True), self.labels[idx.to(self.device)]
 
     def epoch_feed(self, order: Sequence[torch.Tensor], *, seed: int,
                    epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 from ._base import Batch, register
 from .kd import KnowledgeDistillation
 

@@ -329,9 +329,10 @@ def _train_one(method_name, recipe, plan, data, run_dir: Path, device, state, sh
             _io.write_json(run_dir / "run.json", info)
         raise
     info.update(status="finished", epochs=summary["epochs"], test_acc=summary["test_acc"])
-    if streamed_skips(data) and main:  # met while streaming: added to what loading found
+    met = streamed_skips(data)  # met while streaming: added to what loading found
+    if met and main:
         known = {s["image"] for s in info["data"]["skipped_images"]}
-        info["data"]["skipped_images"] += [s for s in streamed_skips(data) if s["image"] not in known]
+        info["data"]["skipped_images"] += [s for s in met if s["image"] not in known]
     if "test_top5" in summary:
         info["test_top5"] = summary["test_top5"]
     if main:
