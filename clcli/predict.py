@@ -5,7 +5,7 @@ plain timm weights file (with timm's own evaluation transform).
     for result in predict(classifier, image_files(["img1.jpg", "photos/"]), top=3):
         print(result)   # {"file", "top": [{"class", "index", "prob"}, ...]} or {"file", "error"}
 
-An export is preprocessed exactly as its training images were decoded (`clcli.data._load._pixels`: grayscale or
+An export is preprocessed exactly as its training images were decoded (`clcli.data.image_pixels`: grayscale or
 RGB, bilinear resize to the input size, no crop) and normalised with the stored mean/std.
 """
 from __future__ import annotations
@@ -62,14 +62,14 @@ def _export_classifier(net, manifest: dict) -> Classifier:
     import torch
 
     from clcli.data import normalize
-    from clcli.data._load import _pixels
+    from clcli.data import image_pixels
 
     height, width = manifest["input_size"]
     mean, std = tuple(manifest["mean"]), tuple(manifest["std"])
     channels = 1 if len(mean) == 1 else 3  # trained on grayscale images: decode as they were, repeat in normalize
 
     def preprocess(image):
-        pixels = torch.from_numpy(_pixels(image, channels, (width, height)).copy())
+        pixels = torch.from_numpy(image_pixels(image, channels, (width, height)).copy())
         pixels = pixels[None, None] if channels == 1 else pixels.permute(2, 0, 1)[None]
         return normalize(pixels, mean, std, channels=3)[0]
 
@@ -162,14 +162,14 @@ def predict(classifier: Classifier, files: list[Path], *, top: int = 1, batch_si
 def _read(path: Path, preprocess):
     from PIL import Image
 
-    from clcli.data._load import _DECODE_ERRORS
+    from clcli.data import DECODE_ERRORS
 
     if not path.exists():
         raise ClcliError("no such file")
     try:
         with Image.open(path) as image:
             return preprocess(image)
-    except (*_DECODE_ERRORS, Image.DecompressionBombError) as e:
+    except DECODE_ERRORS as e:
         raise ClcliError(f"not a readable image ({one_line(e)})") from None
 
 

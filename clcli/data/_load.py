@@ -22,6 +22,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import torch
+from PIL import Image
 
 from clcli._io import atomic_path
 from clcli.errors import ClcliError, one_line
@@ -281,7 +282,7 @@ class _Unreadable(Exception):
 
 # What PIL raises for damaged files varies by format: OSError (truncated, unidentified), SyntaxError (broken PNG),
 # ValueError / EOFError / struct.error (bad headers), DecompressionBombError (absurd sizes).
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
 
 
 def _decode_images(records: Iterable[tuple[bytes | None, str | None]], n: int, image_size: int | None,
@@ -355,8 +356,6 @@ def _where(rec: tuple[bytes | None, str | None], i: int) -> str:
 
 
 def _open(rec: tuple[bytes | None, str | None], i: int, column: str):
-    from PIL import Image
-
     data, path = rec
     if data is None and not path:
         raise _Unreadable(f"row {i}", f"column '{column}' holds no image")
@@ -365,7 +364,7 @@ def _open(rec: tuple[bytes | None, str | None], i: int, column: str):
             with open(path, "rb") as f:
                 data = f.read()
         return Image.open(io.BytesIO(data))
-    except (*_DECODE_ERRORS, Image.DecompressionBombError) as e:
+    except DECODE_ERRORS as e:
         raise _Unreadable(_where(rec, i), f"not a readable image ({one_line(e)})") from e
 
 
@@ -374,19 +373,15 @@ def _channels(im) -> int:
 
 
 def _decoded_pixels(im, channels: int, size: tuple[int, int], rec, i: int) -> np.ndarray:
-    from PIL import Image
-
     try:
-        return _pixels(im, channels, size)
-    except (*_DECODE_ERRORS, Image.DecompressionBombError) as e:  # truncated data shows up when pixels are decoded
+        return image_pixels(im, channels, size)
+    except DECODE_ERRORS as e:  # truncated data shows up when pixels are decoded
         raise _Unreadable(_where(rec, i), f"not a readable image ({one_line(e)})") from e
 
 
-def _pixels(im, channels: int, size: tuple[int, int]) -> np.ndarray:
+def image_pixels(im, channels: int, size: tuple[int, int]) -> np.ndarray:
     """The image as uint8 [H, W] (channels 1) or [H, W, 3], resized (bilinear) to `size` = (W, H) if needed.
     Training data and `clcli predict` go through this same function, so they see the same pixels."""
-    from PIL import Image
-
     if im.mode.startswith("I;16"):  # 16-bit grayscale: keep the high byte rather than clipping at 255
         im = Image.fromarray((np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8), mode="L")
     target = "L" if channels == 1 else "RGB"

@@ -70,7 +70,7 @@ class _Decoded(torch.utils.data.Dataset):
             return self.transform(im.convert("RGB")), None
         except _load._Unreadable as e:
             return self._blank(), (e.where, e.reason)
-        except (*_load._DECODE_ERRORS,) as e:  # truncated data shows up when the pixels are decoded
+        except _load.DECODE_ERRORS as e:  # truncated data shows up when the pixels are decoded
             return self._blank(), (_load._where(rec, int(i)), f"not a readable image ({one_line(e)})")
 
     def _blank(self) -> torch.Tensor:
