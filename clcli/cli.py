@@ -247,17 +247,12 @@ def export(
     from rich.table import Table
 
     from clcli.export import export_run
-    from clcli.train._run import latest_run
+    from clcli.train._run import latest_run, method_runs
 
     if not split:
         raise ClcliError("only --split export exists: each network is written on its own")
-    run_dir = run if run is not None else latest_run()
-    if run_dir is not None and not (run_dir / "run.json").is_file():
-        subruns = sorted(p.parent for p in run_dir.glob("*/run.json"))
-        cl_runs = [p for p in subruns if p.name == "cl"]
-        if not subruns:
-            raise ClcliError(f"{run_dir} is not a clcli run folder (no run.json)")
-        run_dir = (cl_runs or subruns)[0]
+    runs = method_runs(run if run is not None else latest_run())
+    run_dir = next((p for p in runs if p.name == "cl"), runs[0])  # of a multi-method folder, the CL run
     console = _console()
     index = export_run(run_dir, out, plain=plain, hub_folder=hub_folder, measure=measure, force=force)
     if index["status"] != "finished":

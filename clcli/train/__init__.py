@@ -350,12 +350,10 @@ def resume(run_dir: str | Path, *, show_progress: bool = True, console=None) -> 
 
         return resume_folds(run_dir, train_one=train, resume_one=resume, show_progress=show_progress,
                             console=console)
-    if not (run_dir / "run.json").is_file():
-        subruns = sorted(p.parent for p in run_dir.glob("*/run.json"))
-        if not subruns:
-            raise ClcliError(f"{run_dir} is not a clcli run folder (no run.json)")
+    runs = _run.method_runs(run_dir)
+    if runs != [run_dir]:
         results = {}
-        for sub in subruns:
+        for sub in runs:
             results.update(resume(sub, show_progress=show_progress, console=console))
         return results
     info = _run.read_json(run_dir / "run.json")

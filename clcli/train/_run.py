@@ -92,6 +92,16 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
+def method_runs(run_dir: Path) -> list[Path]:
+    """The run folder itself, or the per-method run folders inside it (`clcli train --method il,cl`)."""
+    if (run_dir / "run.json").is_file():
+        return [run_dir]
+    subruns = sorted(p.parent for p in run_dir.glob("*/run.json"))
+    if not subruns:
+        raise ClcliError(f"{run_dir} is not a clcli run folder (no run.json)")
+    return subruns
+
+
 def latest_run(root: Path = Path("runs")) -> Path:
     runs = [p.parent for p in root.glob("**/run.json")] if root.is_dir() else []
     if not runs:
