@@ -329,7 +329,7 @@ def predict(
         shown = min(top, len(classifier.class_names))
         table = Table(title=f"{file}: top {shown} of {len(classifier.class_names)} classes", title_justify="left",
                       caption=f"preprocessing: {classifier.description}", caption_justify="left")
-        table.add_column("file")
+        table.add_column("file", overflow="fold")  # a narrow terminal wraps a path, never cuts it
         for k in range(shown):
             table.add_column(f"#{k + 1}" if top > 1 else "class")
         for r in results:
