@@ -24,9 +24,11 @@ GOAL_RATIO = 1.10
 
 
 def make_steps(models: list[str], *, input_size: int = 32, stem: str = "small", batch_size: int = 128,
-               device: str = "auto", amp: bool = True, channels_last: bool = False, seed: int = 0):
+               device: str = "auto", amp: bool = True, channels_last: bool = False, compile: bool = False,
+               seed: int = 0):
     """{"il:<A>": step, "il:<B>": step, "cl": step} on one fixed batch, the plan, and the device. Each step is one
-    optimiser step of `clcli train` (SGD, momentum 0.9, weight decay 1e-4, bf16/fp16 autocast on CUDA)."""
+    optimiser step of `clcli train` (SGD, momentum 0.9, weight decay 1e-4, bf16/fp16 autocast on CUDA; with
+    `compile`, each network torch.compiled after its MKB halves are hooked in, as `train.compile` does)."""
     import torch
 
     from clcli import probe, recipes
@@ -41,6 +43,9 @@ def make_steps(models: list[str], *, input_size: int = 32, stem: str = "small", 
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     cl_cohort = build_cohort(plan, num_classes=10, seed=seed, with_mkb=True).to(dev, memory_format=memory_format)
     il_cohort = build_cohort(plan, num_classes=10, seed=seed, with_mkb=False).to(dev, memory_format=memory_format)
+    if compile:
+        for net in (*il_cohort.networks, *cl_cohort.networks):
+            net.compile()
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch_size, 3, input_size, input_size, generator=g).to(dev, memory_format=memory_format)
     y = torch.randint(0, 10, (batch_size,), generator=g).to(dev)
@@ -100,7 +105,11 @@ def time_steps(steps: dict, dev, *, min_rounds: int, min_seconds: float, warmup:
 
 
 def count_ops(fn) -> int:
-    """aten operators dispatched by one call of `fn` (on a GPU, roughly its kernel launches)."""
+    """aten operators dispatched by one call of `fn` (on a GPU, roughly its kernel launches), run eagerly: compiled
+    networks are counted as written, not as their fused kernels."""
+    from contextlib import nullcontext
+
+    import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -110,7 +119,8 @@ def count_ops(fn) -> int:
             Count.n += 1
             return func(*args, **(kwargs or {}))
 
-    with Count():
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6; compile nothing inside the count
+    with set_stance("force_eager") if set_stance is not None else nullcontext(), Count():
         fn()
     return Count.n
 
@@ -177,13 +187,14 @@ def w2_cost(images, batch_size: int, *, rounds: int = 3, grid: int = 8) -> dict:
 
 def run(models: list[str], *, input_size: int = 32, stem: str = "small", batch_size: int = 128,
         device: str = "auto", threads: int | None = None, amp: bool = True, channels_last: bool = False,
-        min_rounds: int = 5, min_seconds: float = 10.0, w2: bool = True, pipeline: bool = True) -> dict:
+        compile: bool = False, min_rounds: int = 5, min_seconds: float = 10.0, w2: bool = True,
+        pipeline: bool = True) -> dict:
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     steps, plan, dev = make_steps(models, input_size=input_size, stem=stem, batch_size=batch_size, device=device,
-                                  amp=amp, channels_last=channels_last)
+                                  amp=amp, channels_last=channels_last, compile=compile)
     ops = {k: count_ops(fn) for k, fn in steps.items()}
     times = time_steps(steps, dev, min_rounds=min_rounds, min_seconds=min_seconds)
     clocks = ("wall", "cpu") if dev.type == "cpu" else ("wall",)
@@ -196,7 +207,7 @@ def run(models: list[str], *, input_size: int = 32, stem: str = "small", batch_s
         "models": list(models), "input_size": input_size, "stem": stem, "batch_size": batch_size,
         "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "amp": amp and dev.type == "cuda", "channels_last": channels_last,
-        "torch": torch.__version__, "rounds": min(len(v["wall"]) for v in times.values()),
+        "compile": compile, "torch": torch.__version__, "rounds": min(len(v["wall"]) for v in times.values()),
         "step_seconds": {k: round(v, 5) for k, v in med["wall"].items()},
         "step_cpu_seconds": {k: round(v, 5) for k, v in med["cpu"].items()} if "cpu" in med else None,
         "ratio_cl_over_il_sum": round(ratio[main_clock], 4),

@@ -354,6 +354,7 @@ def bench(
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (1 on a shared machine)"),
     amp: bool = typer.Option(True, "--amp/--no-amp", help="bf16 (else fp16) autocast on CUDA, as in training"),
     channels_last: bool = typer.Option(False, "--channels-last"),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile each network, as train.compile does"),
     seconds: float = typer.Option(10.0, "--seconds", help="minimum measuring time"),
     rounds: int = typer.Option(5, "--rounds", help="minimum timed rounds (one step of each kind per round)"),
     as_json: bool = typer.Option(False, "--json", help="print the results as one JSON object"),
@@ -364,7 +365,7 @@ def bench(
 
     result = run(models or ["resnet10t", "mobilenetv3_small_050"], input_size=input_size, stem=stem,
                  batch_size=batch_size, device=device, threads=threads, amp=amp, channels_last=channels_last,
-                 min_rounds=rounds, min_seconds=seconds)
+                 compile=compile, min_rounds=rounds, min_seconds=seconds)
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
         return

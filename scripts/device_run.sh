@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# The one GPU device run: everything clcli needs proven on one H200, in about 8 minutes of wall time.
+#
+#   bash scripts/device_run.sh          # on the device machine (the `run` tool; docs/performance.md, "GPU")
+#   bash scripts/device_run.sh --dry    # the rehearsal: every phase on the CPU, tiny models, a few hundred images
+#
+# Needs scripts/device_prepare.sh to have filled .whl/ and .device/ (both carried). Phases, each under its own time
+# cap so that a slow one cannot starve the rest (a cap is cut to the time left before the overall deadline):
+#
+#   install      POT, datasets & co. from .whl/ into /tmp/clcli-site (pip --no-index --no-deps --target); clcli
+#                itself with `pip install --no-deps -e .` (the machine's torch is never touched)
+#   env          env.json: GPU, driver, torch / CUDA / cuDNN / timm versions, the carried packages, clcli commit
+#   cuda_tests   pytest -m cuda (tests/test_cuda.py): results in cuda_tests.xml
+#   bench        clcli bench resnet34 mobilenetv2_100 --stem small, batch 128 at 32 px, eager and --compile
+#   cifar10      full CIFAR-10, CL then IL of the same pair from the same weights and data order, as many epochs
+#                as fit before the deadline (decided from the measured step and decode times, and printed)
+#
+# Everything printed is also in $OUT/log. $OUT gets at most 5 files: log, env.json, cuda_tests.xml, bench.json,
+# cifar10.json. BUDGET_S (default 480) is the wall time the whole run aims at.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+
+DRY=0
+[ "${1:-}" = "--dry" ] && DRY=1
+export PYTHONUNBUFFERED=1 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+START=$(date +%s)
+if [ $DRY = 1 ]; then
+    BUDGET_S=${BUDGET_S:-300}
+    WORK=$(mktemp -d "${TMPDIR:-/tmp}/clcli-device-dry.XXXXXX")
+    OUT=${OUT:-$WORK/out}
+else
+    BUDGET_S=${BUDGET_S:-480}
+    WORK=/tmp/clcli-device
+    : "${OUT:?OUT is not set: this runs on the device machine (or use --dry)}"
+fi
+DEADLINE=$((START + BUDGET_S))
+SITE=$WORK/site
+export CLCLI_CACHE=${CLCLI_CACHE:-$WORK/cache}
+mkdir -p "$OUT" "$WORK"
+
+declare -a PHASES=()
+left() { echo $((DEADLINE - $(date +%s))); }
+
+# phase NAME CAP COMMAND...: run COMMAND under `timeout` (CAP seconds, or the time left if less); record rc and time.
+phase() {
+    local name=$1 cap=$2
+    shift 2
+    local rest
+    rest=$(left)
+    [ "$cap" -gt "$rest" ] && cap=$rest
+    if [ "$cap" -lt 5 ]; then
+        echo "=== $name: skipped, ${rest}s left"
+        PHASES+=("$name=125:0")
+        return 125
+    fi
+    echo "=== $name (cap ${cap}s, $(date +%T), ${rest}s left)"
+    local t0 rc
+    t0=$(date +%s)
+    timeout --signal=TERM --kill-after=10 "$cap" "$@"
+    rc=$?
+    echo "=== $name: rc $rc after $(($(date +%s) - t0))s"
+    PHASES+=("$name=$rc:$(($(date +%s) - t0))")
+    return $rc
+}
+
+install_packages() {
+    if ls .whl/*.whl >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+            .whl/*.whl || return 1
+    else
+        echo "no .whl/: using the installed POT and datasets (run scripts/device_prepare.sh before a device run)"
+    fi
+    if PYTHONPATH=$SITE python3 -c "import clcli, sys; sys.exit(not clcli.__file__.startswith('$REPO/'))" \
+            2>/dev/null; then
+        echo "clcli already imports from $REPO"
+    else
+        # No build isolation: nothing can be fetched there, and setuptools is in the image.
+        python3 -m pip install -q --no-deps --no-index --no-build-isolation -e . \
+            || python3 -m pip install -q --no-deps --no-index --no-build-isolation --target "$SITE" . || return 1
+    fi
+    PYTHONPATH=$SITE python3 -c "import clcli, datasets, ot, timm, torch; print('clcli', clcli.__file__, \
+'| datasets', datasets.__version__, '| POT', ot.__version__, '| timm', timm.__version__, '| torch', torch.__version__)"
+}
+
+main() {
+    echo "clcli device run ($([ $DRY = 1 ] && echo dry, CPU || echo GPU)), budget ${BUDGET_S}s, out $OUT, work $WORK"
+    phase install 120 bash -c "$(declare -f install_packages); SITE='$SITE' REPO='$REPO' install_packages"
+    export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+    local dry_flag=() models=(resnet34 mobilenetv2_100) bench_args clcli="python3 -m clcli"
+    if [ $DRY = 1 ]; then
+        dry_flag=(--dry)
+        models=(test_resnet test_efficientnet)
+        bench_args=(--device cpu --threads 1 --batch-size 16 --seconds 0 --rounds 2)
+        clcli="python3 scripts/device_phases.py dry-clcli"  # torch.compile's eager backend: no C++ build
+    else
+        bench_args=(--device cuda --batch-size 128 --seconds 5 --rounds 20)
+    fi
+    phase env 30 python3 scripts/device_phases.py env "$OUT/env.json" "${dry_flag[@]}"
+    phase cuda_tests 120 python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py \
+        --junitxml="$OUT/cuda_tests.xml"
+    phase bench 75 bash -c "$clcli bench ${models[*]} --stem small --input-size 32 ${bench_args[*]} \
+        --json > '$WORK/bench_eager.json'"
+    phase bench_compile 150 bash -c "$clcli bench ${models[*]} --stem small --input-size 32 \
+        ${bench_args[*]} --compile --json > '$WORK/bench_compiled.json'"
+    phase bench_summary 20 python3 scripts/device_phases.py bench "$OUT/bench.json" "$WORK/bench_eager.json" \
+        "$WORK/bench_compiled.json"
+    # Training stops itself at the deadline less 20 s (for its last writes and the summary below); the cap is a
+    # backstop.
+    phase cifar10 $(($(left) - 5)) python3 scripts/device_phases.py cifar10 "$OUT/cifar10.json" \
+        --deadline $((DEADLINE - 20)) --bench "$OUT/bench.json" --work "$WORK/runs" "${dry_flag[@]}"
+    python3 scripts/device_phases.py phases "$OUT/env.json" "${PHASES[@]}"
+    echo "=== summary ($(($(date +%s) - START))s in all)"
+    local failed=0 item
+    for item in "${PHASES[@]}"; do
+        printf '%-14s rc %-4s %ss\n' "${item%%=*}" "$(echo "${item#*=}" | cut -d: -f1)" "${item##*:}"
+        [ "$(echo "${item#*=}" | cut -d: -f1)" = 0 ] || failed=1
+    done
+    ls -l "$OUT"
+    return $failed
+}
+
+main 2>&1 | tee "$OUT/log"

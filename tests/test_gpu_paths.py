@@ -1,0 +1,118 @@
+"""The code paths that training takes on a GPU, checked on the CPU where they can run there: the CL step under bf16
+autocast, channels_last training, train.compile. tests/test_cuda.py runs them on CUDA itself."""
+import functools
+import json
+
+import pytest
+import torch
+
+from clcli import probe, recipes
+from clcli.methods import Batch, create
+from clcli.train import build_cohort, train
+from clcli.train._loop import mixed_precision
+
+from _helpers import TINY, tiny_recipe
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _cl_method(memory_format=torch.contiguous_format):
+    plan = probe.plan(TINY, 32, stem="small")
+    cohort = build_cohort(plan, num_classes=10, seed=0, with_mkb=True).to(memory_format=memory_format)
+    return create("cl", cohort, recipes.from_dict({"models": TINY, "input_size": 32, "stem": "small"})).train()
+
+
+def _batch(n=16, memory_format=torch.contiguous_format):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, 32, 32, generator=g).contiguous(memory_format=memory_format)
+    y = torch.randint(0, 10, (n,), generator=g)
+    idx = torch.arange(n)
+    return Batch([x, x], [y, y], [idx, idx], [x, x])
+
+
+def _step(method, batch, **autocast):
+    with torch.autocast("cpu", **autocast) if autocast else torch.autocast("cpu", enabled=False):
+        out = method(batch)
+    out["loss"].backward()
+    return out, {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
+
+
+def test_mixed_precision_is_off_on_the_cpu():
+    amp, _, scaler = mixed_precision(torch.device("cpu"), True)
+    assert not amp and scaler is None
+
+
+def test_cl_step_under_bf16_autocast_keeps_losses_and_gradients_in_float32():
+    """What the loop does on CUDA (bf16 autocast), here under the CPU's autocast: bf16 logits, a float32 loss
+    (the distances are computed in float32) close to the float32 step's, finite float32 gradients."""
+    torch.set_num_threads(1)
+    reference, _ = _step(_cl_method(), _batch())
+    out, grads = _step(_cl_method(), _batch(), dtype=torch.bfloat16)
+    assert all(logits.dtype == torch.bfloat16 for logits in out["logits"])
+    assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+    assert abs(out["loss"].item() - reference["loss"].item()) <= 0.05 * abs(reference["loss"].item())
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values())
+
+
+def test_channels_last_step_computes_the_contiguous_step():
+    """channels_last (train.channels_last) changes the memory layout only: the same loss and gradients as the
+    contiguous step, up to float32 rounding (rtol 1e-4, atol 1e-5)."""
+    torch.set_num_threads(1)
+    plain, plain_grads = _step(_cl_method(), _batch())
+    last, last_grads = _step(_cl_method(torch.channels_last), _batch(memory_format=torch.channels_last))
+    torch.testing.assert_close(last["loss"], plain["loss"], rtol=1e-4, atol=1e-5)
+    assert plain_grads.keys() == last_grads.keys()
+    for name, g in plain_grads.items():
+        torch.testing.assert_close(last_grads[name], g, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_channels_last_training_run_finishes(tmp_path):
+    recipe = tiny_recipe(epochs=1)
+    recipe.data.train_limit, recipe.data.test_limit, recipe.train.channels_last = 64, 32, True
+    summary = train(recipe, tmp_path / "run", show_progress=False)
+    assert set(summary["cl"]["test_acc"]) == set(TINY)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "finished"
+
+
+@pytest.fixture
+def compile_with_eager_backend(monkeypatch):
+    """train.compile with dynamo's `eager` backend: the networks are captured by torch.compile exactly as on a GPU
+    (MKB hooks inside the captured graph), but no kernels are generated, which on a shared 2-core CPU takes minutes.
+    Counts the networks compiled."""
+    compiled = []
+    original = torch.nn.Module.compile
+
+    def compile_eagerly(self, *args, **kwargs):
+        compiled.append(type(self).__name__)
+        return original(self, *args, **{**kwargs, "backend": "eager"})
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_eagerly)
+    yield compiled
+    torch._dynamo.reset()
+
+
+def test_train_compile_trains_the_compiled_networks_as_eager_ones(tmp_path, compile_with_eager_backend):
+    """IL then CL in one process with train.compile, as `clcli train` runs a recipe's methods: the compiled
+    networks train to the weights the uncompiled ones reach (the MKB hooks run inside the compiled forward; a CL
+    network must not reuse the graph captured for the IL network of the same class, which has no MKB)."""
+    torch.set_num_threads(1)
+
+    def run(out, compiled):
+        recipe = tiny_recipe(methods=("il", "cl"), epochs=1)
+        recipe.data.train_limit, recipe.data.test_limit, recipe.train.batch_size = 64, 32, 32
+        recipe.train.compile = compiled
+        train(recipe, out, show_progress=False)
+        return {m: torch.load(out / m / "checkpoint.pt", weights_only=True)["method"] for m in ("il", "cl")}
+
+    eager = run(tmp_path / "eager", False)
+    compiled = run(tmp_path / "compiled", True)
+    assert len(compile_with_eager_backend) == 4  # both networks, in IL and in CL
+    for method in ("il", "cl"):
+        assert compiled[method].keys() == eager[method].keys()
+        for key, value in eager[method].items():
+            torch.testing.assert_close(compiled[method][key], value, rtol=1e-4, atol=1e-5, msg=f"{method} {key}")
