@@ -34,6 +34,7 @@ def make_steps(models: list[str], *, input_size: int = 32, stem: str = "small", 
     from clcli import probe, recipes
     from clcli.methods import Batch, create
     from clcli.train import Cohort, build_cohort, resolve_device
+    from clcli.train._cohort import compile_networks
     from clcli.train._loop import _param_groups, mixed_precision
 
     dev = resolve_device(device)
@@ -44,8 +45,8 @@ def make_steps(models: list[str], *, input_size: int = 32, stem: str = "small", 
     cl_cohort = build_cohort(plan, num_classes=10, seed=seed, with_mkb=True).to(dev, memory_format=memory_format)
     il_cohort = build_cohort(plan, num_classes=10, seed=seed, with_mkb=False).to(dev, memory_format=memory_format)
     if compile:
-        for net in (*il_cohort.networks, *cl_cohort.networks):
-            net.compile()
+        compile_networks(il_cohort)
+        compile_networks(cl_cohort)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch_size, 3, input_size, input_size, generator=g).to(dev, memory_format=memory_format)
     y = torch.randint(0, 10, (batch_size,), generator=g).to(dev)

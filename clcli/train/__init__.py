@@ -13,7 +13,7 @@ from clcli import _io
 from clcli.errors import ClcliError
 
 from . import _dist, _run
-from ._cohort import Cohort, build_cohort
+from ._cohort import Cohort, build_cohort, compile_networks
 from ._loop import Data, evaluate, fit, resolve_device, streamed_skips
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -319,8 +319,7 @@ def _train_one(method_name, recipe, plan, data, run_dir: Path, device, state, sh
             cohort.to(memory_format=torch.channels_last)
         method = methods.create(method_name, cohort, recipe)  # may refuse (e.g. kd without a teacher)
         if recipe.train.compile:
-            for net in cohort.networks:
-                net.compile()
+            compile_networks(cohort)
         summary = fit(method, data, recipe, run_dir, start_state=state, show_progress=show_progress,
                       console=console)
     except BaseException as e:

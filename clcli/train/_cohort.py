@@ -53,6 +53,19 @@ class Cohort(nn.Module):
         return {site: [e[site] for e in per_net] for site in (per_net[0] if per_net else {})}
 
 
+def compile_networks(cohort: Cohort) -> None:
+    """torch.compile each network in place (train.compile), its MKB halves inside the compiled forward.
+
+    Dynamo does not guard on module hooks by default, and the MKB halves are hooks: a CL network would reuse the
+    graph captured for an IL network of the same class in the same process (IL then CL, as `clcli train` runs a
+    recipe's methods), without its MKB. Guarding on hooks makes each differently hooked network its own graph."""
+    import torch._dynamo
+
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
+    for net in cohort.networks:
+        net.compile()
+
+
 def _own_buffers(net: nn.Module) -> list[torch.Tensor]:
     # The shared space transfer is updated by the active network too, so its statistics are not the frozen one's.
     return [b for name, b in net.named_buffers() if not mkb.is_shared(name)]

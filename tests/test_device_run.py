@@ -1,0 +1,37 @@
+"""scripts/device_run.sh --dry: the GPU device run rehearsed on the CPU, every phase, so that the run on the device is
+never the script's first run. Tiny models, a few hundred shipped images, one epoch; no ../shared needed (the wheels
+in .whl/ are installed when scripts/device_prepare.sh has been run, else the installed packages are used)."""
+import json
+import os
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_dry_device_run_runs_every_phase_and_writes_its_files(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["bash", str(REPO / "scripts" / "device_run.sh"), "--dry"], capture_output=True, text=True,
+                          env=env, timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["bench.json", "cifar10.json", "cuda_tests.xml", "env.json", "log"]
+    env_info = json.loads((out / "env.json").read_text())
+    assert env_info["dry"] and env_info["clcli_commit"]
+    assert set(env_info["phases"]) == {"install", "env", "cuda_tests", "bench", "bench_compile", "bench_summary",
+                                       "cifar10"}
+    assert all(p["rc"] == 0 for p in env_info["phases"].values()), env_info["phases"]
+    assert not any(v.startswith("error") for v in env_info["packages"].values()), env_info["packages"]
+    bench = json.loads((out / "bench.json").read_text())
+    for variant in ("eager", "compiled"):
+        steps = bench[variant]["summary"]["ms_per_step"]
+        assert set(steps) == {"il:test_resnet", "il:test_efficientnet", "cl"} and all(v > 0 for v in steps.values())
+    assert bench["compiled"]["result"]["compile"] and not bench["eager"]["result"]["compile"]
+    cifar = json.loads((out / "cifar10.json").read_text())
+    assert cifar["status"] == "done" and cifar["epochs"] == 1
+    for method in ("cl", "il"):
+        run = cifar["methods"][method]
+        assert run["status"] == "finished" and run["epochs_done"] == 1, run
+        assert set(run["test_acc_per_epoch"][0]) == {"test_resnet", "test_efficientnet"}
+        assert len(run["epoch_seconds"]) == 1 and run["epoch_seconds"][0] > 0
+    assert "CIFAR-10 plan: 1 epoch(s)" in (out / "log").read_text()
