@@ -13,7 +13,7 @@ def test_dry_device_run_runs_every_phase_and_writes_its_files(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(["bash", str(REPO / "scripts" / "device_run.sh"), "--dry"], capture_output=True, text=True,
-                          env=env, timeout=900)
+                          env=env, timeout=1800)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == ["bench.json", "cifar10.json", "cuda_tests.xml", "env.json", "log"]
     env_info = json.loads((out / "env.json").read_text())

@@ -60,15 +60,17 @@ def test_cl_step_under_bf16_autocast_keeps_losses_and_gradients_in_float32():
 
 
 def test_channels_last_step_computes_the_contiguous_step():
-    """channels_last (train.channels_last) changes the memory layout only: the same loss and gradients as the
-    contiguous step, up to float32 rounding (rtol 1e-4, atol 1e-5)."""
+    """channels_last (train.channels_last) changes the memory layout only: the same loss as the contiguous step
+    (rtol 1e-4) and the same gradients up to the rounding of other convolution kernels (relative L2 difference of
+    each gradient at most 1e-3)."""
     torch.set_num_threads(1)
     plain, plain_grads = _step(_cl_method(), _batch())
     last, last_grads = _step(_cl_method(torch.channels_last), _batch(memory_format=torch.channels_last))
     torch.testing.assert_close(last["loss"], plain["loss"], rtol=1e-4, atol=1e-5)
     assert plain_grads.keys() == last_grads.keys()
     for name, g in plain_grads.items():
-        torch.testing.assert_close(last_grads[name], g, rtol=1e-4, atol=1e-5, msg=name)
+        err = ((last_grads[name] - g).norm() / g.norm().clamp_min(1e-12)).item()
+        assert err <= 1e-3, f"{name}: relative difference {err:.2e}"
 
 
 def test_channels_last_training_run_finishes(tmp_path):
