@@ -70,9 +70,17 @@ phase() {
 }
 
 install_packages() {
-    if ls .whl/*.whl >/dev/null 2>&1; then
+    if ls .whl/*.whl >/dev/null 2>&1 && python3 -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
             .whl/*.whl || return 1
+    elif ls .whl/*.whl >/dev/null 2>&1; then
+        # The wheels are for the H200 image's Python 3.12: elsewhere (the rehearsal) they are installed for 3.12
+        # into a folder nobody imports from, which checks them (one version each, all installable), and the
+        # installed packages are used.
+        echo "python3 is not 3.12: installing .whl/ for 3.12 into $SITE-3.12 as a check; using the installed packages"
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE-3.12" \
+            --python-version 3.12 --implementation cp --only-binary=:all: --platform manylinux_2_28_x86_64 \
+            --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 .whl/*.whl || return 1
     else
         echo "no .whl/: using the installed POT and datasets (run scripts/device_prepare.sh before a device run)"
     fi
