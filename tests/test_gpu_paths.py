@@ -98,6 +98,7 @@ def compile_with_eager_backend(monkeypatch):
     torch._dynamo.reset()
 
 
+@pytest.mark.slow  # dynamo captures 4 networks twice (train and eval): minutes on a busy 2-core CPU
 def test_train_compile_trains_the_compiled_networks_as_eager_ones(tmp_path, compile_with_eager_backend):
     """IL then CL in one process with train.compile, as `clcli train` runs a recipe's methods: the compiled
     networks train to the weights the uncompiled ones reach (the MKB hooks run inside the compiled forward; a CL
