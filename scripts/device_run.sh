@@ -84,8 +84,9 @@ install_packages() {
     else
         echo "no .whl/: using the installed POT and datasets (run scripts/device_prepare.sh before a device run)"
     fi
-    if PYTHONPATH=$SITE python3 -c "import clcli, sys; sys.exit(not clcli.__file__.startswith('$REPO/'))" \
-            2>/dev/null; then
+    # Asked from / : in the repository `import clcli` finds the source folder whether installed or not.
+    if (cd / && PYTHONPATH=$SITE python3 -c "import clcli, sys; sys.exit(not clcli.__file__.startswith('$REPO/'))" \
+            2>/dev/null); then
         echo "clcli already imports from $REPO"
     else
         # No build isolation: nothing can be fetched there, and setuptools is in the image.
