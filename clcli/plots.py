@@ -18,10 +18,11 @@ from clcli.errors import ClcliError
 
 DPI = 100
 WIDTH_IN = 10.0                 # every picture is 1000 px wide
-PROBE_ROW_IN, PROBE_TOP_IN = 1.8, 0.9
-CURVES_ROW_IN, CURVES_TOP_IN = 2.6, 0.6
+PROBE_ROW_IN, PROBE_TOP_IN = 1.75, 1.0    # inches exact in binary: the picture's height is a whole number of pixels
+CURVES_ROW_IN, CURVES_TOP_IN = 2.5, 0.5
 # How each loss part is drawn (the part names the methods log: metrics.jsonl "<network index>/<part>").
-PART_STYLE = {"cls": "-", "metric": "--", "verification": ":", "kd": "-.", "kl": "-.", "hint": "-.", "wel": "-."}
+# Any other part (kd, kl, hint, wel, soft, ...) is drawn dash-dotted.
+PART_STYLE = {"cls": "-", "metric": "--", "verification": ":"}
 PART_LABEL = {"cls": "classification", "metric": "metric (MKB)", "verification": "verification (MKB)"}
 
 
@@ -36,11 +37,14 @@ def _pyplot():
 
 def _save(fig, path: Path) -> tuple[Path, tuple[int, int]]:
     """Write `fig` atomically as PNG at a fixed size (no tight bbox: the size is the figure's)."""
+    from PIL import Image
+
     plt = _pyplot()
     path = Path(path)
     with _io.atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=DPI, format="png")
-    size = (round(fig.get_figwidth() * DPI), round(fig.get_figheight() * DPI))
+        with Image.open(tmp) as written:
+            size = written.size
     plt.close(fig)
     return path, size
 
@@ -133,7 +137,7 @@ def _run_series(run_dir: Path) -> dict:
     for epoch, record in sorted(last_step.items()):
         for key, value in record.items():
             index, sep, part = key.partition("/")
-            if sep and index.isdigit() and part in PART_STYLE and int(index) < len(names):
+            if sep and index.isdigit() and int(index) < len(names) and part != "train_acc":
                 parts[names[int(index)]].setdefault(part, []).append((epoch + 1, float(value)))
     return {"method": info.get("method", "?"), "networks": names, "acc_epochs": [int(r["epoch"]) + 1 for r in epochs],
             "acc": acc, "parts": parts}
@@ -173,7 +177,7 @@ def run_curves_png(run_dirs: list[str | Path], path: str | Path) -> tuple[Path, 
             colour = colours(k % 10)
             for part, points in s["parts"][network].items():
                 xs, ys = zip(*points)
-                loss_ax.plot(xs, ys, PART_STYLE[part], color=colour, marker="o", markersize=3,
+                loss_ax.plot(xs, ys, PART_STYLE.get(part, "-."), color=colour, marker="o", markersize=3,
                              label=f"{label}: {PART_LABEL.get(part, part)}")
             if s["acc"][network]:
                 acc_ax.plot(s["acc_epochs"], s["acc"][network], "-", color=colour, marker="o", markersize=3,
