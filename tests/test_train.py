@@ -208,7 +208,7 @@ def test_the_progress_rate_never_reads_zero_on_a_slow_run():
         ["0.00412", "0.412", "5.55", "87.5", "1,234"]
 
 
-def test_the_progress_shows_one_line_per_network(capsys):
+def test_the_progress_shows_one_line_per_network():
     import io
 
     from rich.console import Console
@@ -216,7 +216,7 @@ def test_the_progress_shows_one_line_per_network(capsys):
     from clcli.train._loop import _Progress
 
     buffer = io.StringIO()
-    progress = _Progress(True, 10, "cl a+b", Console(file=buffer, width=60, color_system=None))
+    progress = _Progress(True, 10, "cl a+b", Console(file=buffer, width=100, color_system=None))
     progress.update(5, "epoch 1/2  0.412 img/s", [("resnet10t", {"cls": 1.5, "metric": 0.25, "verification": 2.0},
                                                      40.0), ("mobilenetv3_small_050", {"cls": 2.0}, 30.0)])
     progress.stop()
