@@ -26,6 +26,8 @@ def print_plan(console, plan) -> None:
             table.add_row(t.module or t.node, t.layout, str(t.channels), f"{t.height}x{t.width}", str(t.stage),
                           f"{t.depth:.2f}", "yes" if t.is_module_output else "no (fx rewrite)")
         console.print(table)
+    for note in (n for m in plan.models for n in m.notes):
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
     if plan.models and any(m.tracer == "export" for m in plan.models):
         console.print("[yellow]note:[/] fx could not trace some models; torch.export analysed them instead")
     if plan.resized:

@@ -52,11 +52,18 @@ def probe(
     mkbs: int = typer.Option(1, "--mkbs", help="number of MKB sites to plan, on different stages"),
     num_classes: int = typer.Option(10, "--num-classes"),
     as_json: bool = typer.Option(False, "--json", help="print the versioned plan as JSON"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="also draw the plan as a PNG: tap points of each "
+                                        "network, MKB sites joined across them"),
 ) -> None:
     """Trace the models, find where their feature maps meet, and plan the MKBs."""
     from clcli import probe as probe_lib
 
     result = probe_lib.plan(models, input_size, stem=stem, mkbs=mkbs, num_classes=num_classes)
+    if plot is not None:
+        from clcli.plots import probe_png
+
+        path, (width, height) = probe_png(result, plot)
+        _console(stderr=as_json).print(f"plot: [bold]{path}[/] ({width}x{height} px)", highlight=False)
     if as_json:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
         return
@@ -230,7 +237,10 @@ def recipes_show(name: str = typer.Argument(..., help="recipe name or YAML file"
 
     from clcli import recipes
 
-    sys.stdout.write(yaml.safe_dump(recipes.load(name, overrides).to_dict(), sort_keys=False))
+    resolved = recipes.load(name, overrides).to_dict()
+    shown = resolved.pop("name")  # a copy (`> my.yaml`) is named after its own file, so its runs land in runs/my
+    sys.stdout.write(f"# recipe '{shown}' resolved by clcli recipes show; a copy is named after its file\n"
+                     + yaml.safe_dump(resolved, sort_keys=False))
 
 
 @app.command()
@@ -430,7 +440,8 @@ def compare(
     result = compare_lib(loaded, names, seeds, out, show_progress=not no_progress,
                          console=console)
     seeds_text = ", ".join(map(str, result["seeds"]))
-    table = Table(title=f"test accuracy (%), mean ± std over seeds {seeds_text}", title_justify="left")
+    table = Table(title=f"test accuracy (%), mean ± std over seeds {seeds_text}", title_justify="left",
+                  caption=result["label_note"], caption_justify="left")
     table.add_column("method")
     table.add_column(" / ".join(result["networks"]))
     for label, cell in result["rows"]:
@@ -438,6 +449,21 @@ def compare(
     console.print(table)
     for what, path in result["paths"].items():
         console.print(f"{what}: [bold]{path}[/]")
+
+
+@app.command()
+def report(
+    runs: List[Path] = typer.Argument(..., help="run folders (a multi-method folder gives each method's run)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG to write (default: RUN/curves.png for one "
+                                       "folder, else report.png here)"),
+) -> None:
+    """Draw the training curves of one or several runs side by side: per network, the training loss parts and the
+    test accuracy per epoch."""
+    from clcli.plots import report as report_lib
+
+    path, (width, height), drawn = report_lib(runs, out)
+    _console().print(f"{len(drawn)} run{'s' if len(drawn) > 1 else ''} drawn: [bold]{path}[/] ({width}x{height} px)",
+                     highlight=False)
 
 
 def main() -> None:

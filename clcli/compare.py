@@ -159,11 +159,29 @@ def _rows(order: list[str], runs: dict[str, list[RunResult]], el: list[float], n
     return acc_rows, reach_rows
 
 
+def label_note(methods: list[str], code: str = "") -> str | None:
+    """Which clcli method each of the paper's labels in the table is ("DL (1→2) = kd"), or None when every label is
+    the method's own name."""
+    named = [f"{LABELS[m]} = {code}{m}{code}" for m in methods if m in LABELS and LABELS[m] != m.upper()]
+    return "the paper's labels as clcli methods: " + ", ".join(named) if named else None
+
+
+def _dataset_name(source: str | None) -> str:
+    """The dataset as a report names it: a local folder by its name (never a path of the machine that ran it), a hub
+    id or built-in dataset as it is."""
+    if not source:
+        return "-"
+    path = Path(source).expanduser()
+    if path.is_absolute() or path.exists():
+        return f"{path.name} (a local folder)"
+    return source
+
+
 def _table_md(recipe, seeds: list[int], names: list[str], il_final: list[float], acc_rows, reach_rows,
               order: list[str]) -> str:
     lines = [f"# {recipe.name}: test accuracy (%)", "",
              f"Mean ± std over {len(seeds)} seed(s) ({', '.join(map(str, seeds))}); "
-             f"{recipe.train.epochs} epochs, dataset {recipe.data.source}.", "",
+             f"{recipe.train.epochs} epochs, dataset {_dataset_name(recipe.data.source)}.", "",
              f"| Method | {' / '.join(names)} |", "| --- | --- |"]
     lines += [f"| {label} | {cell} |" for label, cell in acc_rows]
     notes = []
@@ -171,6 +189,9 @@ def _table_md(recipe, seeds: list[int], names: list[str], il_final: list[float],
         notes.append("EL: the IL networks' averaged softmax probabilities, one number.")
     if any(m in order for m in NEEDS_TEACHER):
         notes.append(f"DL/HL: network 1 ({names[0]}) is the IL network of the same seed, frozen as the teacher.")
+    if label_note(order):
+        note = label_note(order, code="`")
+        notes.append(note[0].upper() + note[1:] + ".")
     if notes:
         lines += [""] + notes
     lines += ["", "## Iterations to reach IL's final accuracy", "",
@@ -198,38 +219,12 @@ def _results_csv(runs: dict[str, list[RunResult]], el: dict[int, float], il_fina
     return buf.getvalue()
 
 
-def _curves_png(path: Path, runs: dict[str, list[RunResult]], names: list[str], il_final: list[float]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4.2), squeeze=False)
-    for i, (ax, name) in enumerate(zip(axes[0], names)):
-        for m, rs in runs.items():
-            curves = [r.curve for r in rs if r.curve]
-            if not curves:
-                continue
-            n = min(len(c) for c in curves)
-            steps = [curves[0][k][0] for k in range(n)]
-            mean = [statistics.mean(c[k][1][i] for c in curves) for k in range(n)]
-            ax.plot(steps, mean, marker="o" if n < 30 else None, markersize=3, label=LABELS.get(m, m))
-        ax.axhline(il_final[i], color="gray", linestyle="--", linewidth=1, label="IL final")
-        ax.set_title(name)
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("test accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    with _io.atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-
-
 def compare(recipe, methods: list[str], seeds: int, out: str | Path, *, show_progress: bool = True,
             console=None) -> dict:
     """Run (or reuse) every (method, seed) of the grid and write table.md, results.csv and curves.png under `out`.
     Returns the table rows and the paths written."""
+    from clcli.plots import compare_curves_png
+
     if seeds < 1:
         raise ClcliError(f"--seeds must be at least 1, got {seeds}")
     out = Path(out)
@@ -258,9 +253,9 @@ def compare(recipe, methods: list[str], seeds: int, out: str | Path, *, show_pro
     paths = {"table": out / "table.md", "results": out / "results.csv", "curves": out / "curves.png"}
     _io.write_text(paths["table"], table)
     _io.write_text(paths["results"], _results_csv(runs, el, il_final))
-    _curves_png(paths["curves"], runs, names, il_final)
-    return {"networks": names, "seeds": seed_list, "rows": acc_rows, "reach": reach_rows, "il_final": il_final,
-            "paths": paths}
+    compare_curves_png(paths["curves"], {m: [r.curve for r in rs] for m, rs in runs.items()}, LABELS, names, il_final)
+    return {"networks": names, "seeds": seed_list, "rows": acc_rows, "label_note": label_note(order),
+            "reach": reach_rows, "il_final": il_final, "paths": paths}
 
 
 class _GridProgress:

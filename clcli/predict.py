@@ -39,23 +39,48 @@ def load_classifier(path: str | Path, *, model: str | None = None, device: str =
         except ClcliError as e:
             raise ClcliError(f"{e}; for a plain timm weights file pass --model NAME") from None
     else:
-        manifest = _clcli_manifest(path)
-        if manifest is None:
+        meta = _header(path)
+        if export.PLAIN_META_KEY in meta:  # `clcli export --plain`: timm weights with clcli's preprocessing
+            return _plain_classifier(path, meta, model, device)
+        if export.META_KEY not in meta:
             return _timm_classifier(path, model, device)
+        manifest = export.manifest_from_header(path, meta)
         if model != manifest["model"]:
             raise ClcliError(f"{path} is a clcli export of '{manifest['model']}', not '{model}'; drop --model")
     return _export_classifier(export.load(path, device=device), manifest)
 
 
-def _clcli_manifest(path: Path) -> dict | None:
-    """The manifest when `path` is a clcli export, None for any other file (a timm checkpoint, say)."""
+def _header(path: Path) -> dict:
+    """The safetensors header's metadata; empty for any other file (the timm reader decides whether it is a
+    checkpoint)."""
     from clcli import export
 
     try:
-        meta = export.safetensors_header(Path(path))
-    except ClcliError:  # not safetensors: the timm reader decides whether it is a checkpoint
-        return None
-    return export.manifest_from_header(Path(path), meta) if export.META_KEY in meta else None
+        return export.safetensors_header(path)
+    except ClcliError:
+        return {}
+
+
+def _plain_classifier(path: Path, meta: dict, model: str, device: str) -> Classifier:
+    """A `clcli export --plain` file: the timm network built as trained (input size, stem, classes) and preprocessed
+    as its training images were, from the preprocessing written into its header at export."""
+    import json
+
+    from clcli import export, models
+
+    try:
+        written = json.loads(meta[export.PLAIN_META_KEY])
+    except json.JSONDecodeError:
+        raise ClcliError(f"{path} has a corrupt '{export.PLAIN_META_KEY}' header") from None
+    missing = [k for k in export.PLAIN_KEYS if k not in written]
+    if missing:
+        raise ClcliError(f"{path} lacks {', '.join(missing)} in its '{export.PLAIN_META_KEY}' header; export it "
+                         f"again with this clcli (`clcli export RUN --plain`)")
+    if model != written["model"]:
+        raise ClcliError(f"{path} holds '{written['model']}' weights, not '{model}'")
+    net = models.create(model, written["kwargs"], stem=export.stem_change(written))
+    models.load_weights_file(net, model, path)
+    return _export_classifier(net.to(device).eval(), written)
 
 
 def _export_classifier(net, manifest: dict) -> Classifier:

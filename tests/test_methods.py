@@ -345,6 +345,9 @@ def test_compare_writes_the_table_and_reuses_finished_runs(grid):
     for label in ("| IL |", "| EL |", "| DL (1→2) |", "| HL (1→2) |", "IL's final accuracy"):
         assert label in table
     assert [label for label, _ in result["rows"]] == ["IL", "EL", "DL (1→2)", "HL (1→2)"]
+    assert "The paper's labels as clcli methods: DL (1→2) = `kd`, HL (1→2) = `fitnets`." in table
+    assert result["label_note"] == "the paper's labels as clcli methods: DL (1→2) = kd, HL (1→2) = fitnets"
+    assert "dataset quickstart (a local folder)" in table and str(QUICKSTART_DIR) not in table  # no machine path
     assert " / " in result["rows"][0][1] and "±" in result["rows"][0][1] and " / " not in result["rows"][1][1]
     lines = (out / "results.csv").read_text().splitlines()
     assert lines[0] == "method,seed,network,test_acc,iterations,reach_il_iteration"

@@ -307,3 +307,30 @@ def test_predict_a_plain_timm_file_needs_model(weights_file, photos):
     assert result.exit_code == 0, result.output
     (line,) = [json.loads(x) for x in result.stdout.splitlines()]
     assert sorted(t["class"] for t in line["top"]) == ["0", "1", "2", "3"]  # a plain file carries no class names
+
+
+def test_predict_a_plain_export_uses_the_preprocessing_and_classes_in_its_header(trained, photos, tmp_path):
+    from safetensors.torch import load_file
+
+    from clcli import export
+    from clcli.predict import load_classifier, predict
+
+    out = tmp_path / "plain"
+    result = runner.invoke(app, ["export", str(trained[0]), "--out", str(out), "--plain", "--no-measure"])
+    assert result.exit_code == 0, result.output
+    plain = out / "test_resnet.timm.safetensors"
+    classifier = load_classifier(plain, model="test_resnet")
+    manifest = clcli.load(out / "test_resnet.safetensors").clcli_manifest
+    assert classifier.class_names == CLASSES and classifier.description.startswith("32x32")
+    image = photos / "ship" / "004.png"
+    (got,) = predict(classifier, [image], top=4)
+    bare = models.create("test_resnet", manifest["kwargs"], stem=export.stem_change(manifest)).eval()
+    bare.load_state_dict(load_file(str(plain)))
+    pixels = torch.from_numpy(np.array(Image.open(image).convert("RGB"))).permute(2, 0, 1)
+    probs = bare(to_input(pixels[None], manifest["mean"], manifest["std"])).softmax(1)[0]
+    for t in got["top"]:
+        assert t["prob"] == pytest.approx(probs[t["index"]].item(), abs=1e-5)
+    old = tmp_path / "old.timm.safetensors"  # a header without the preprocessing: refused, saying what is missing
+    save_file(load_file(str(plain)), str(old), metadata={"format": "pt", "clcli_plain": json.dumps({"model": "x"})})
+    with pytest.raises(ClcliError, match="lacks kwargs, stem, input_size, mean, std, class_names"):
+        load_classifier(old, model="test_resnet")

@@ -249,3 +249,25 @@ def test_help_and_version_answer_without_importing_torch_or_timm(args):
         from clcli import __version__
 
         assert f"clcli {__version__}" in done.stdout
+
+
+def test_two_sizes_never_share_a_stage_label():
+    # 33 px through an ImageNet stem: 17, 9, 5, 3, 2; round(log2(33 / size)) labelled both 5 and 3 as stage 3
+    taps = probe.analyse("test_resnet", 33).taps
+    sizes_of = {}
+    for t in taps:
+        sizes_of.setdefault(t.stage, set()).add(t.size)
+    assert all(len(sizes) == 1 for sizes in sizes_of.values()), sizes_of
+    by_size = sorted({(t.height, t.stage) for t in taps}, reverse=True)
+    assert [stage for _, stage in by_size] == sorted(stage for _, stage in by_size)  # smaller size, higher stage
+
+
+def test_a_vit_input_that_is_no_multiple_of_its_patches_is_noted():
+    vit = probe.analyse("test_vit", 33)
+    (note,) = vit.notes
+    grid = next(t for t in vit.taps if t.layout == "NLC")
+    assert f"token grid is {grid.height}x{grid.width}" in note and "33x33 px is not a multiple" in note
+    patch = 33 // grid.height
+    assert probe.analyse("test_vit", 4 * patch).notes == []
+    result = runner.invoke(app, ["probe", "test_vit", "test_resnet", "--input-size", "33"])
+    assert "note:" in result.output and "not a multiple" in result.output

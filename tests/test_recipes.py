@@ -60,3 +60,12 @@ def test_recipes_command_lists_and_shows_resolved_yaml():
     result = runner.invoke(app, ["recipes", "show", "cifar10", "--set", "train.epochs=7"])
     assert result.exit_code == 0
     assert yaml.safe_load(result.stdout)["train"]["epochs"] == 7
+
+
+def test_a_shown_recipe_copied_to_a_file_is_named_after_that_file(tmp_path):
+    result = runner.invoke(app, ["recipes", "show", "cifar10"])
+    assert result.exit_code == 0 and "name:" not in result.stdout
+    copy = tmp_path / "my.yaml"
+    copy.write_text(result.stdout)
+    assert recipes.load(str(copy)).name == "my"
+    assert recipes.load(str(copy)).to_dict() == dict(recipes.load("cifar10").to_dict(), name="my")

@@ -199,3 +199,27 @@ def test_evaluation_builds_no_autograd_graph():
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     evaluate(net, images, torch.zeros(4, dtype=torch.int64), (0.5,) * 3, (0.25,) * 3)
     assert grad_enabled == [False]
+
+
+def test_the_progress_rate_never_reads_zero_on_a_slow_run():
+    from clcli.train._loop import images_per_second
+
+    assert [images_per_second(r) for r in (0.004123, 0.4123, 5.55, 87.53, 1234.5)] == \
+        ["0.00412", "0.412", "5.55", "87.5", "1,234"]
+
+
+def test_the_progress_shows_one_line_per_network():
+    import io
+
+    from rich.console import Console
+
+    from clcli.train._loop import _Progress
+
+    buffer = io.StringIO()
+    progress = _Progress(True, 10, "cl a+b", Console(file=buffer, width=100, color_system=None))
+    progress.update(5, "epoch 1/2  0.412 img/s", [("resnet10t", {"cls": 1.5, "metric": 0.25, "verification": 2.0},
+                                                     40.0), ("mobilenetv3_small_050", {"cls": 2.0}, 30.0)])
+    progress.stop()
+    lines = buffer.getvalue().splitlines()
+    assert any(line.strip().startswith("resnet10t") and "verification 2.000" in line for line in lines)
+    assert any(line.strip().startswith("mobilenetv3_small_050") and "cls 2.000" in line for line in lines)

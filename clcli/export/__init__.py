@@ -18,6 +18,10 @@ from clcli.models import network_labels
 FORMAT = "clcli.split"
 FORMAT_VERSION = 1
 META_KEY = "clcli"
+# A --plain file's header: how its images must be prepared (timm does not know: 32 px, small stem, the data's mean and
+# std) and its class names, for `clcli predict --model`; timm itself ignores it.
+PLAIN_META_KEY = "clcli_plain"
+PLAIN_KEYS = ("model", "kwargs", "stem", "input_size", "mean", "std", "class_names")
 
 
 def _cohort_from_run(run_dir: Path):
@@ -162,10 +166,12 @@ def _export_plain(net, name: str, manifest: dict, out_dir: Path, data) -> dict:
 
     target = out_dir / f"{name}.timm.safetensors"
     with _io.atomic_path(target) as tmp:
-        save_file(_tensors(_plain_state(net)), str(tmp), metadata={"format": "pt"})
+        preprocessing = {k: manifest[k] for k in PLAIN_KEYS}
+        save_file(_tensors(_plain_state(net)), str(tmp),
+                  metadata={"format": "pt", PLAIN_META_KEY: json.dumps(preprocessing)})
     entry = {"plain_file": target.name}
     if data is not None:
-        bare = models.create(manifest["model"], manifest["kwargs"], stem=_stem(manifest))
+        bare = models.create(manifest["model"], manifest["kwargs"], stem=stem_change(manifest))
         bare.load_state_dict(_plain_state(net))
         entry["plain_test_acc"] = _measure(bare, data)
     return entry
@@ -215,7 +221,7 @@ Assistance", IEEE Access, 2018.
     return folder.name
 
 
-def _stem(manifest: dict):
+def stem_change(manifest: dict):
     from clcli.models import StemChange
 
     return StemChange(**manifest["stem"]) if manifest.get("stem") else None
@@ -264,7 +270,7 @@ def load(path: str | Path, *, device: str = "cpu"):
     from clcli import mkb, models
 
     manifest = read_manifest(path)
-    net = models.create(manifest["model"], manifest["kwargs"], stem=_stem(manifest))
+    net = models.create(manifest["model"], manifest["kwargs"], stem=stem_change(manifest))
     halves = [mkb.HalfPlan.from_dict(h) for h in manifest["mkb_halves"]]
     if halves:
         mkb.attach(net, halves)

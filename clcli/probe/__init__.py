@@ -27,6 +27,7 @@ class ModelProbe:
     macs: int
     taps: list[Tap]              # every spatial cut point
     stage_taps: list[Tap]        # one per size: the stage outputs
+    notes: list[str] = field(default_factory=list)  # what the user should know about this model at this input
 
     def to_dict(self) -> dict:
         return {
@@ -37,6 +38,7 @@ class ModelProbe:
             "params": self.params,
             "macs": self.macs,
             "taps": [t.to_dict() for t in self.stage_taps],
+            "notes": self.notes,
         }
 
 
@@ -92,7 +94,8 @@ class Plan:
         try:
             models = [
                 ModelProbe(m["name"], m["kwargs"], StemChange(**m["stem"]) if m["stem"] else None, m["tracer"],
-                           m["params"], m["macs"], [Tap(**t) for t in m["taps"]], [Tap(**t) for t in m["taps"]])
+                           m["params"], m["macs"], [Tap(**t) for t in m["taps"]], [Tap(**t) for t in m["taps"]],
+                           list(m.get("notes", [])))
                 for m in d["models"]
             ]
             sites = [Site.from_dict(s) for s in d["sites"]]
@@ -160,7 +163,19 @@ def analyse(
     prefix = getattr(model, "num_prefix_tokens", None)
     taps = find_taps_in_graph(graph, hw, prefix if isinstance(prefix, int) else None)
     return ModelProbe(name, kwargs, change, graph.tracer, models.count_params(model), graph.macs,
-                      taps, stage_taps(taps))
+                      taps, stage_taps(taps), _patch_notes(name, model, hw))
+
+
+def _patch_notes(name: str, model, hw: tuple[int, int]) -> list[str]:
+    """A patch embedding (ViT) floors the input to whole patches: say so when the input is not a multiple of them."""
+    proj = getattr(getattr(model, "patch_embed", None), "proj", None)
+    stride = getattr(proj, "stride", None)
+    if not stride or all(side % step == 0 for side, step in zip(hw, stride)):
+        return []
+    grid = [side // step for side, step in zip(hw, stride)]
+    cut = [side % step for side, step in zip(hw, stride)]
+    return [f"{name}: {hw[0]}x{hw[1]} px is not a multiple of its {stride[0]}x{stride[1]} px patches; its token grid "
+            f"is {grid[0]}x{grid[1]} (the last {cut[0]} rows and {cut[1]} columns of pixels are not seen)"]
 
 
 def plan(

@@ -145,12 +145,28 @@ def find_taps_in_graph(graph: Graph, input_hw: tuple[int, int], prefix_hint: int
                 height=h,
                 width=w,
                 prefix_tokens=prefix,
-                stage=round(math.log2(max(input_hw[0] / h, 1.0))),
+                stage=0,  # set below, once every size is known
                 depth=round(i / output_pos, 4),
                 is_module_output=module is not None,
             )
         )
+    stages = _stage_labels({t.height for t in taps}, input_hw[0])
+    for t in taps:
+        t.stage = stages[t.height]
     return taps
+
+
+def _stage_labels(heights: set[int], input_height: int) -> dict[int, int]:
+    """A downsampling level per spatial size, one label per size: k where the size is input / 2**k (floor or ceil,
+    as conv arithmetic gives it; 33 px -> 17, 9, 5, 3 are levels 1 to 4), else round(log2(input / size)) (a patch
+    grid), raised where needed so that a smaller size always has a higher level."""
+    labels, previous = {}, -1
+    for h in sorted(heights, reverse=True):
+        level = _scale_level(h, input_height)
+        if level is None:
+            level = round(math.log2(max(input_height / h, 1.0)))
+        labels[h] = previous = max(level, previous + 1)
+    return labels
 
 
 TARGET_DEPTH = 0.65   # middle-to-late: Table 5's best site sits about two thirds of the way to the head

@@ -336,6 +336,9 @@ def _train_one(method_name, recipe, plan, data, run_dir: Path, device, state, sh
         info["test_top5"] = summary["test_top5"]
     if main:
         _io.write_json(run_dir / "run.json", info)
+        from clcli.plots import run_curves_png
+
+        run_curves_png([run_dir], run_dir / "curves.png")  # the end-of-run picture: losses and accuracy per epoch
     return summary
 
 

@@ -136,34 +136,52 @@ def _fault_injection(step: int) -> None:
 
 
 class _Progress:
-    """Rich live progress: epoch, step, loss parts and accuracy per network, images/s, ETA."""
+    """Rich live progress: a bar with the epoch, step, images/s and ETA, and under it one line per network with its
+    loss parts and training accuracy (one line per network never runs past a terminal's width)."""
 
     def __init__(self, enabled: bool, total_steps: int, label: str, console=None):
         self.enabled = enabled
         if not enabled:
             return
+        from rich.console import Group
+        from rich.live import Live
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
             TimeRemainingColumn
 
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
-            console=console, transient=False,
-        )
+            TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"), console=console)
         self.task = self.progress.add_task(label, total=total_steps, status="")
-        self.progress.start()
+        self.networks: list[tuple[str, dict[str, float], float]] = []
+        self.live = Live(Group(self.progress, self), console=console, refresh_per_second=4)
+        self.live.start()
 
-    def update(self, completed: int, status: str) -> None:
+    def __rich__(self):
+        from rich.table import Table
+
+        grid = Table.grid(padding=(0, 2))
+        for label, parts, acc in self.networks:
+            grid.add_row(f"  {label}", f"acc {acc:5.1f}%", *(f"{part} {value:.3f}" for part, value in parts.items()))
+        return grid
+
+    def update(self, completed: int, status: str, networks: list[tuple[str, dict[str, float], float]]) -> None:
+        """`networks`: (label, {loss part: mean}, training accuracy %) per network."""
         if self.enabled:
+            self.networks = networks
             self.progress.update(self.task, completed=completed, status=status)
 
     def log(self, text: str) -> None:
         if self.enabled:
-            self.progress.console.print(text, highlight=False)
+            self.live.console.print(text, highlight=False)
 
     def stop(self) -> None:
         if self.enabled:
-            self.progress.stop()
+            self.live.stop()
+
+
+def images_per_second(rate: float) -> str:
+    """A rate with three significant figures at most and never "0": 1,234 / 87.5 / 0.412."""
+    return f"{rate:,.0f}" if rate >= 100 else f"{rate:.1f}" if rate >= 10 else f"{rate:.3g}"
 
 
 def mixed_precision(device: torch.device, enabled: bool):
@@ -336,13 +354,10 @@ def fit(method, data: Data, recipe, run_dir: Path, *, start_state: dict | None =
                     log.write({"type": "step", "epoch": epoch, "step": global_step + 1, "lr": lr,
                                "images_per_s": round(rate, 1), **{k: round(v, 5) for k, v in means.items()},
                                **{f"{i}/train_acc": round(a, 3) for i, a in enumerate(accs)}})
-                    status = "  ".join(
-                        f"{cohort.labels[i]}: loss {means[f'{i}/cls']:.3f} acc {accs[i]:.1f}"
-                        + (f" metric {means[f'{i}/metric']:.3f} ver {means[f'{i}/verification']:.3f}"
-                           if f"{i}/metric" in means else "")
-                        for i in range(n_nets))
                     progress.update((epoch - start_epoch) * steps_per_epoch + step + 1,
-                                    f"epoch {epoch + 1}/{cfg.epochs}  {rate:.0f} img/s  {status}")
+                                    f"epoch {epoch + 1}/{cfg.epochs}  {images_per_second(rate)} img/s",
+                                    [(cohort.labels[i], {k.split("/", 1)[1]: v for k, v in means.items()
+                                                         if k.startswith(f"{i}/")}, accs[i]) for i in range(n_nets)])
             train_loss = sum(means[f"{i}/cls"] for i in range(n_nets))  # the last log step's means: the epoch's
             if not per_step_schedule:
                 scheduler.step(train_loss)
