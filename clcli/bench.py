@@ -30,9 +30,9 @@ def make_steps(models: list[str], *, input_size: int = 32, stem: str = "small", 
     import torch
 
     from clcli import probe, recipes
+    from clcli.cohort import Cohort, build_cohort
     from clcli.methods import Batch, create
-    from clcli.train import Cohort, build_cohort, resolve_device
-    from clcli.train._loop import _param_groups, mixed_precision
+    from clcli.train import mixed_precision, param_groups, resolve_device
 
     dev = resolve_device(device)
     plan = probe.plan(models, input_size, stem=stem)
@@ -48,7 +48,7 @@ def make_steps(models: list[str], *, input_size: int = 32, stem: str = "small", 
     n = len(models)
 
     def step_fn(method, batch):
-        optimizer = torch.optim.SGD(_param_groups(method, recipe), lr=0.01, momentum=0.9)
+        optimizer = torch.optim.SGD(param_groups(method, recipe), lr=0.01, momentum=0.9)
         scaler = mixed_precision(dev, amp)[2]  # one scaler per optimiser
         method.train()
 
@@ -120,8 +120,7 @@ def pipeline_batches(images, labels, *, batch_size: int, augment: str = "crop_fl
     images: seeded epoch order, uint8 gather on the images' device, batch augmentation, normalisation."""
     import torch
 
-    from clcli.data import BatchAugment, channel_stats, epoch_batches
-    from clcli.train._loop import to_input
+    from clcli.data import BatchAugment, channel_stats, epoch_batches, to_input
 
     dev = images.device
     mean, std = channel_stats(images.cpu())

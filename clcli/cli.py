@@ -247,12 +247,12 @@ def export(
     from rich.table import Table
 
     from clcli.export import export_run
-    from clcli.train._run import latest_run, method_runs
+    from clcli.run import Run
 
     if not split:
         raise ClcliError("only --split export exists: each network is written on its own")
-    runs = method_runs(run if run is not None else latest_run())
-    run_dir = next((p for p in runs if p.name == "cl"), runs[0])  # of a multi-method folder, the CL run
+    runs = Run.children(run if run is not None else Run.latest().path)
+    run_dir = next((r.path for r in runs if r.path.name == "cl"), runs[0].path)  # of several methods, the CL run
     console = _console()
     index = export_run(run_dir, out, plain=plain, hub_folder=hub_folder, measure=measure, force=force)
     if index["status"] != "finished":

@@ -18,7 +18,7 @@ from clcli.cli import app
 from clcli.data import QUICKSTART_DIR, stratified_holdout
 from clcli.errors import ClcliError
 from clcli.train import build_cohort, evaluate, load_data
-from clcli.train._loop import to_input
+from clcli.data import to_input
 
 from _helpers import TINY
 

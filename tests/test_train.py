@@ -151,7 +151,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
 def test_different_inputs_pair_images_the_same_way_every_epoch_so_w2_is_cached(tmp_path):
     from clcli import methods
     from clcli.train import load_data, resolve_device
-    from clcli.train._loop import fit
+    from clcli.train import fit
 
     recipe = tiny_recipe(epochs=2, input="different")
     recipe.data.train_limit = 64

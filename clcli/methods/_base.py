@@ -8,6 +8,9 @@ from torch import nn
 from clcli.errors import ClcliError
 
 METHODS: dict[str, type["Method"]] = {}
+# Names that are rows of a comparison but not methods one trains: asked to train them, say where they come from.
+NOT_TRAINED = {"el": "el (ensemble learning) is not trained: it is computed from the IL runs by "
+                     "`clcli compare --methods il,el,...` (or clcli.compare.ensemble_accuracy(<IL run>))"}
 
 
 def register(name: str):
@@ -37,6 +40,7 @@ class Method(nn.Module):
     # Computes only the networks in `cohort.indices` (train.placement: per-network, one network per process), and
     # every trainable parameter gets a gradient in a simultaneous step (DDP need not look for unused ones).
     per_network = False
+    needs_teacher = False     # network 0 is a frozen teacher whose weights training loads from `kd.teacher`
 
     def __init__(self, cohort, recipe):
         super().__init__()
@@ -47,13 +51,18 @@ class Method(nn.Module):
         raise NotImplementedError
 
 
-def create(name: str, cohort, recipe) -> Method:
+def get(name: str) -> type[Method]:
+    """The method class registered as `name`; one-line error otherwise."""
+    if name in NOT_TRAINED:
+        raise ClcliError(NOT_TRAINED[name])
     if name not in METHODS:
         raise ClcliError(f"unknown method '{name}'; available: {', '.join(sorted(METHODS))}")
-    return METHODS[name](cohort, recipe)
+    return METHODS[name]
+
+
+def create(name: str, cohort, recipe) -> Method:
+    return get(name)(cohort, recipe)
 
 
 def uses_mkb(name: str) -> bool:
-    if name not in METHODS:
-        raise ClcliError(f"unknown method '{name}'; available: {', '.join(sorted(METHODS))}")
-    return METHODS[name].uses_mkb
+    return get(name).uses_mkb

@@ -68,9 +68,9 @@ class FitNets(KnowledgeDistillation):
                 net.get_submodule(tap.module).register_forward_hook(
                     lambda module, inputs, output, i=i: self._features.__setitem__(i, output))
             else:  # a graph node (e.g. a residual add): spliced in by fx rewriting, as an MKB half would be
-                from clcli.mkb._rewrite import splice
+                from clcli import mkb
 
-                splice(net, {tap.node: _Capture(self._features, i)}, what="the FitNets hint capture")
+                mkb.splice(net, {tap.node: _Capture(self._features, i)}, what="the FitNets hint capture")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -108,6 +108,14 @@ def _fusion_hook(half):
     return hook
 
 
+def splice(model, sites: dict, what: str = "an MKB") -> None:
+    """Rewrite `model`'s forward (fx) so that each graph node named in `sites` is followed by its module: the way to
+    hook a tap that no module outputs (a residual add, say). State-dict keys stay the model's own."""
+    from ._rewrite import splice as rewrite
+
+    rewrite(model, sites, what=what)
+
+
 def embeddings(model) -> dict:
     """The embeddings of the model's last forward, by site name."""
     container = getattr(model, PREFIX, None)
@@ -116,5 +124,5 @@ def embeddings(model) -> dict:
     return {name: half.embedding for name, half in container.items()}
 
 
-__all__ = ["attach", "half_plans", "embeddings", "HalfPlan", "MKBSpec", "HalfSpec", "size_mkb", "PREFIX",
+__all__ = ["attach", "half_plans", "embeddings", "splice", "HalfPlan", "MKBSpec", "HalfSpec", "size_mkb", "PREFIX",
            "EMBEDDING", "site_name", "is_shared"]

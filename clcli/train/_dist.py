@@ -69,6 +69,16 @@ class Dist:
 _current = Dist()
 
 
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ClcliError("device 'cuda' asked for but CUDA is not available")
+    return torch.device(name)
+
+
 def current() -> Dist:
     """The process's place in the job (one process: rank 0 of 1), as set by `setup`."""
     return _current
@@ -82,8 +92,6 @@ def is_main_process() -> bool:
 def setup(recipe) -> torch.device:
     """The training device; under torchrun (WORLD_SIZE > 1) also join the process group, once per process."""
     global _current
-    from ._loop import resolve_device
-
     device = resolve_device(recipe.train.device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:

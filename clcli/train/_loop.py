@@ -13,80 +13,17 @@ import torch
 from torch import nn
 
 from clcli import mkb
+from clcli import run as run_folder
+from clcli.cohort import Cohort
+from clcli.data import Data, streamed_skips, to_input
 from clcli.errors import ClcliError
+from clcli.evaluation import evaluate
 
-from . import _dist, _run
-from ._cohort import Cohort
-
-
-@dataclass
-class Data:
-    train_images: torch.Tensor   # uint8 [N, C, H, W] on the training device
-    train_labels: torch.Tensor
-    test_images: torch.Tensor
-    test_labels: torch.Tensor
-    class_names: list[str]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+from . import _dist
+from ._dist import resolve_device
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ClcliError("device 'cuda' asked for but CUDA is not available")
-    return torch.device(name)
-
-
-def to_input(images_u8: torch.Tensor, mean, std, channels_last: bool = False) -> torch.Tensor:
-    from clcli.data import normalize
-
-    x = normalize(images_u8, mean, std, channels=3)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-def eval_batches(images, labels, batch_size: int):
-    """(uint8 images, labels) in order, batch by batch; a streamed split (clcli.data._stream.StreamSplit) decodes
-    its batches in DataLoader workers."""
-    if hasattr(images, "batches"):
-        return images.batches(batch_size)
-    return ((images[start:start + batch_size], labels[start:start + batch_size])
-            for start in range(0, len(images), batch_size))
-
-
-def streamed_skips(data) -> list[dict]:
-    """The images of streamed splits that could not be decoded so far ({"image", "reason", "split"})."""
-    found = []
-    for split, images in (("train", data.train_images), ("evaluation", data.test_images)):
-        found += [{"image": k, "reason": v, "split": split} for k, v in getattr(images, "skipped", {}).items()]
-    return found
-
-
-@torch.no_grad()
-def evaluate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean, std, *, batch_size: int = 500,
-             topk: tuple[int, ...] = (1,), channels_last: bool = False) -> dict[str, float]:
-    """Accuracy (%) of one network (with its own MKB halves, as deployed) on uint8 images."""
-    was_training = net.training
-    net.eval()
-    device = next(net.parameters()).device
-    correct = {k: torch.zeros((), dtype=torch.int64, device=device) for k in topk}  # on the device: no sync per batch
-    n = 0  # counted per batch: a streamed split leaves out images it cannot decode
-    for xb, yb in eval_batches(images, labels, batch_size):
-        n += len(yb)
-        x = to_input(xb.to(device), mean, std, channels_last)
-        y = yb.to(device)
-        logits = net(x)
-        top = logits.topk(max(topk), dim=1).indices
-        for k in topk:
-            correct[k] += (top[:, :k] == y[:, None]).any(dim=1).sum()
-    net.train(was_training)
-    n = max(n, 1)
-    return {f"top{k}": 100.0 * c / n for k, c in zip(correct, torch.stack(list(correct.values())).tolist())}
-
-
-def _param_groups(method: nn.Module, recipe) -> list[dict]:
+def param_groups(method: nn.Module, recipe) -> list[dict]:
     """One group per network (its own weights and MKB encoder/decoder) plus one for everything else the method
     trains (shared space transfers, verification heads, FitNets regressors, WEL heads), so that lr and weight decay
     can be set per network."""
@@ -217,7 +154,7 @@ def fit(method, data: Data, recipe, run_dir: Path, *, start_state: dict | None =
     steps_per_epoch = len(data.train_labels) // batch_size
     if steps_per_epoch == 0:
         raise ClcliError(f"the training split has {len(data.train_labels)} images, fewer than one batch")
-    groups = _param_groups(method, recipe)
+    groups = param_groups(method, recipe)
     optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                                 nesterov=cfg.nesterov and cfg.momentum > 0)
     scheduler = _scheduler(optimizer, recipe, steps_per_epoch)
@@ -253,7 +190,7 @@ def fit(method, data: Data, recipe, run_dir: Path, *, start_state: dict | None =
                                                   topk=topk, channels_last=cfg.channels_last)
                                    for name, net in zip(cohort.labels, cohort.networks)} if d.main else None)
 
-    log = _run.MetricsLog(run_dir / "metrics.jsonl", keep_before_epoch=start_epoch) if d.main else _NoLog()
+    log = run_folder.MetricsLog(run_dir / "metrics.jsonl", keep_before_epoch=start_epoch) if d.main else _NoLog()
     progress = _Progress(show_progress and d.main, (cfg.epochs - start_epoch) * steps_per_epoch,
                          f"{method.name} {'+'.join(cohort.labels)}", console)
     summary: dict = {}
@@ -362,12 +299,12 @@ def fit(method, data: Data, recipe, run_dir: Path, *, start_state: dict | None =
                 progress.log(f"skipped {len(skips) - reported_skips} unreadable streamed image(s) (first: "
                              f"{skips[reported_skips]['image']}: {skips[reported_skips]['reason']})")
                 reported_skips = len(skips)
-            state = {"version": _run.RUN_FORMAT, "epoch": epoch + 1, "method": method.state_dict(),
+            state = {"version": run_folder.RUN_FORMAT, "epoch": epoch + 1, "method": method.state_dict(),
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
             if getattr(method, "w2_cache", None) is not None:
                 state["w2_cache"] = method.w2_cache.state_dict()
             if d.main:
-                _run.save_checkpoint(run_dir / _run.CHECKPOINT, state)
+                run_folder.save_checkpoint(run_dir / run_folder.CHECKPOINT, state)
             summary = {"epochs": epoch + 1, "test_acc": accs, **({"test_top5": top5} if top5 else {})}
         if not summary:  # resumed after the last epoch's checkpoint: nothing left to train
             summary = {"epochs": cfg.epochs, "test_acc": {name: s["top1"] for name, s in scores().items()}}
