@@ -66,9 +66,16 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def _check_same_recipe(recipe, run) -> None:
+    """A finished or unfinished run is reused only if it was trained with this recipe. Keys that do not change what
+    is computed (_IGNORED_KEYS) and the sections of other methods (a CL variant's `cl.*` for an IL run) may differ."""
+    from clcli import methods
+
     run_dir, stored = run.path, run.recipe
     old, new = _flat(stored.to_dict()), _flat(recipe.to_dict())
+    foreign = set(methods.METHOD_SECTIONS) - set(methods.get(run.method).recipe_sections)
     for key in sorted(set(old) | set(new)):
+        if key.split(".")[0] in foreign:
+            continue
         if key not in _IGNORED_KEYS and old.get(key) != new.get(key):
             raise ClcliError(f"{run_dir} was trained with {key}={old.get(key)!r}, this comparison asks for "
                              f"{new.get(key)!r}; give another --out or delete that folder")

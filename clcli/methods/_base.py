@@ -41,6 +41,9 @@ class Method(nn.Module):
     # every trainable parameter gets a gradient in a simultaneous step (DDP need not look for unused ones).
     per_network = False
     needs_teacher = False     # network 0 is a frozen teacher whose weights training loads from `kd.teacher`
+    # The method sections of the recipe (cl, kd, dml, fitnets, wel) it reads: `clcli compare` reuses a finished run
+    # when only other methods' sections changed (e.g. a CL variant reuses the IL runs of its seed).
+    recipe_sections: tuple[str, ...] = ()
 
     def __init__(self, cohort, recipe):
         super().__init__()
@@ -49,6 +52,9 @@ class Method(nn.Module):
 
     def forward(self, batch: Batch) -> dict:
         raise NotImplementedError
+
+
+METHOD_SECTIONS = ("cl", "kd", "dml", "fitnets", "wel")
 
 
 def get(name: str) -> type[Method]:

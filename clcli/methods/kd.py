@@ -29,6 +29,7 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
 @register("kd")
 class KnowledgeDistillation(Method):
     needs_teacher = True
+    recipe_sections = ("kd",)
 
     def __init__(self, cohort, recipe):
         super().__init__(cohort, recipe)
