@@ -2,7 +2,7 @@
 
 `run(models)` measures, in one process:
 
-- the training step (forward, backward, SGD step with momentum and weight decay, as in `clcli train`) of network A
+- the training step (`clcli.train.train_step`: forward, backward, SGD step with momentum and weight decay) of network A
   alone, network B alone and the CL cohort (both networks with their MKBs and every loss, siamese input,
   simultaneous), all on the same batch and in alternating rounds so that all three see the same machine. It reports
   medians of wall time (with a device synchronisation around each step on CUDA) and, on the CPU, of the process's
@@ -17,6 +17,7 @@
 """
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 
@@ -32,7 +33,7 @@ def make_steps(models: list[str], *, input_size: int = 32, stem: str = "small", 
     from clcli import probe, recipes
     from clcli.cohort import Cohort, build_cohort
     from clcli.methods import Batch, create
-    from clcli.train import mixed_precision, param_groups, resolve_device
+    from clcli.train import mixed_precision, param_groups, resolve_device, train_step
 
     dev = resolve_device(device)
     plan = probe.plan(models, input_size, stem=stem)
@@ -51,20 +52,7 @@ def make_steps(models: list[str], *, input_size: int = 32, stem: str = "small", 
         optimizer = torch.optim.SGD(param_groups(method, recipe), lr=0.01, momentum=0.9)
         scaler = mixed_precision(dev, amp)[2]  # one scaler per optimiser
         method.train()
-
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
-                loss = method(batch)["loss"]
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-
-        return step
+        return functools.partial(train_step, method, batch, optimizer, autocast=(use_amp, amp_dtype), scaler=scaler)
 
     steps = {}
     for net, name in zip(il_cohort.networks, il_cohort.names):

@@ -196,7 +196,8 @@ def load_stream(recipe, source: str, device) -> "LoadedData":
     test = StreamSplit(source, cfg.test_split, train=False, limit=cfg.test_limit, **common)
     # StreamSplit.batches reads its labels from `labels`: re-numbered there, evaluation uses the training classes
     test.labels = on_classes(test.labels, test.class_names, train.class_names,
-                             what=f"the evaluation images (split '{cfg.test_split}')", lacking="the training images lack")
+                             what=f"the evaluation images (split '{cfg.test_split}')",
+                             lacking="the training images lack")
     test.class_names = list(train.class_names)
 
     mean, std = normalization(recipe, channels=3)  # streamed images are always RGB

@@ -32,7 +32,19 @@ class Batch:
 
 
 class Method(nn.Module):
-    """Base: owns the cohort, so that `parameters()` of the method is everything the optimiser trains."""
+    """Base: owns the cohort, so that `parameters()` of the method is everything the optimiser trains.
+
+    A method takes the cohort and, as keyword arguments, the recipe sections it names in `recipe_sections` (typed:
+    `cl=CLConfig`, `kd=KDConfig`, ...); it sees nothing else of the recipe. What the one training loop asks of it:
+
+    - `input`: "siamese" (every network gets the same batch) or "different" (each network a partner image);
+    - `active_network(step)`: the one network a step updates (iterative training), or None for all of them;
+    - `set_epoch(epoch)`: called at the start of every epoch (staged methods, warm-ups);
+    - `task_state()` / `load_task_state(state)`: what a checkpoint keeps besides the parameters (W2 caches);
+    - `progress_parts`: loss parts shown next to each network's classification loss (`{i}/cls`, which every method
+      logs) in the live progress, {part: label};
+    - `forward(batch)` -> {"loss", "logits": one tensor per network, "parts": {"{i}/<part>": loss term}}.
+    """
 
     name = "base"
     uses_mkb = False          # build the networks with MKB halves attached
@@ -44,11 +56,34 @@ class Method(nn.Module):
     # The method sections of the recipe (cl, kd, dml, fitnets, wel) it reads: `clcli compare` reuses a finished run
     # when only other methods' sections changed (e.g. a CL variant reuses the IL runs of its seed).
     recipe_sections: tuple[str, ...] = ()
+    progress_parts: dict[str, str] = {}
+    input = "siamese"
+    iterative = False         # update one network per step, in turn (cl.manner: iterative)
 
-    def __init__(self, cohort, recipe):
+    def __init__(self, cohort):
         super().__init__()
         self.cohort = cohort
-        self.recipe = recipe
+
+    def active_network(self, step: int) -> int | None:
+        return step % len(self.cohort.networks) if self.iterative else None
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def task_state(self) -> dict:
+        return {}
+
+    def load_task_state(self, state: dict) -> None:
+        pass
+
+    def placement_refusal(self) -> str | None:
+        """Why the method cannot run with one network per process (train.placement per-network), or None."""
+        if not self.per_network:
+            return (f"method '{self.name}' cannot run with one network per process (train.placement per-network: il, "
+                    f"cl); use train.placement replicated")
+        if self.iterative:
+            return "cl.manner iterative updates one network at a time: use train.placement replicated"
+        return None
 
     def forward(self, batch: Batch) -> dict:
         raise NotImplementedError
@@ -67,7 +102,9 @@ def get(name: str) -> type[Method]:
 
 
 def create(name: str, cohort, recipe) -> Method:
-    return get(name)(cohort, recipe)
+    """Method `name` on `cohort`, given the recipe sections it reads."""
+    cls = get(name)
+    return cls(cohort, **{section: getattr(recipe, section) for section in cls.recipe_sections})
 
 
 def uses_mkb(name: str) -> bool:

@@ -31,12 +31,13 @@ class KnowledgeDistillation(Method):
     needs_teacher = True
     recipe_sections = ("kd",)
 
-    def __init__(self, cohort, recipe):
-        super().__init__(cohort, recipe)
+    def __init__(self, cohort, *, kd):
+        super().__init__(cohort)
         if len(cohort.networks) < 2:
             raise ClcliError(f"{self.name} needs a teacher and at least one student: give 2 or more models")
-        if not 0.0 <= recipe.kd.weight <= 1.0:
-            raise ClcliError(f"kd.weight must be between 0 and 1, got {recipe.kd.weight}")
+        if not 0.0 <= kd.weight <= 1.0:
+            raise ClcliError(f"kd.weight must be between 0 and 1, got {kd.weight}")
+        self.weight, self.temperature = kd.weight, kd.temperature
         self.teacher.requires_grad_(False)  # frozen: no gradient, no weight decay, no BN statistics (eval mode)
         self.teacher.eval()
 
@@ -50,7 +51,6 @@ class KnowledgeDistillation(Method):
         return self
 
     def forward(self, batch: Batch) -> dict:
-        cfg = self.recipe.kd
         self.teacher.eval()
         with torch.no_grad():
             t = self.teacher(batch.images[0])
@@ -59,7 +59,7 @@ class KnowledgeDistillation(Method):
         total = 0.0
         for i in range(1, len(logits)):
             cls = F.cross_entropy(logits[i], batch.targets[i])
-            kd = distillation_loss(logits[i], t, cfg.temperature)
+            kd = distillation_loss(logits[i], t, self.temperature)
             parts[f"{i}/cls"], parts[f"{i}/kd"] = cls, kd
-            total = total + (1.0 - cfg.weight) * cls + cfg.weight * kd
+            total = total + (1.0 - self.weight) * cls + self.weight * kd
         return {"loss": total, "logits": logits, "parts": parts}

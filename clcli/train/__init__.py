@@ -19,7 +19,7 @@ from clcli.evaluation import evaluate
 
 from . import _dist
 from ._dist import resolve_device
-from ._loop import fit, mixed_precision, param_groups
+from ._loop import fit, mixed_precision, param_groups, train_step
 
 def _resolve_pretrained_input(recipe) -> list[str]:
     """input_size None becomes the first model's pretrained input size (images are decoded at that size). Returns
@@ -239,5 +239,5 @@ def _apply_threads(recipe) -> None:
         torch.set_num_threads(recipe.train.threads)
 
 
-__all__ = ["train", "resume", "fit", "param_groups", "mixed_precision", "load_data", "evaluate", "build_cohort", "Cohort", "Data", "LoadedData",
-           "resolve_device"]
+__all__ = ["train", "resume", "fit", "train_step", "param_groups", "mixed_precision", "resolve_device", "load_data",
+           "evaluate", "build_cohort", "Cohort", "Data", "LoadedData"]

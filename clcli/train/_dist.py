@@ -131,11 +131,9 @@ def check(d: Dist, method, recipe, n_nets: int, batch_size: int, scaler) -> None
     if d.world != n_nets:
         raise ClcliError(f"train.placement per-network runs one network per process: start {n_nets} processes "
                          f"(torchrun --nproc-per-node {n_nets}), not {d.world}")
-    if not method.per_network:
-        raise ClcliError(f"method '{method.name}' cannot run with one network per process (train.placement "
-                         f"per-network: il, cl); use train.placement replicated")
-    if recipe.cl.manner == "iterative" and method.uses_mkb:
-        raise ClcliError("cl.manner iterative updates one network at a time: use train.placement replicated")
+    refusal = method.placement_refusal()
+    if refusal:
+        raise ClcliError(refusal)
     if scaler is not None:
         raise ClcliError("train.placement per-network needs bf16 autocast (this GPU has no bf16): set "
                          "train.amp=false")
