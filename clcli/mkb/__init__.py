@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from clcli.errors import ClcliError
 
-from .spec import EMBEDDING, HalfSpec, MKBSpec, size_mkb
+from .spec import EMBEDDING, FUSIONS, HalfSpec, MKBSpec, size_mkb
 
 PREFIX = "mkb"
 
@@ -134,4 +134,4 @@ def embeddings(model) -> dict:
 
 
 __all__ = ["attach", "half_plans", "embeddings", "splice", "init_gates", "HalfPlan", "MKBSpec", "HalfSpec",
-           "size_mkb", "PREFIX", "EMBEDDING", "site_name", "is_shared"]
+           "size_mkb", "PREFIX", "EMBEDDING", "FUSIONS", "site_name", "is_shared"]
