@@ -46,6 +46,13 @@ class Run:
         return [cls.open(p) for p in subruns]
 
     @classmethod
+    def pick(cls, path: str | Path) -> "Run":
+        """The run a folder stands for: the folder's own run, or of its per-method runs the CL one (else the
+        first); what `clcli export` exports."""
+        runs = cls.children(path)
+        return next((r for r in runs if r.path.name == "cl"), runs[0])
+
+    @classmethod
     def latest(cls, root: str | Path = "runs") -> "Run":
         """The run under `root` whose run.json changed last."""
         root = Path(root)
@@ -118,6 +125,16 @@ class Run:
 
     def metrics(self) -> list[dict]:
         return read_metrics(self.path)
+
+
+def free_folder(name: str, root: str | Path = "runs") -> Path:
+    """<root>/<name>, or <root>/<name>-2, -3, ... when taken: a default never replaces an earlier run."""
+    base = Path(root) / name
+    candidate, k = base, 1
+    while candidate.exists():
+        k += 1
+        candidate = base.with_name(f"{base.name}-{k}")
+    return candidate
 
 
 def read_recipe(path: Path):

@@ -6,6 +6,7 @@ too). A recipe is named by its file stem or given as a path.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -337,6 +338,61 @@ def from_dict(raw: dict, where: str = "recipe") -> Recipe:
     return _build(Recipe, raw, where)
 
 
+# What `pretrained=True` changes before the user's overrides (which still win): the weights expect their own input
+# size, normalisation and ImageNet stem.
+PRETRAINED_OVERRIDES = ["pretrained=true", "input_size=null", "data.normalize=pretrained", "stem=imagenet"]
+
+
+def resolve(recipe: str | None = None, *, data: str | None = None, val: str | None = None,
+            val_fraction: float | None = None, models: list[str] | None = None, pretrained: bool = False,
+            weights: dict[str, str] | list[str] | None = None, methods: list[str] | str | None = None,
+            epochs: int | None = None, seed: int | None = None, placement: str | None = None,
+            overrides: list[str] | None = None) -> Recipe:
+    """The recipe `clcli train` trains with these options (the same names as its flags; `overrides` are `--set`).
+
+    Without `recipe`: 'finetune' when starting from pretrained or given weights, else 'quickstart'. A local `data` or
+    `val` folder and weight files become absolute paths, so the run folder works from anywhere. `weights` maps a model
+    name to a file (or is a list of MODEL=FILE)."""
+    sets = (list(PRETRAINED_OVERRIDES) if pretrained else []) + list(overrides or [])
+    if models is not None:
+        sets.append(f"models=[{', '.join(models)}]")
+    if methods is not None:
+        sets.append(f"methods=[{methods if isinstance(methods, str) else ', '.join(methods)}]")
+    for key, value in (("train.epochs", epochs), ("train.seed", seed), ("train.placement", placement),
+                       ("data.val_fraction", val_fraction)):
+        if value is not None:
+            sets.append(f"{key}={value}")
+    for key, value in (("data.source", data), ("data.val_source", val)):
+        if value is not None:
+            sets.append(f"{key}={json.dumps(_local_or_hub(value))}")
+    files = _weight_files(weights)
+    if files:
+        sets.append(f"weights={json.dumps(files)}")
+    if recipe is None:
+        recipe = "finetune" if pretrained or files else "quickstart"
+    return load(recipe, sets)
+
+
+def _local_or_hub(source: str) -> str:
+    """A local folder as an absolute path; anything else (a hub id) as given."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
+
+
+def _weight_files(weights: dict[str, str] | list[str] | None) -> dict[str, str]:
+    """{model: absolute file} from a mapping or from MODEL=FILE strings (model names may contain dots)."""
+    if isinstance(weights, dict):
+        pairs = list(weights.items())
+    else:
+        pairs = []
+        for pair in weights or []:
+            name, sep, file = pair.partition("=")
+            if not sep or not name or not file:
+                raise ClcliError(f"--weights expects MODEL=FILE, got '{pair}'")
+            pairs.append((name, file))
+    return {name: str(Path(file).expanduser().resolve()) for name, file in pairs}
+
+
 __all__ = ["Recipe", "DataConfig", "CLConfig", "TrainConfig", "KDConfig", "DMLConfig", "FitNetsConfig", "WELConfig",
-           "load", "from_dict", "find", "builtin_names",
+           "load", "from_dict", "resolve", "find", "builtin_names", "PRETRAINED_OVERRIDES",
            "apply_override", "RECIPE_VERSION"]
