@@ -199,3 +199,29 @@ def test_evaluation_builds_no_autograd_graph():
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     evaluate(net, images, torch.zeros(4, dtype=torch.int64), (0.5,) * 3, (0.25,) * 3)
     assert grad_enabled == [False]
+
+
+def test_a_distance_registered_in_python_trains_from_a_recipe(tmp_path):
+    from clcli import losses, recipes
+
+    calls = []
+
+    @losses.register_metric("half_l2", symmetric=True)
+    def half_l2(a, b):
+        calls.append(a.shape)
+        return 0.5 * losses.METRICS["l2"](a, b)
+
+    try:
+        path = tmp_path / "half.yaml"
+        path.write_text("models: [test_resnet, test_efficientnet]\nmethods: [cl]\ncl: {metric: half_l2}\n"
+                        "data: {source: 'builtin:quickstart', train_limit: 64, test_limit: 64}\n"
+                        "train: {epochs: 1, batch_size: 32, log_every: 1, threads: 2}\n")
+        train_lib.train(recipes.load(str(path)), tmp_path / "run", show_progress=False)
+        steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        assert calls and steps[0]["0/metric"] > 0  # the registered distance is what the metric loss computed
+        assert json.loads((tmp_path / "run" / "plan.json").read_text())["fuse"] == "mul"  # fusion kept with the plan
+    finally:
+        losses.METRICS.pop("half_l2")
+        losses.SYMMETRIC.discard("half_l2")
+    with pytest.raises(ClcliError, match="'cl.metric' must be one of"):
+        recipes.load(str(path))
