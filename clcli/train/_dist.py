@@ -30,8 +30,6 @@ from torch import nn
 from clcli import mkb
 from clcli.errors import ClcliError
 
-PLACEMENTS = ("replicated", "per-network")
-
 
 @dataclass(frozen=True)
 class Dist:
