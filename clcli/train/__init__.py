@@ -5,9 +5,7 @@ Public API: `train`, `resume`, `fit`, `train_step`; re-exported for convenience:
 """
 from __future__ import annotations
 
-import json
 import platform
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from clcli import _io
@@ -107,7 +105,6 @@ def _run_dirs(recipe, out: Path) -> list[tuple[str, Path]]:
 def train(recipe, out: str | Path, *, plan_path: str | None = None, force: bool = False,
           show_progress: bool = True, console=None) -> dict[str, dict]:
     """Train every method of `recipe`; returns {method: summary}. Each method gets its own run folder."""
-    import torch
     import yaml
 
     from clcli import methods

@@ -6,7 +6,6 @@ import os
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,7 +19,6 @@ from clcli.errors import ClcliError
 from clcli.evaluation import evaluate
 
 from . import _dist
-from ._dist import resolve_device
 
 
 def param_groups(method: nn.Module, recipe) -> list[dict]:
