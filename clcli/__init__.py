@@ -3,7 +3,7 @@
 Public API: `clcli.probe.plan(...)`, `clcli.mkb.attach(...)`, `clcli.load(path)`.
 Heavy libraries (torch, timm, datasets) are imported inside the functions that need them.
 """
-__version__ = "0.1.0"
+from clcli.version import __version__
 
 
 def load(path: str, *, device: str = "cpu"):

@@ -2,7 +2,7 @@
 
 `run(models)` measures, in one process:
 
-- the training step (forward, backward, SGD step with momentum and weight decay, as in `clcli train`) of network A
+- the training step (`clcli.train.train_step`: forward, backward, SGD step with momentum and weight decay) of network A
   alone, network B alone and the CL cohort (both networks with their MKBs and every loss, siamese input,
   simultaneous), all on the same batch and in alternating rounds so that all three see the same machine. It reports
   medians of wall time (with a device synchronisation around each step on CUDA) and, on the CPU, of the process's
@@ -17,6 +17,7 @@
 """
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 
@@ -32,10 +33,9 @@ def make_steps(models: list[str], *, input_size: int = 32, stem: str = "small", 
     import torch
 
     from clcli import probe, recipes
+    from clcli.cohort import Cohort, build_cohort, compile_networks
     from clcli.methods import Batch, create
-    from clcli.train import Cohort, build_cohort, resolve_device
-    from clcli.train._cohort import compile_networks
-    from clcli.train._loop import _param_groups, mixed_precision
+    from clcli.train import mixed_precision, param_groups, resolve_device, train_step
 
     dev = resolve_device(device)
     plan = probe.plan(models, input_size, stem=stem)
@@ -54,23 +54,10 @@ def make_steps(models: list[str], *, input_size: int = 32, stem: str = "small", 
     n = len(models)
 
     def step_fn(method, batch):
-        optimizer = torch.optim.SGD(_param_groups(method, recipe), lr=0.01, momentum=0.9)
+        optimizer = torch.optim.SGD(param_groups(method, recipe), lr=0.01, momentum=0.9)
         scaler = mixed_precision(dev, amp)[2]  # one scaler per optimiser
         method.train()
-
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
-                loss = method(batch)["loss"]
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-
-        return step
+        return functools.partial(train_step, method, batch, optimizer, autocast=(use_amp, amp_dtype), scaler=scaler)
 
     steps = {}
     for net, name in zip(il_cohort.networks, il_cohort.names):
@@ -131,8 +118,7 @@ def pipeline_batches(images, labels, *, batch_size: int, augment: str = "crop_fl
     images: seeded epoch order, uint8 gather on the images' device, batch augmentation, normalisation."""
     import torch
 
-    from clcli.data import BatchAugment, channel_stats, epoch_batches
-    from clcli.train._loop import to_input
+    from clcli.data import BatchAugment, channel_stats, epoch_batches, to_input
 
     dev = images.device
     mean, std = channel_stats(images.cpu())

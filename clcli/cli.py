@@ -72,40 +72,6 @@ def probe(
     print_plan(_console(), result)
 
 
-def _data_override(data: str, key: str = "data.source") -> str:
-    """`--data` (or `--val`) as a recipe override; a local folder becomes absolute so the run folder works from
-    anywhere."""
-    if Path(data).expanduser().exists():
-        data = str(Path(data).expanduser().resolve())
-    return f"{key}={json.dumps(data)}"
-
-
-def _weights_override(pairs: List[str]) -> str:
-    """`--weights NAME=FILE ...` as one `weights={...}` override (model names may contain dots: resnet18.a1_in1k)."""
-    weights = {}
-    for pair in pairs:
-        name, sep, file = pair.partition("=")
-        if not sep or not name or not file:
-            raise ClcliError(f"--weights expects MODEL=FILE, got '{pair}'")
-        weights[name] = str(Path(file).expanduser().resolve())
-    return f"weights={json.dumps(weights)}"
-
-
-# What --pretrained changes before the user's --set (which still wins): the weights expect their own input size,
-# normalisation and ImageNet stem.
-_PRETRAINED_SETS = ["pretrained=true", "input_size=null", "data.normalize=pretrained", "stem=imagenet"]
-
-
-def _free_run_dir(name: str) -> Path:
-    """runs/<name>, or runs/<name>-2, -3, ... when taken: a default never replaces an earlier run."""
-    base = Path("runs") / name
-    candidate, k = base, 1
-    while candidate.exists():
-        k += 1
-        candidate = base.with_name(f"{base.name}-{k}")
-    return candidate
-
-
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 def train(
     ctx: typer.Context,
@@ -137,38 +103,20 @@ def train(
     """Train networks together with MKBs (or with a baseline method) and write a run folder."""
     from clcli import recipes
     from clcli import train as train_lib
+    from clcli.run import free_folder
 
     console = _console()
     if resume is not None:
         results = train_lib.resume(resume, show_progress=not no_progress, console=console)
         _print_results(console, results)
         return
-    sets = (_PRETRAINED_SETS if pretrained else []) + list(overrides)
-    if models is not None:
-        names = [models, *ctx.args]
-        sets += [f"models=[{', '.join(names)}]"]
-    elif ctx.args:
+    if models is None and ctx.args:
         raise ClcliError(f"unexpected arguments: {' '.join(ctx.args)}")
-    if method is not None:
-        sets.append(f"methods=[{method}]")
-    if epochs is not None:
-        sets.append(f"train.epochs={epochs}")
-    if seed is not None:
-        sets.append(f"train.seed={seed}")
-    if placement is not None:
-        sets.append(f"train.placement={placement}")
-    if data is not None:
-        sets.append(_data_override(data))
-    if val is not None:
-        sets.append(_data_override(val, "data.val_source"))
-    if val_fraction is not None:
-        sets.append(f"data.val_fraction={val_fraction}")
-    if weights:
-        sets.append(_weights_override(weights))
-    if recipe is None:
-        recipe = "finetune" if pretrained or weights else "quickstart"
-    rec = recipes.load(recipe, sets)
-    run_dir = out if out is not None else _free_run_dir(rec.name)
+    rec = recipes.resolve(recipe, data=data, val=val, val_fraction=val_fraction,
+                          models=[models, *ctx.args] if models is not None else None, pretrained=pretrained,
+                          weights=weights, methods=method, epochs=epochs, seed=seed, placement=placement,
+                          overrides=overrides)
+    run_dir = out if out is not None else free_folder(rec.name)
     results = train_lib.train(rec, run_dir, plan_path=str(plan) if plan else None, force=force,
                               show_progress=not no_progress, console=console)
     _print_results(console, results)
@@ -257,12 +205,11 @@ def export(
     from rich.table import Table
 
     from clcli.export import export_run
-    from clcli.train._run import latest_run, method_runs
+    from clcli.run import Run
 
     if not split:
         raise ClcliError("only --split export exists: each network is written on its own")
-    runs = method_runs(run if run is not None else latest_run())
-    run_dir = next((p for p in runs if p.name == "cl"), runs[0])  # of a multi-method folder, the CL run
+    run_dir = Run.pick(run if run is not None else Run.latest().path).path
     console = _console()
     index = export_run(run_dir, out, plain=plain, hub_folder=hub_folder, measure=measure, force=force)
     if index["status"] != "finished":
@@ -428,14 +375,9 @@ def compare(
     from clcli import recipes
     from clcli.compare import compare as compare_lib, parse_methods
 
-    sets = list(overrides)
-    if epochs is not None:
-        sets.append(f"train.epochs={epochs}")
-    if data is not None:
-        sets.append(_data_override(data))
     names = parse_methods(methods)
     console = _console()
-    loaded = recipes.load(recipe, sets)
+    loaded = recipes.resolve(recipe, data=data, epochs=epochs, overrides=overrides)
     out = out if out is not None else Path("reports") / loaded.name
     result = compare_lib(loaded, names, seeds, out, show_progress=not no_progress,
                          console=console)

@@ -27,7 +27,7 @@ from clcli.models import network_labels
 LABELS = {"il": "IL", "el": "EL", "kd": "DL (1→2)", "fitnets": "HL (1→2)", "dml": "DML", "wel": "WEL",
           "mkb-solo": "MKB (w/o CL)", "cl": "CL"}
 ORDER = list(LABELS)
-NEEDS_TEACHER = ("kd", "fitnets")
+COMPUTED = ("el",)  # rows computed from the IL runs, not trained
 # How a run is executed, not what it computes: a change here does not make a finished run stale.
 _IGNORED_KEYS = ("kd.teacher", "train.device", "train.threads", "train.log_every")
 
@@ -48,9 +48,10 @@ def parse_methods(text: str) -> list[str]:
     names = [m.strip() for m in text.split(",") if m.strip()]
     if not names:
         raise ClcliError("--methods is empty")
-    unknown = [m for m in names if m not in methods.METHODS]
+    known = {*methods.METHODS, *COMPUTED}
+    unknown = [m for m in names if m not in known]
     if unknown:
-        raise ClcliError(f"unknown method '{unknown[0]}'; available: {', '.join(sorted(methods.METHODS))}")
+        raise ClcliError(f"unknown method '{unknown[0]}'; available: {', '.join(sorted(known))}")
     return list(dict.fromkeys(names))
 
 
@@ -64,16 +65,14 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _check_same_recipe(recipe, run_dir: Path, method: str) -> None:
+def _check_same_recipe(recipe, run) -> None:
     """A finished or unfinished run is reused only if it was trained with this recipe. Keys that do not change what
     is computed (_IGNORED_KEYS) and the sections of other methods (a CL variant's `cl.*` for an IL run) may differ."""
-    import yaml
+    from clcli import methods
 
-    from clcli import methods, recipes
-
-    stored = recipes.from_dict(yaml.safe_load((run_dir / "recipe.yaml").read_text()), str(run_dir / "recipe.yaml"))
+    run_dir, stored = run.path, run.recipe
     old, new = _flat(stored.to_dict()), _flat(recipe.to_dict())
-    foreign = set(methods.METHOD_SECTIONS) - set(methods.METHODS[method].recipe_sections)
+    foreign = set(methods.METHOD_SECTIONS) - set(methods.get(run.method).recipe_sections)
     for key in sorted(set(old) | set(new)):
         if key.split(".")[0] in foreign:
             continue
@@ -82,24 +81,31 @@ def _check_same_recipe(recipe, run_dir: Path, method: str) -> None:
                              f"{new.get(key)!r}; give another --out or delete that folder")
 
 
+def _needs_teacher(method: str) -> bool:
+    from clcli import methods
+
+    return method in methods.METHODS and methods.METHODS[method].needs_teacher
+
+
 def _run_recipe(base, method: str, seed: int, teacher: Path):
     from clcli import recipes
 
     r = recipes.from_dict(base.to_dict())
     r.methods, r.train.seed = [method], seed
-    if method in NEEDS_TEACHER:
+    if _needs_teacher(method):
         r.kd.teacher = str(teacher.resolve())
     return r
 
 
-def _ensure_run(recipe, method: str, run_dir: Path, progress: "_GridProgress") -> str:
+def _ensure_run(recipe, run_dir: Path, progress: "_GridProgress") -> str:
     """Train, resume or reuse one run folder; returns what was done."""
     from clcli import train as train_lib
-    from clcli.train import _run
+    from clcli.run import Run
 
     if (run_dir / "run.json").is_file():
-        _check_same_recipe(recipe, run_dir, method)
-        if _run.read_json(run_dir / "run.json").get("status") == "finished":
+        run = Run.open(run_dir)
+        _check_same_recipe(recipe, run)
+        if run.finished:
             return "reused"
         train_lib.resume(run_dir, show_progress=progress.enabled, console=progress.console)
         return "resumed"
@@ -109,18 +115,33 @@ def _ensure_run(recipe, method: str, run_dir: Path, progress: "_GridProgress") -
 
 
 def _read_run(method: str, seed: int, run_dir: Path) -> RunResult:
-    from clcli.train import _run
+    from clcli.run import Run
 
-    info = _run.read_json(run_dir / "run.json")
+    run = Run.open(run_dir)
+    info = run.info
     names = network_labels(list(info["models"]))
     curve = [(int(r["step"]), [float(r["test_acc"][n]) for n in names])
-             for r in _run.read_metrics(run_dir) if r.get("type") == "epoch"]
+             for r in run.metrics() if r.get("type") == "epoch"]
     return RunResult(method, seed, run_dir, names, [float(info["test_acc"][n]) for n in names], curve)
 
 
-def _ensemble(il_dir: Path, cache: Path) -> float:
-    from clcli.methods.el import ensemble_accuracy
+def ensemble_accuracy(run_dir: str | Path) -> float:
+    """EL accuracy (%) of a finished run's networks (the IL run, for the paper's EL row) on its test split: their
+    softmax probabilities averaged. (The paper adds a trainable FC layer on the combined predictions; averaging the
+    probabilities is the parameter-free version.)"""
+    import torch
 
+    from clcli import evaluation
+    from clcli.data import load_data
+    from clcli.run import Run
+
+    run = Run.open(run_dir)
+    data = load_data(run.recipe, torch.device("cpu"))
+    return evaluation.ensemble_accuracy(list(run.cohort().networks), data.test_images, data.test_labels,
+                                        run.info["mean"], run.info["std"])
+
+
+def _ensemble(il_dir: Path, cache: Path) -> float:
     stamp = (il_dir / "checkpoint.pt").stat().st_mtime_ns
     if cache.is_file():
         saved = json.loads(cache.read_text())
@@ -187,7 +208,7 @@ def _table_md(recipe, seeds: list[int], names: list[str], il_final: list[float],
     notes = []
     if "el" in order:
         notes.append("EL: the IL networks' averaged softmax probabilities, one number.")
-    if any(m in order for m in NEEDS_TEACHER):
+    if any(_needs_teacher(m) for m in order):
         notes.append(f"DL/HL: network 1 ({names[0]}) is the IL network of the same seed, frozen as the teacher.")
     if label_note(order):
         note = label_note(order, code="`")
@@ -229,7 +250,7 @@ def compare(recipe, methods: list[str], seeds: int, out: str | Path, *, show_pro
         raise ClcliError(f"--seeds must be at least 1, got {seeds}")
     out = Path(out)
     seed_list = [recipe.train.seed + k for k in range(seeds)]
-    trained = ["il"] + [m for m in methods if m not in ("il", "el")]
+    trained = ["il"] + [m for m in methods if m != "il" and m not in COMPUTED]
     order = sorted(dict.fromkeys(["il", *methods]), key=lambda m: ORDER.index(m) if m in ORDER else len(ORDER))
     grid = [(m, s) for m in trained for s in seed_list]
     total = len(grid) + (len(seed_list) if "el" in methods else 0)
@@ -239,7 +260,7 @@ def compare(recipe, methods: list[str], seeds: int, out: str | Path, *, show_pro
     for m, s in grid:
         run_dir = out / "runs" / m / f"seed{s}"
         progress.start(f"{m} seed {s} → {run_dir}")
-        done = _ensure_run(_run_recipe(recipe, m, s, out / "runs" / "il" / f"seed{s}"), m, run_dir, progress)
+        done = _ensure_run(_run_recipe(recipe, m, s, out / "runs" / "il" / f"seed{s}"), run_dir, progress)
         runs[m].append(_read_run(m, s, run_dir))
         progress.advance(f"{m} seed {s}: {done}, test acc " + " / ".join(f"{a:.2f}" for a in runs[m][-1].test_acc))
     if "el" in methods:

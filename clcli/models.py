@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass
 
 from clcli.errors import ClcliError, one_line
 
+STEMS = ("imagenet", "small")  # as timm builds it, or stride 1 without stem pooling (small inputs)
+
 
 def network_labels(names: list[str]) -> list[str]:
     """What tells the networks of a cohort apart in tables, metrics, run.json, export file names and per-network

@@ -121,13 +121,14 @@ def _run_series(run_dir: Path) -> dict:
     from a run folder's run.json and metrics.jsonl. A step record holds each part's mean over the epoch so far, so the
     last step record of an epoch holds the epoch's mean."""
     from clcli.models import network_labels
-    from clcli.train import _run
+    from clcli.run import Run
 
-    info = _run.read_json(run_dir / "run.json")
+    run = Run.open(run_dir)
+    info = run.info
     names = network_labels(list(info["models"]))
     last_step: dict[int, dict] = {}
     epochs = []
-    for record in _run.read_metrics(run_dir):
+    for record in run.metrics():
         if record.get("type") == "step":
             last_step[int(record["epoch"])] = record
         elif record.get("type") == "epoch":
@@ -199,11 +200,11 @@ def report(runs: list[str | Path], out: str | Path | None = None) -> tuple[Path,
     """`clcli report`: the run folders (a multi-method folder gives each method's run) drawn together. Default
     picture: `<RUN>/curves.png` for one folder, else the first free `report.png`, `report-2.png`, ... here.
     Returns (path, size in pixels, the run folders drawn)."""
-    from clcli.train import _run
+    from clcli.run import Run
 
     if not runs:
         raise ClcliError("give at least one run folder")
-    run_dirs = [sub for r in runs for sub in _run.method_runs(Path(r))]
+    run_dirs = [run.path for r in runs for run in Run.children(r)]
     if not any((r / "metrics.jsonl").is_file() for r in run_dirs):
         raise ClcliError(f"no metrics.jsonl in {', '.join(map(str, run_dirs))}: nothing to draw")
     if out is None:

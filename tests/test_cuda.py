@@ -15,10 +15,9 @@ import torch
 
 import clcli
 from clcli import export, probe, recipes
-from clcli.export import _cohort_from_run
 from clcli.methods import Batch, create
-from clcli.train import build_cohort, train
-from clcli.train._loop import mixed_precision
+from clcli.run import Run
+from clcli.train import build_cohort, mixed_precision, train
 
 from _helpers import TINY, tiny_args, tiny_recipe
 
@@ -115,7 +114,7 @@ def test_export_of_a_cuda_run_loads_on_the_cpu_and_agrees(cuda_run, tmp_path):
     200 test images) of what the CUDA run reported."""
     out, summary = cuda_run
     exported = export.export_run(out, tmp_path / "exp", measure=True)
-    _, _, _, cohort, _ = _cohort_from_run(out)
+    cohort = Run.pick(out).cohort()
     x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     for name, net in zip(cohort.labels, cohort.networks):
         on_cpu = clcli.load(tmp_path / "exp" / f"{name}.safetensors", device="cpu")

@@ -9,7 +9,7 @@ import clcli
 from clcli import export, probe
 from clcli.cli import app
 from clcli.errors import ClcliError
-from clcli.export import _cohort_from_run
+from clcli.run import Run
 from clcli.train import train
 
 from _helpers import tiny_recipe
@@ -26,7 +26,8 @@ def cl_run(tmp_path_factory):
 
 def _exact_round_trip(run_dir, out_dir, size=32):
     export.export_run(run_dir, out_dir, measure=False)
-    _, _, plan, cohort, _ = _cohort_from_run(run_dir)
+    run = Run.open(run_dir)
+    plan, cohort = run.plan, run.cohort()
     x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
     for name, net in zip(cohort.labels, cohort.networks):
         loaded = clcli.load(out_dir / f"{name}.safetensors")

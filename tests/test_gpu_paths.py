@@ -8,8 +8,7 @@ import torch
 
 from clcli import probe, recipes
 from clcli.methods import Batch, create
-from clcli.train import build_cohort, train
-from clcli.train._loop import mixed_precision
+from clcli.train import build_cohort, mixed_precision, train
 
 from _helpers import TINY, tiny_recipe
 

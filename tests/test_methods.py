@@ -13,7 +13,8 @@ from clcli.data import QUICKSTART_DIR
 from clcli.errors import ClcliError
 from clcli.methods import METHODS, Batch, create
 from clcli.train import build_cohort
-from clcli.train._loop import _param_groups, to_input
+from clcli.data import to_input
+from clcli.train import param_groups
 
 from _helpers import TINY
 
@@ -102,9 +103,9 @@ def test_dml_detaches_the_peers_targets(plan, batch):
 
 # --- KD --------------------------------------------------------------------------------------------------------------
 
-def test_kd_without_a_teacher_is_a_clear_error(plan):
+def test_kd_without_a_teacher_is_a_clear_error(tmp_path):
     with pytest.raises(ClcliError, match="train IL first"):
-        create("kd", _cohort(plan, "kd"), _recipe())
+        train_lib.train(_recipe(methods=("kd",)), tmp_path / "kd", show_progress=False)
 
 
 def test_kd_leaves_the_teacher_bit_identical_and_trains_the_student(grid):
@@ -136,7 +137,7 @@ def test_fitnets_regressor_fits_the_traced_taps_and_the_hint_loss_decreases(grid
     conv = method.regressors[0][-1]
     assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (student_tap.channels, teacher_tap.channels,
                                                                        (1, 1))
-    optimizer = torch.optim.SGD(_param_groups(method, recipe), lr=0.05, momentum=0.9)
+    optimizer = torch.optim.SGD(param_groups(method, recipe), lr=0.05, momentum=0.9)
     assert {id(p) for p in method.regressors.parameters()} <= {id(p) for g in optimizer.param_groups
                                                                for p in g["params"]}
     teacher_before = {k: v.clone() for k, v in method.teacher.state_dict().items()}
@@ -239,7 +240,7 @@ def test_wel_regresses_embedding_distances_on_cached_w2(plan, batch):
     assert torch.allclose(cache.get(idx, idx.roll(1, dims=0), raw, raw.roll(1, dims=0)), direct)
     out["loss"].backward()
     assert all(h.weight.grad is not None and h.weight.grad.abs().sum() > 0 for h in method.heads)
-    groups = _param_groups(method, _recipe())
+    groups = param_groups(method, _recipe())
     assert {id(p) for p in method.heads.parameters()} <= {id(p) for g in groups for p in g["params"]}
 
 
@@ -308,7 +309,7 @@ class _Lookup(torch.nn.Module):
 
 
 def test_el_averages_probabilities():
-    from clcli.methods.el import ensemble_accuracy_of
+    from clcli.evaluation import ensemble_accuracy
 
     a = [[-3.0, 4.0, 4.0], [0.0, 5.0, 0.0], [5.0, 0.0, 0.0]]
     b = [[3.0, -2.0, -1.0], [0.0, 5.0, 0.0], [0.0, 0.0, 6.0]]
@@ -322,12 +323,12 @@ def test_el_averages_probabilities():
     by_logits = [max(range(3), key=lambda c: a[k][c] + b[k][c]) for k in range(3)]
     assert by_hand == [0, 1, 2] and by_logits[0] == 2  # sample 0: averaging logits would answer differently
     images = torch.arange(3, dtype=torch.uint8).view(3, 1, 1, 1).expand(3, 3, 2, 2).contiguous()
-    acc = ensemble_accuracy_of([_Lookup(a), _Lookup(b)], images, torch.tensor(labels), (0.0,) * 3, (1.0,) * 3)
+    acc = ensemble_accuracy([_Lookup(a), _Lookup(b)], images, torch.tensor(labels), (0.0,) * 3, (1.0,) * 3)
     assert acc == pytest.approx(100.0 * sum(p == y for p, y in zip(by_hand, labels)) / 3)
 
 
 def test_el_is_not_trained_but_computed_from_the_il_runs(grid, tmp_path):
-    from clcli.methods.el import ensemble_accuracy
+    from clcli.compare import ensemble_accuracy
 
     with pytest.raises(ClcliError, match="clcli compare"):
         train_lib.train(_recipe(methods=("el",)), tmp_path / "el")

@@ -18,7 +18,7 @@ from clcli.cli import app
 from clcli.data import QUICKSTART_DIR, stratified_holdout
 from clcli.errors import ClcliError
 from clcli.train import build_cohort, evaluate, load_data
-from clcli.train._loop import to_input
+from clcli.data import to_input
 
 from _helpers import TINY
 
@@ -126,6 +126,29 @@ def test_image_folder_trains_end_to_end_with_a_held_out_split_and_skips_the_corr
     assert info["input_size"] == [32, 32] and info["starting_weights"]["test_efficientnet"] == "random"
     assert info["starting_weights"]["test_resnet"].startswith("file ")
     assert set(info["test_acc"]) == set(TINY)
+
+
+def test_python_alone_trains_exports_and_loads_what_the_cli_does(photos, weights_file, trained, exported,
+                                                                 tmp_path):
+    """`clcli train --weights ...` from Python: the same arguments give the same recipe, run and exported networks."""
+    from clcli.export import export_run
+    from clcli.run import Run
+    from clcli.train import train
+
+    recipe = recipes.resolve("quickstart", data=str(photos), models=TINY, val_fraction=0.25,
+                             weights=[f"test_resnet={weights_file[0]}"], epochs=1,
+                             overrides=["methods=[cl]", "train.batch_size=32", "train.threads=2"])
+    assert recipe.to_dict() == Run.open(trained[0]).recipe.to_dict()
+    train(recipe, tmp_path / "run", show_progress=False)
+    run = Run.pick(tmp_path / "run")
+    assert json.loads((run.path / "plan.json").read_text())["fuse"] == recipe.cl.fuse
+    export_run(run.path, tmp_path / "exported", measure=False)
+    for name in TINY:
+        ours = clcli.load(tmp_path / "exported" / f"{name}.safetensors")
+        theirs = clcli.load(exported / f"{name}.safetensors")
+        assert ours.clcli_manifest["mkb_halves"] and ours.clcli_manifest["class_names"] == CLASSES
+        mine, cli = ours.state_dict(), theirs.state_dict()
+        assert mine.keys() == cli.keys() and all(torch.equal(mine[k], cli[k]) for k in mine), name
 
 
 def test_stratified_holdout_is_per_class_seeded_and_disjoint():

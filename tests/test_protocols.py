@@ -18,7 +18,7 @@ from clcli.cli import app
 from clcli.data import QUICKSTART_DIR, BatchAugment, channel_stats
 from clcli.data._stream import StreamSplit
 from clcli.errors import ClcliError
-from clcli.train._loop import to_input
+from clcli.data import to_input
 
 runner = CliRunner()
 TINY = ["test_resnet", "test_efficientnet"]

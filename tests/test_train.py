@@ -151,7 +151,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
 def test_different_inputs_pair_images_the_same_way_every_epoch_so_w2_is_cached(tmp_path):
     from clcli import methods
     from clcli.train import load_data, resolve_device
-    from clcli.train._loop import fit
+    from clcli.train import fit
 
     recipe = tiny_recipe(epochs=2, input="different")
     recipe.data.train_limit = 64
@@ -223,3 +223,29 @@ def test_the_progress_shows_one_line_per_network():
     lines = buffer.getvalue().splitlines()
     assert any(line.strip().startswith("resnet10t") and "verification 2.000" in line for line in lines)
     assert any(line.strip().startswith("mobilenetv3_small_050") and "cls 2.000" in line for line in lines)
+
+
+def test_a_distance_registered_in_python_trains_from_a_recipe(tmp_path):
+    from clcli import losses, recipes
+
+    calls = []
+
+    @losses.register_metric("half_l2", symmetric=True)
+    def half_l2(a, b):
+        calls.append(a.shape)
+        return 0.5 * losses.METRICS["l2"](a, b)
+
+    try:
+        path = tmp_path / "half.yaml"
+        path.write_text("models: [test_resnet, test_efficientnet]\nmethods: [cl]\ncl: {metric: half_l2}\n"
+                        "data: {source: 'builtin:quickstart', train_limit: 64, test_limit: 64}\n"
+                        "train: {epochs: 1, batch_size: 32, log_every: 1, threads: 2}\n")
+        train_lib.train(recipes.load(str(path)), tmp_path / "run", show_progress=False)
+        steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        assert calls and steps[0]["0/metric"] > 0  # the registered distance is what the metric loss computed
+        assert json.loads((tmp_path / "run" / "plan.json").read_text())["fuse"] == "mul"  # fusion kept with the plan
+    finally:
+        losses.METRICS.pop("half_l2")
+        losses.SYMMETRIC.discard("half_l2")
+    with pytest.raises(ClcliError, match="'cl.metric' must be one of"):
+        recipes.load(str(path))

@@ -24,30 +24,12 @@ PLAIN_META_KEY = "clcli_plain"
 PLAIN_KEYS = ("model", "kwargs", "stem", "input_size", "mean", "std", "class_names")
 
 
-def _cohort_from_run(run_dir: Path):
-    import yaml
-
-    from clcli import methods, probe, recipes
-    from clcli.train import _run, build_cohort
-
-    info = _run.read_json(run_dir / "run.json")
-    recipe = recipes.from_dict(yaml.safe_load((run_dir / "recipe.yaml").read_text()), str(run_dir / "recipe.yaml"))
-    plan = probe.Plan.from_dict(_run.read_json(run_dir / "plan.json"))
-    state = _run.load_checkpoint(run_dir / _run.CHECKPOINT)
-    with_mkb = methods.uses_mkb(info["method"])
-    cohort = build_cohort(plan, num_classes=len(info["class_names"]), seed=recipe.train.seed, with_mkb=with_mkb,
-                          fuse=recipe.cl.fuse, shared_transfer=methods.METHODS[info["method"]].shared_transfer)
-    cohort_state = {k[len("cohort."):]: v for k, v in state["method"].items() if k.startswith("cohort.")}
-    cohort.load_state_dict(cohort_state)
-    info = dict(info, epochs_trained=int(state.get("epoch", 0)), epochs_planned=recipe.train.epochs)
-    return info, recipe, plan, cohort.eval(), with_mkb
-
-
-def _manifest(info, recipe, plan, index: int, with_mkb: bool, test_acc: float | None) -> dict:
+def _manifest(run, index: int, test_acc: float | None) -> dict:
     from clcli import mkb
 
+    info, recipe, plan = run.info, run.recipe, run.plan
     probe_m = plan.models[index]
-    halves = [h.to_dict() for h in mkb.half_plans(plan, index, recipe.cl.fuse)] if with_mkb else []
+    halves = [h.to_dict() for h in mkb.half_plans(plan, index, run.fuse)] if run.with_mkb else []
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -64,7 +46,7 @@ def _manifest(info, recipe, plan, index: int, with_mkb: bool, test_acc: float | 
         "cohort": plan.names,
         "recipe": recipe.to_dict(),
         "versions": info.get("versions", {}),
-        "epochs_trained": info["epochs_trained"],
+        "epochs_trained": int(run.state().get("epoch", 0)),
         "test_acc": test_acc,
     }
 
@@ -83,7 +65,7 @@ def _sha256(path: Path) -> str:
 
 
 def _measure(net, data) -> float:
-    from clcli.train import evaluate
+    from clcli.evaluation import evaluate
 
     return evaluate(net, data.test_images, data.test_labels, data.mean, data.std)["top1"]
 
@@ -118,22 +100,24 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, plain: bool = False,
     import torch
     from safetensors.torch import save_file
 
-    from clcli import __version__
-    from clcli.train import load_data
+    from clcli.version import __version__
+    from clcli.data import load_data
+    from clcli.run import Run
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    info, recipe, plan, cohort, with_mkb = _cohort_from_run(run_dir)
+    run = Run.open(run_dir)
+    info, cohort = run.info, run.cohort()
     if not force:
         for target in _targets(cohort.labels, out_dir, plain, hub_folder):
             if target.exists():
                 raise ClcliError(f"{target} already exists; use --force to replace it")
     earlier = _earlier_entries(out_dir)
-    data = load_data(recipe, torch.device("cpu")) if measure else None
+    data = load_data(run.recipe, torch.device("cpu")) if measure else None
     files = []
     for i, (name, net) in enumerate(zip(cohort.labels, cohort.networks)):
         target = out_dir / f"{name}.safetensors"
         acc = _measure(net, data) if data is not None else info.get("test_acc", {}).get(name)
-        manifest = _manifest(info, recipe, plan, i, with_mkb, acc)
+        manifest = _manifest(run, i, acc)
         manifest["clcli_version"] = __version__
         with _io.atomic_path(target) as tmp:
             save_file(_tensors(net.state_dict()), str(tmp), metadata={META_KEY: json.dumps(manifest)})
@@ -149,7 +133,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, plain: bool = False,
     _io.write_json(out_dir / "manifest.json", {"format": FORMAT, "format_version": FORMAT_VERSION,
                                                "networks": kept + files})
     return {"run": str(run_dir), "method": info["method"], "networks": files, "status": info.get("status"),
-            "epochs_trained": info["epochs_trained"], "epochs_planned": info["epochs_planned"]}
+            "epochs_trained": int(run.state().get("epoch", 0)), "epochs_planned": run.recipe.train.epochs}
 
 
 def _plain_state(net) -> dict:
@@ -297,8 +281,8 @@ def evaluate_export(path: str | Path, *, recipe: str | None = None, data: str | 
     import torch
 
     from clcli import recipes
-    from clcli.data import SplitNotFound, load_image_tensors
-    from clcli.train import evaluate, evaluation_split, load_data, on_classes
+    from clcli.data import SplitNotFound, evaluation_split, load_data, load_image_tensors, on_classes
+    from clcli.evaluation import evaluate
 
     net = load(path)
     manifest = net.clcli_manifest

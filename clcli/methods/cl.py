@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 
 from clcli import losses, mkb
-from clcli.errors import ClcliError
 
 from ._base import Batch, Method, register
 
@@ -35,17 +34,17 @@ class CollaborativeLearning(Method):
     per_network = True
     recipe_sections = ("cl",)
 
-    def __init__(self, cohort, recipe):
-        super().__init__(cohort, recipe)
-        cfg = recipe.cl
+    progress_parts = {"metric": "metric", "verification": "ver"}
+
+    def __init__(self, cohort, *, cl):
+        super().__init__(cohort)
+        cfg = cl
         self.alpha, self.metric, self.multi, self.input = cfg.alpha, cfg.metric, cfg.multi, cfg.input
+        self.iterative = cfg.manner == "iterative"
         self.w2_cache = losses.W2Cache(grid=cfg.w2_grid) if cfg.input == "different" else None
         self.full_alpha, self.alpha_warmup, self.verification_weight = cfg.alpha, cfg.alpha_warmup, \
             cfg.verification_weight
         self.soft_weight, self.soft_target, self.temperature = cfg.soft_weight, cfg.soft_target, cfg.temperature
-        if self.soft_weight > 0 and recipe.train.placement == "per-network":
-            raise ClcliError("cl.soft_weight needs every network's logits in each process: use train.placement "
-                             "replicated")
         if cfg.gate_init != 0.0:  # a fresh cohort; a resumed one gets its trained gates from the checkpoint
             for net in cohort.networks:
                 mkb.init_gates(net, cfg.gate_init)
@@ -54,6 +53,18 @@ class CollaborativeLearning(Method):
         """alpha ramps linearly from 0 at epoch 0 to its full value at epoch `alpha_warmup`."""
         if self.alpha_warmup > 0:
             self.alpha = self.full_alpha * min(1.0, epoch / self.alpha_warmup)
+
+    def placement_refusal(self) -> str | None:
+        if self.soft_weight > 0:
+            return "cl.soft_weight needs every network's logits in each process: use train.placement replicated"
+        return super().placement_refusal()
+
+    def task_state(self) -> dict:
+        return {"w2_cache": self.w2_cache.state_dict()} if self.w2_cache is not None else {}
+
+    def load_task_state(self, state: dict) -> None:
+        if self.w2_cache is not None and "w2_cache" in state:
+            self.w2_cache.load_state_dict(state["w2_cache"])
 
     def _metric(self, embeds: list[torch.Tensor], i: int, batch: Batch) -> torch.Tensor:
         if self.input == "siamese":

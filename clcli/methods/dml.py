@@ -18,9 +18,13 @@ from ._base import Batch, Method, register
 class DeepMutualLearning(Method):
     recipe_sections = ("dml",)
 
+    def __init__(self, cohort, *, dml):
+        super().__init__(cohort)
+        self.weight = dml.weight
+
     def forward(self, batch: Batch) -> dict:
         logits = self.cohort(batch.images, active=batch.active)
-        weight = self.recipe.dml.weight
+        weight = self.weight
         parts: dict[str, torch.Tensor] = {}
         total = 0.0
         for i, (out, target) in enumerate(zip(logits, batch.targets)):

@@ -55,8 +55,10 @@ class _Capture(nn.Module):
 class FitNets(KnowledgeDistillation):
     recipe_sections = ("kd", "fitnets", "cl")  # the hint is read at the plan's first MKB site
 
-    def __init__(self, cohort, recipe):
-        super().__init__(cohort, recipe)
+    def __init__(self, cohort, *, kd, fitnets, cl):
+        super().__init__(cohort, kd=kd)
+        del cl  # a section of its recipe only because the plan (cl.mkbs, cl.embedding, ...) places the hint
+        self.hint_weight, self.hint_epochs = fitnets.hint_weight, fitnets.hint_epochs
         plan = getattr(cohort, "plan", None)
         if plan is None or not plan.sites:
             raise ValueError("fitnets needs the cohort's probe plan with at least one site (cohort.plan)")
@@ -70,9 +72,9 @@ class FitNets(KnowledgeDistillation):
                 net.get_submodule(tap.module).register_forward_hook(
                     lambda module, inputs, output, i=i: self._features.__setitem__(i, output))
             else:  # a graph node (e.g. a residual add): spliced in by fx rewriting, as an MKB half would be
-                from clcli.mkb._rewrite import splice
+                from clcli import mkb
 
-                splice(net, {tap.node: _Capture(self._features, i)}, what="the FitNets hint capture")
+                mkb.splice(net, {tap.node: _Capture(self._features, i)}, what="the FitNets hint capture")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -85,10 +87,10 @@ class FitNets(KnowledgeDistillation):
 
     def forward(self, batch: Batch) -> dict:
         out = super().forward(batch)  # the KD terms; the hooks capture the tap features on the way
-        hint_stage = self.epoch < self.recipe.fitnets.hint_epochs
+        hint_stage = self.epoch < self.hint_epochs
         with torch.set_grad_enabled(hint_stage and torch.is_grad_enabled()):
             hints = {i: self.hint_loss(i) for i in range(1, len(self.taps))}
         out["parts"].update({f"{i}/hint": h for i, h in hints.items()})
         if hint_stage:
-            out["loss"] = self.recipe.fitnets.hint_weight * sum(hints.values())
+            out["loss"] = self.hint_weight * sum(hints.values())
         return out

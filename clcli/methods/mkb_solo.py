@@ -11,4 +11,8 @@ from .il import IndividualLearning
 class MKBWithoutCL(IndividualLearning):
     uses_mkb = True
     shared_transfer = False
-    recipe_sections = ("cl",)  # the MKB structure and fusion
+    recipe_sections = ("cl",)  # the MKB structure and fusion; the input and manner of CL, for a like comparison
+
+    def __init__(self, cohort, *, cl):
+        super().__init__(cohort)
+        self.input, self.iterative = cl.input, cl.manner == "iterative"

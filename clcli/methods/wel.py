@@ -32,15 +32,23 @@ def _pooled_width(net: nn.Module) -> int:
 class WassersteinEmbeddingLearning(Method):
     recipe_sections = ("wel",)
 
-    def __init__(self, cohort, recipe):
-        super().__init__(cohort, recipe)
-        cfg = recipe.wel
+    def __init__(self, cohort, *, wel):
+        super().__init__(cohort)
+        cfg = wel
+        self.weight = cfg.weight
         self.heads = nn.ModuleList(nn.Linear(_pooled_width(net), cfg.embedding) for net in cohort.networks)
         self.heads.to(next(cohort.parameters()).device)
         self.w2_cache = losses.W2Cache(grid=cfg.w2_grid, max_entries=_CACHE_ENTRIES)
         self._pooled: dict[int, torch.Tensor] = {}
         for i, net in enumerate(cohort.networks):
             net.get_classifier().register_forward_pre_hook(self._capture(i))
+
+    def task_state(self) -> dict:
+        return {"w2_cache": self.w2_cache.state_dict()}
+
+    def load_task_state(self, state: dict) -> None:
+        if "w2_cache" in state:
+            self.w2_cache.load_state_dict(state["w2_cache"])
 
     def _capture(self, i: int):
         def hook(module, inputs):
@@ -64,5 +72,5 @@ class WassersteinEmbeddingLearning(Method):
             wel = self.embedding_loss(i, batch)
             parts[f"{i}/cls"], parts[f"{i}/wel"] = cls, wel
             if batch.active is None or batch.active == i:
-                total = total + cls + self.recipe.wel.weight * wel
+                total = total + cls + self.weight * wel
         return {"loss": total, "logits": logits, "parts": parts}

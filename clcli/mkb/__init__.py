@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from clcli.errors import ClcliError
 
-from .spec import EMBEDDING, HalfSpec, MKBSpec, size_mkb
+from .spec import EMBEDDING, FUSIONS, HalfSpec, MKBSpec, size_mkb
 
 PREFIX = "mkb"
 
@@ -108,6 +108,14 @@ def _fusion_hook(half):
     return hook
 
 
+def splice(model, sites: dict, what: str = "an MKB") -> None:
+    """Rewrite `model`'s forward (fx) so that each graph node named in `sites` is followed by its module: the way to
+    hook a tap that no module outputs (a residual add, say). State-dict keys stay the model's own."""
+    from ._rewrite import splice as rewrite
+
+    rewrite(model, sites, what=what)
+
+
 def init_gates(model, scale: float) -> None:
     """Start every MKB half of `model` with gate 1 + elu(scale * BN(.)): the weight of each decoder's last
     BatchNorm. 0 (the default at construction) makes M = 0, so a mul-fused MKB starts as the identity."""
@@ -125,5 +133,5 @@ def embeddings(model) -> dict:
     return {name: half.embedding for name, half in container.items()}
 
 
-__all__ = ["attach", "half_plans", "embeddings", "init_gates", "HalfPlan", "MKBSpec", "HalfSpec", "size_mkb", "PREFIX",
-           "EMBEDDING", "site_name", "is_shared"]
+__all__ = ["attach", "half_plans", "embeddings", "splice", "init_gates", "HalfPlan", "MKBSpec", "HalfSpec",
+           "size_mkb", "PREFIX", "EMBEDDING", "FUSIONS", "site_name", "is_shared"]

@@ -5,9 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .spec import HalfSpec, MKBSpec
+from .spec import FUSIONS, HalfSpec, MKBSpec
 
-FUSIONS = ("mul", "add")
 
 
 class Encoder(nn.Sequential):

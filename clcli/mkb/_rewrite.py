@@ -43,12 +43,12 @@ class RewrittenForward:
 
 
 def _trace(model: nn.Module, training: bool) -> torch.fx.Graph:
-    from clcli.probe._graph import _concrete_args, _TimmTracer
+    from clcli.tracing import TimmTracer, concrete_args
 
     was_training = model.training
     model.train(training)
     try:
-        return _TimmTracer().trace(model, concrete_args=_concrete_args(model))
+        return TimmTracer().trace(model, concrete_args=concrete_args(model))
     except Exception as e:  # noqa: BLE001 - any fx failure is one line for the user
         raise ClcliError(f"{type(model).__name__}: fx cannot trace this model to splice into a graph node "
                          f"({one_line(e)}); choose a site whose tap is a module output (clcli probe lists them)"

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+FUSIONS = ("mul", "add")  # how the decoded gate meets the tap features: multiplied, or added
+
 EMBEDDING = 1024
 MAX_CODE_SIDE = 4
 MIN_CODE_CHANNELS = 8

@@ -9,12 +9,11 @@ from dataclasses import dataclass, field
 
 from clcli.errors import ClcliError
 from clcli.mkb.spec import EMBEDDING, MKBSpec, size_mkb
-from clcli.models import StemChange
+from clcli.models import STEMS, StemChange
 
 from ._taps import Tap
 
 PLAN_VERSION = 1
-STEMS = ("imagenet", "small")
 
 
 @dataclass

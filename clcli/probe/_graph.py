@@ -6,12 +6,13 @@ MACs) reads only this description, so it never cares which tracer ran.
 """
 from __future__ import annotations
 
-import inspect
 import re
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from clcli.tracing import TimmTracer, concrete_args
 
 
 @dataclass
@@ -30,42 +31,6 @@ class Graph:
     nodes: list[GNode]
     tracer: str                      # "fx" or "export"
     macs: int                        # multiply-accumulates of conv and linear layers for one image
-
-
-def _leaf_modules() -> tuple[type, ...]:
-    from timm.layers import get_notrace_modules
-
-    return tuple(m for m in get_notrace_modules() if isinstance(m, type))
-
-
-def _autowrap_functions() -> tuple:
-    from timm.layers import get_notrace_functions
-
-    return tuple(f for f in get_notrace_functions() if callable(f))
-
-
-class _TimmTracer(torch.fx.Tracer):
-    """fx tracer with timm's own no-trace modules and functions (what `timm.models.get_graph_node_names` uses)."""
-
-    def __init__(self) -> None:
-        super().__init__(autowrap_functions=_autowrap_functions())
-        self._leaves = _leaf_modules()
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, self._leaves):
-            return True
-        return super().is_leaf_module(m, module_qualified_name)
-
-
-def _concrete_args(model: nn.Module) -> dict:
-    """Fix every optional forward argument to its default, so fx takes the plain inference branch
-    (hiera's `mask=None` otherwise sends fx down the masking path)."""
-    params = list(inspect.signature(model.forward).parameters.values())[1:]
-    return {
-        p.name: p.default
-        for p in params
-        if p.default is not inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-    }
 
 
 def _tensor_shape(value) -> tuple[int, ...] | None:
@@ -87,8 +52,8 @@ def _link(nodes: list[GNode], index: dict) -> list[GNode]:
 def _fx_graph(model: nn.Module, example: torch.Tensor) -> list[GNode]:
     from torch.fx.passes.shape_prop import ShapeProp
 
-    tracer = _TimmTracer()
-    fx_graph = tracer.trace(model, concrete_args=_concrete_args(model))
+    tracer = TimmTracer()
+    fx_graph = tracer.trace(model, concrete_args=concrete_args(model))
     gm = torch.fx.GraphModule(tracer.root, fx_graph)
     ShapeProp(gm).propagate(example)
     nodes: list[GNode] = []

@@ -6,6 +6,7 @@ too). A recipe is named by its file stem or given as a path.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,48 +16,35 @@ from typing import Any
 from clcli.errors import ClcliError, one_line
 
 RECIPE_VERSION = 1
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "augment": ("none", "crop_flip", "flip", "rrc_flip"),
-    "normalize": ("dataset", "imagenet", "pretrained", "none"),
-    "stem": ("imagenet", "small"),
-    "metric": ("dot", "l2", "cosine"),
-    "fuse": ("mul", "add"),
-    "input": ("siamese", "different"),
-    "manner": ("simultaneous", "iterative"),
-    "multi": ("pairwise", "mean"),
-    "schedule": ("plateau", "cosine", "step", "constant"),
-    "device": ("auto", "cpu", "cuda", "mps"),
-    "placement": ("replicated", "per-network"),
-    "soft_target": ("ensemble", "peers"),
-}
-_RANGES: dict[str, tuple[float, float]] = {
-    "alpha": (0.0, 100.0),
-    "alpha_warmup": (0, 100000),
-    "verification_weight": (0.0, 100.0),
-    "gate_init": (0.0, 10.0),
-    "soft_weight": (0.0, 100.0),
-    "mkbs": (1, 16),
-    "embedding": (8, 1 << 20),
-    "budget": (0.0, 10.0),
-    "epochs": (1, 100000),
-    "batch_size": (1, 1 << 16),
-    "lr": (0.0, 100.0),
-    "momentum": (0.0, 1.0),
-    "weight_decay": (0.0, 1.0),
-    "input_size": (8, 4096),
-    "padding": (0, 64),
-    "log_every": (1, 1 << 20),
-    "accumulate": (1, 1 << 16),
-    "w2_grid": (1, 64),
-    "temperature": (0.05, 100.0),
-    "weight": (0.0, 100.0),             # kd.weight is further limited to [0, 1] by the kd method
-    "hint_weight": (0.0, 1000.0),
-    "hint_epochs": (0, 100000),
-    "val_fraction": (0.01, 0.9),
-    "fold": (0, 1 << 20),
-    "workers": (0, 256),
-    "test_resize": (8, 8192),
-}
+
+
+def _one_of(default: str, choices):
+    """A field whose value must be one of `choices`: a tuple, or a function giving the names of a registry (looked
+    up when a recipe is checked, so that a name registered later, e.g. with `losses.register_metric`, is valid)."""
+    return field(default=default, metadata={"choices": choices})
+
+
+def _within(default, low, high):
+    """A numeric field whose value must lie in [low, high]."""
+    return field(default=default, metadata={"range": (low, high)})
+
+
+def _metric_names() -> tuple[str, ...]:
+    from clcli import losses
+
+    return tuple(losses.METRICS)
+
+
+def _fusions() -> tuple[str, ...]:
+    from clcli import mkb
+
+    return mkb.FUSIONS
+
+
+def _stems() -> tuple[str, ...]:
+    from clcli import models
+
+    return models.STEMS
 
 
 @dataclass
@@ -66,62 +54,71 @@ class DataConfig:
     train_split: str = "train"
     test_split: str = "test"            # else a "validation" split, else a held-out part of train_split
     val_source: str | None = None       # a separate folder (or hub id) with the evaluation images
-    val_fraction: float = 0.1           # held out of train_split when there is no evaluation split
+    val_fraction: float = _within(0.1, 0.01, 0.9)  # held out of train_split when there is no evaluation split
     val_seed: int = 0                   # the held-out draw; apart from train.seed so seeds share one validation set
     image_column: str | None = None     # auto-detected from the features when None
     label_column: str | None = None
     image_size: int | None = None       # resize on decode (STL-10 96 -> 32); None: input_size
-    augment: str = "crop_flip"
-    padding: int = 4
-    normalize: str = "dataset"          # dataset: train-split mean/std; pretrained: the first model's timm config
+    augment: str = _one_of("crop_flip", ("none", "crop_flip", "flip", "rrc_flip"))
+    padding: int = _within(4, 0, 64)
+    # dataset: train-split mean/std; pretrained: the first model's timm config
+    normalize: str = _one_of("dataset", ("dataset", "imagenet", "pretrained", "none"))
     train_limit: int | None = None      # first n rows, for quick runs
     test_limit: int | None = None
     folds: str | None = None            # fold-indices file (STL-10 fold_indices.txt): one fold of train rows a line
-    fold: int | None = None             # with folds: train on this fold only; None runs every fold, then mean ± std
+    # with folds: train on this fold only; None runs every fold, then mean ± std
+    fold: int | None = _within(None, 0, 1 << 20)
     stream: bool = False                # decode images in DataLoader workers each epoch instead of into memory
-    workers: int | None = None          # DataLoader workers when streaming (None: up to 8, by CPU count)
-    test_resize: int | None = None      # streaming test images: shorter side to this, then center crop input_size
+    workers: int | None = _within(None, 0, 256)  # DataLoader workers when streaming (None: up to 8, by CPU count)
+    # streaming test images: shorter side to this, then center crop input_size
+    test_resize: int | None = _within(None, 8, 8192)
 
 
 @dataclass
 class CLConfig:
-    alpha: float = 0.2
-    metric: str = "dot"
-    fuse: str = "mul"
-    input: str = "siamese"
-    manner: str = "simultaneous"
-    multi: str = "pairwise"             # Eq 5 (pairwise) or Eq 6 (mean of the others)
-    mkbs: int = 1
-    embedding: int = 1024
-    budget: float = 0.10
-    w2_grid: int = 8
+    alpha: float = _within(0.2, 0.0, 100.0)
+    metric: str = _one_of("dot", _metric_names)
+    fuse: str = _one_of("mul", _fusions)
+    input: str = _one_of("siamese", ("siamese", "different"))
+    manner: str = _one_of("simultaneous", ("simultaneous", "iterative"))
+    multi: str = _one_of("pairwise", ("pairwise", "mean"))  # Eq 5 (pairwise) or Eq 6 (mean of the others)
+    mkbs: int = _within(1, 1, 16)
+    embedding: int = _within(1024, 8, 1 << 20)
+    budget: float = _within(0.10, 0.0, 10.0)
+    w2_grid: int = _within(8, 1, 64)
     # Variants beyond the paper (docs/results.md section 4); each default keeps the paper's method as implemented.
-    alpha_warmup: int = 0               # epochs over which alpha ramps linearly from 0 (0: full alpha from the start)
-    verification_weight: float = 1.0    # L_verification's weight inside alpha (L_metric + w * L_verification)
-    gate_init: float = 0.0              # each decoder's last BatchNorm weight at start: 0 starts every MKB as identity
-    soft_weight: float = 0.0            # + soft_weight * T^2 * KL(soft target || softmax(z_i / T)): a logit-level term
-    soft_target: str = "ensemble"       # ensemble: softmax of the cohort's mean logits (KDCL); peers: each peer's (DML)
-    temperature: float = 3.0            # T of the soft-target term
+    # epochs over which alpha ramps linearly from 0 (0: full alpha from the start)
+    alpha_warmup: int = _within(0, 0, 100000)
+    # L_verification's weight inside alpha (L_metric + w * L_verification)
+    verification_weight: float = _within(1.0, 0.0, 100.0)
+    # each decoder's last BatchNorm weight at start: 0 starts every MKB as identity
+    gate_init: float = _within(0.0, 0.0, 10.0)
+    # + soft_weight * T^2 * KL(soft target || softmax(z_i / T)): a logit-level term
+    soft_weight: float = _within(0.0, 0.0, 100.0)
+    # ensemble: softmax of the cohort's mean logits (KDCL); peers: each peer's (DML)
+    soft_target: str = _one_of("ensemble", ("ensemble", "peers"))
+    temperature: float = _within(3.0, 0.05, 100.0)  # T of the soft-target term
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 200
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    epochs: int = _within(200, 1, 100000)
+    batch_size: int = _within(128, 1, 1 << 16)
+    lr: float = _within(0.1, 0.0, 100.0)
+    momentum: float = _within(0.9, 0.0, 1.0)
+    weight_decay: float = _within(1e-4, 0.0, 1.0)
     nesterov: bool = False
-    schedule: str = "plateau"
+    schedule: str = _one_of("plateau", ("plateau", "cosine", "step", "constant"))
     plateau_patience: int = 5
     seed: int = 0
-    device: str = "auto"
+    device: str = _one_of("auto", ("auto", "cpu", "cuda", "mps"))
     amp: bool = True                    # CUDA only
     channels_last: bool = False
     compile: bool = False               # torch.compile each network after its MKB halves are hooked in
-    accumulate: int = 1                 # micro-batches per step (per process): the same batch in less memory
-    placement: str = "replicated"       # under torchrun: DDP, or per-network (one network per process)
-    log_every: int = 20
+    accumulate: int = _within(1, 1, 1 << 16)  # micro-batches per step (per process): the same batch in less memory
+    # under torchrun: DDP, or per-network (one network per process)
+    placement: str = _one_of("replicated", ("replicated", "per-network"))
+    log_every: int = _within(20, 1, 1 << 20)
     threads: int | None = None
     network_lr: dict[str, float] = field(default_factory=dict)           # per-network overrides, by network label
     network_weight_decay: dict[str, float] = field(default_factory=dict)
@@ -130,28 +127,28 @@ class TrainConfig:
 @dataclass
 class KDConfig:
     """Hinton KD (and FitNets' second stage): network 0 is the frozen teacher, the others learn from it."""
-    temperature: float = 4.0
-    weight: float = 0.9                 # (1 - weight) * CE + weight * T^2 * KL
+    temperature: float = _within(4.0, 0.05, 100.0)
+    weight: float = _within(0.9, 0.0, 100.0)  # (1 - weight) * CE + weight * T^2 * KL
     teacher: str | None = None          # IL run folder, its checkpoint.pt, or a `clcli export` file of network 0
 
 
 @dataclass
 class DMLConfig:
-    weight: float = 1.0                 # CE + weight * mean over peers of KL(p_peer || p_i)
+    weight: float = _within(1.0, 0.0, 100.0)  # CE + weight * mean over peers of KL(p_peer || p_i)
 
 
 @dataclass
 class FitNetsConfig:
     """Hint learning at the first planned MKB site; the teacher and the KD stage come from `kd`."""
-    hint_weight: float = 1.0
-    hint_epochs: int = 1                # stage 1 (hint loss only); KD after that
+    hint_weight: float = _within(1.0, 0.0, 1000.0)
+    hint_epochs: int = _within(1, 0, 100000)  # stage 1 (hint loss only); KD after that
 
 
 @dataclass
 class WELConfig:
-    weight: float = 1.0                 # CE + weight * MSE(embedding distance, W2^2 of the input images / 2)
-    embedding: int = 128
-    w2_grid: int = 8
+    weight: float = _within(1.0, 0.0, 100.0)  # CE + weight * MSE(embedding distance, W2^2 of the input images / 2)
+    embedding: int = _within(128, 8, 1 << 20)
+    w2_grid: int = _within(8, 1, 64)
 
 
 @dataclass
@@ -161,8 +158,8 @@ class Recipe:
     version: int = RECIPE_VERSION
     models: list[str] = field(default_factory=lambda: ["resnet34", "mobilenetv2_100"])
     methods: list[str] = field(default_factory=lambda: ["cl"])
-    input_size: int | None = 32         # None: the first model's pretrained input size
-    stem: str = "small"
+    input_size: int | None = _within(32, 8, 4096)  # None: the first model's pretrained input size
+    stem: str = _one_of("small", _stems)
     pretrained: bool = False            # start from timm's pretrained weights (the Hub), except models in `weights`
     weights: dict[str, str] = field(default_factory=dict)   # model name -> local safetensors / timm checkpoint
     data: DataConfig = field(default_factory=DataConfig)
@@ -207,15 +204,16 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
 
 
-def _check_value(key: str, tp, value: Any, where: str) -> Any:
-    """Validate one value against its annotation; returns the (possibly coerced) value."""
+def _check_value(key: str, tp, value: Any, where: str, meta=None) -> Any:
+    """Validate one value against its annotation and its field's choices or range (`meta`); returns the (possibly
+    coerced) value."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _check_value(key, inner[0], value, where)
+        return _check_value(key, inner[0], value, where, meta)
     if origin is list:
         if not isinstance(value, list):
             raise ClcliError(f"{where}: '{key}' must be a list, got {type(value).__name__}")
@@ -230,11 +228,13 @@ def _check_value(key: str, tp, value: Any, where: str) -> Any:
         raise ClcliError(f"{where}: '{key}' must be true or false, got {value!r}")
     if tp in (int, float, str) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
         raise ClcliError(f"{where}: '{key}' must be {_type_name(tp)}, got {value!r}")
-    leaf = key.rsplit(".", 1)[-1]
-    if leaf in _CHOICES and value not in _CHOICES[leaf]:
-        raise ClcliError(f"{where}: '{key}' must be one of {', '.join(_CHOICES[leaf])}, got {value!r}")
-    if leaf in _RANGES and isinstance(value, (int, float)):
-        lo, hi = _RANGES[leaf]
+    choices = (meta or {}).get("choices")
+    if choices is not None:
+        names = choices() if callable(choices) else choices
+        if value not in names:
+            raise ClcliError(f"{where}: '{key}' must be one of {', '.join(names)}, got {value!r}")
+    if "range" in (meta or {}) and isinstance(value, (int, float)):
+        lo, hi = meta["range"]
         if not lo <= value <= hi:
             raise ClcliError(f"{where}: '{key}' must be between {lo} and {hi}, got {value!r}")
     return value
@@ -244,7 +244,8 @@ def _build(cls, raw: dict, where: str, prefix: str = ""):
     if not isinstance(raw, dict):
         raise ClcliError(f"{where}: '{prefix or 'recipe'}' must be a mapping")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = set(fields)
     unknown = sorted(set(raw) - names)
     if unknown:
         raise ClcliError(f"{where}: unknown key '{prefix}{unknown[0]}' (valid: {', '.join(sorted(names))})")
@@ -254,7 +255,7 @@ def _build(cls, raw: dict, where: str, prefix: str = ""):
         if dataclasses.is_dataclass(tp):
             values[name] = _build(tp, value, where, f"{prefix}{name}.")
         else:
-            values[name] = _check_value(f"{prefix}{name}", tp, value, where)
+            values[name] = _check_value(f"{prefix}{name}", tp, value, where, fields[name].metadata)
     return cls(**values)
 
 
@@ -337,6 +338,61 @@ def from_dict(raw: dict, where: str = "recipe") -> Recipe:
     return _build(Recipe, raw, where)
 
 
+# What `pretrained=True` changes before the user's overrides (which still win): the weights expect their own input
+# size, normalisation and ImageNet stem.
+PRETRAINED_OVERRIDES = ["pretrained=true", "input_size=null", "data.normalize=pretrained", "stem=imagenet"]
+
+
+def resolve(recipe: str | None = None, *, data: str | None = None, val: str | None = None,
+            val_fraction: float | None = None, models: list[str] | None = None, pretrained: bool = False,
+            weights: dict[str, str] | list[str] | None = None, methods: list[str] | str | None = None,
+            epochs: int | None = None, seed: int | None = None, placement: str | None = None,
+            overrides: list[str] | None = None) -> Recipe:
+    """The recipe `clcli train` trains with these options (the same names as its flags; `overrides` are `--set`).
+
+    Without `recipe`: 'finetune' when starting from pretrained or given weights, else 'quickstart'. A local `data` or
+    `val` folder and weight files become absolute paths, so the run folder works from anywhere. `weights` maps a model
+    name to a file (or is a list of MODEL=FILE)."""
+    sets = (list(PRETRAINED_OVERRIDES) if pretrained else []) + list(overrides or [])
+    if models is not None:
+        sets.append(f"models=[{', '.join(models)}]")
+    if methods is not None:
+        sets.append(f"methods=[{methods if isinstance(methods, str) else ', '.join(methods)}]")
+    for key, value in (("train.epochs", epochs), ("train.seed", seed), ("train.placement", placement),
+                       ("data.val_fraction", val_fraction)):
+        if value is not None:
+            sets.append(f"{key}={value}")
+    for key, value in (("data.source", data), ("data.val_source", val)):
+        if value is not None:
+            sets.append(f"{key}={json.dumps(_local_or_hub(value))}")
+    files = _weight_files(weights)
+    if files:
+        sets.append(f"weights={json.dumps(files)}")
+    if recipe is None:
+        recipe = "finetune" if pretrained or files else "quickstart"
+    return load(recipe, sets)
+
+
+def _local_or_hub(source: str) -> str:
+    """A local folder as an absolute path; anything else (a hub id) as given."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
+
+
+def _weight_files(weights: dict[str, str] | list[str] | None) -> dict[str, str]:
+    """{model: absolute file} from a mapping or from MODEL=FILE strings (model names may contain dots)."""
+    if isinstance(weights, dict):
+        pairs = list(weights.items())
+    else:
+        pairs = []
+        for pair in weights or []:
+            name, sep, file = pair.partition("=")
+            if not sep or not name or not file:
+                raise ClcliError(f"--weights expects MODEL=FILE, got '{pair}'")
+            pairs.append((name, file))
+    return {name: str(Path(file).expanduser().resolve()) for name, file in pairs}
+
+
 __all__ = ["Recipe", "DataConfig", "CLConfig", "TrainConfig", "KDConfig", "DMLConfig", "FitNetsConfig", "WELConfig",
-           "load", "from_dict", "find", "builtin_names",
+           "load", "from_dict", "resolve", "find", "builtin_names", "PRETRAINED_OVERRIDES",
            "apply_override", "RECIPE_VERSION"]

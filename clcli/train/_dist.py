@@ -30,8 +30,6 @@ from torch import nn
 from clcli import mkb
 from clcli.errors import ClcliError
 
-PLACEMENTS = ("replicated", "per-network")
-
 
 @dataclass(frozen=True)
 class Dist:
@@ -69,6 +67,16 @@ class Dist:
 _current = Dist()
 
 
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ClcliError("device 'cuda' asked for but CUDA is not available")
+    return torch.device(name)
+
+
 def current() -> Dist:
     """The process's place in the job (one process: rank 0 of 1), as set by `setup`."""
     return _current
@@ -82,8 +90,6 @@ def is_main_process() -> bool:
 def setup(recipe) -> torch.device:
     """The training device; under torchrun (WORLD_SIZE > 1) also join the process group, once per process."""
     global _current
-    from ._loop import resolve_device
-
     device = resolve_device(recipe.train.device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
@@ -123,11 +129,9 @@ def check(d: Dist, method, recipe, n_nets: int, batch_size: int, scaler) -> None
     if d.world != n_nets:
         raise ClcliError(f"train.placement per-network runs one network per process: start {n_nets} processes "
                          f"(torchrun --nproc-per-node {n_nets}), not {d.world}")
-    if not method.per_network:
-        raise ClcliError(f"method '{method.name}' cannot run with one network per process (train.placement "
-                         f"per-network: il, cl); use train.placement replicated")
-    if recipe.cl.manner == "iterative" and method.uses_mkb:
-        raise ClcliError("cl.manner iterative updates one network at a time: use train.placement replicated")
+    refusal = method.placement_refusal()
+    if refusal:
+        raise ClcliError(refusal)
     if scaler is not None:
         raise ClcliError("train.placement per-network needs bf16 autocast (this GPU has no bf16): set "
                          "train.amp=false")

@@ -13,9 +13,8 @@ import statistics
 from pathlib import Path
 
 from clcli import _io
+from clcli import run as run_folder
 from clcli.errors import ClcliError
-
-from . import _run
 
 FOLDS_FILE = "folds.json"
 FOLDS_FORMAT = 1
@@ -68,14 +67,12 @@ def train_folds(recipe, out: str | Path, *, train_one, plan_path: str | None = N
     fold (clcli.train.train)."""
     import yaml
 
-    from clcli.data._folds import fold_file, read_folds
+    from clcli.data import fold_file, read_folds, source_path
 
-    from . import _data_source
-
-    path = fold_file(recipe.data.folds, _data_source(recipe.data.source))
+    path = fold_file(recipe.data.folds, source_path(recipe.data.source))
     n = len(read_folds(path))
     out = Path(out)
-    _run.prepare(out, resume=False, force=force)
+    run_folder.prepare(out, resume=False, force=force)
     _io.write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     _write(out, n, str(path), {}, "running")
     return _run_folds(recipe, out, n, str(path), {}, train_one=train_one, plan_path=plan_path,
@@ -106,13 +103,9 @@ def _run_folds(recipe, out: Path, n: int, path: str, per_fold: dict, *, train_on
 
 def resume_folds(out: str | Path, *, train_one, resume_one, show_progress: bool = True, console=None):
     """Continue a fold protocol folder: finished folds are read back, started ones resumed, the rest trained."""
-    from clcli import recipes
-
-    from . import _load_yaml
-
     out = Path(out)
-    info = _run.read_json(out / FOLDS_FILE)
-    recipe = recipes.from_dict(_load_yaml(out / "recipe.yaml"), str(out / "recipe.yaml"))
+    info = run_folder.read_json(out / FOLDS_FILE)
+    recipe = run_folder.read_recipe(out / "recipe.yaml")
     return _run_folds(recipe, out, int(info["folds"]), info.get("fold_file", ""), {}, train_one=train_one,
                       plan_path=None, show_progress=show_progress, console=console, resume_one=resume_one)
 

@@ -6,87 +6,22 @@ import os
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from clcli import mkb
+from clcli import run as run_folder
+from clcli.cohort import Cohort
+from clcli.data import Data, streamed_skips, to_input
 from clcli.errors import ClcliError
+from clcli.evaluation import evaluate
 
-from . import _dist, _run
-from ._cohort import Cohort
-
-
-@dataclass
-class Data:
-    train_images: torch.Tensor   # uint8 [N, C, H, W] on the training device
-    train_labels: torch.Tensor
-    test_images: torch.Tensor
-    test_labels: torch.Tensor
-    class_names: list[str]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+from . import _dist
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ClcliError("device 'cuda' asked for but CUDA is not available")
-    return torch.device(name)
-
-
-def to_input(images_u8: torch.Tensor, mean, std, channels_last: bool = False) -> torch.Tensor:
-    from clcli.data import normalize
-
-    x = normalize(images_u8, mean, std, channels=3)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-def eval_batches(images, labels, batch_size: int):
-    """(uint8 images, labels) in order, batch by batch; a streamed split (clcli.data._stream.StreamSplit) decodes
-    its batches in DataLoader workers."""
-    if hasattr(images, "batches"):
-        return images.batches(batch_size)
-    return ((images[start:start + batch_size], labels[start:start + batch_size])
-            for start in range(0, len(images), batch_size))
-
-
-def streamed_skips(data) -> list[dict]:
-    """The images of streamed splits that could not be decoded so far ({"image", "reason", "split"})."""
-    found = []
-    for split, images in (("train", data.train_images), ("evaluation", data.test_images)):
-        found += [{"image": k, "reason": v, "split": split} for k, v in getattr(images, "skipped", {}).items()]
-    return found
-
-
-@torch.no_grad()
-def evaluate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean, std, *, batch_size: int = 500,
-             topk: tuple[int, ...] = (1,), channels_last: bool = False) -> dict[str, float]:
-    """Accuracy (%) of one network (with its own MKB halves, as deployed) on uint8 images."""
-    was_training = net.training
-    net.eval()
-    device = next(net.parameters()).device
-    correct = {k: torch.zeros((), dtype=torch.int64, device=device) for k in topk}  # on the device: no sync per batch
-    n = 0  # counted per batch: a streamed split leaves out images it cannot decode
-    for xb, yb in eval_batches(images, labels, batch_size):
-        n += len(yb)
-        x = to_input(xb.to(device), mean, std, channels_last)
-        y = yb.to(device)
-        logits = net(x)
-        top = logits.topk(max(topk), dim=1).indices
-        for k in topk:
-            correct[k] += (top[:, :k] == y[:, None]).any(dim=1).sum()
-    net.train(was_training)
-    n = max(n, 1)
-    return {f"top{k}": 100.0 * c / n for k, c in zip(correct, torch.stack(list(correct.values())).tolist())}
-
-
-def _param_groups(method: nn.Module, recipe) -> list[dict]:
+def param_groups(method: nn.Module, recipe) -> list[dict]:
     """One group per network (its own weights and MKB encoder/decoder) plus one for everything else the method
     trains (shared space transfers, verification heads, FitNets regressors, WEL heads), so that lr and weight decay
     can be set per network."""
@@ -221,172 +156,274 @@ class _NoLog:
         pass
 
 
+def train_step(model: nn.Module, batch, optimizer: torch.optim.Optimizer, *, accumulate: int = 1,
+               autocast: tuple[bool, torch.dtype] = (False, torch.float16), scaler=None, shared=(), dist=None,
+               sums: dict | None = None, correct: torch.Tensor | None = None) -> dict:
+    """One optimiser step of `clcli train` (and `clcli bench`) on `batch`: forward and backward over `accumulate`
+    equal micro-batches (under DDP the gradients are all-reduced once, after the last), the `shared` parameters'
+    gradients summed over the processes (per-network placement), then the optimiser step (through the fp16 gradient
+    scaler when there is one). `model` is the method, or DDP around it; `autocast` is (on?, dtype) from
+    `mixed_precision`. The loss parts (detached, on the device: no host sync) are added into `sums` and the right
+    top-1 answers per network into `correct`, when given. Returns the last micro-batch's output."""
+    amp, amp_dtype = autocast
+    device_type = batch.images[0].device.type
+    optimizer.zero_grad(set_to_none=True)
+    for m, micro in enumerate(_micro_batches(batch, accumulate)):
+        last = m + 1 == accumulate
+        with nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+            with torch.autocast(device_type, dtype=amp_dtype, enabled=amp):
+                out = model(micro)
+            loss = out["loss"] / accumulate if accumulate > 1 else out["loss"]
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        with torch.no_grad():  # loss parts stay on the device until the log step: no sync here
+            if sums is not None:
+                for k, v in out["parts"].items():
+                    v = v.detach().float() / accumulate if accumulate > 1 else v.detach().float()
+                    sums[k] = sums[k] + v if k in sums else v
+            if correct is not None:
+                for i, logits in enumerate(out["logits"]):
+                    if logits is not None:  # None: another process's network (per-network placement)
+                        correct[i] += (logits.argmax(1) == micro.targets[i]).sum()
+    if dist is not None:
+        _dist.sum_shared_grads(shared, dist)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return out
+
+
+class _Feed:
+    """The training batches, epoch by epoch, as the method asks for them (`method.input`): a seeded order per epoch,
+    this process's slice of each batch, augmentation on the device (or decoded and augmented in DataLoader workers
+    when streamed), normalisation; the same batch for every network (siamese) or a fixed partner image per network
+    (different inputs)."""
+
+    def __init__(self, data: Data, recipe, method, d: _dist.Dist):
+        from clcli.data import BatchAugment
+
+        self.data, self.d, self.cfg = data, d, recipe.train
+        self.n_nets = len(method.cohort.networks)
+        self.batch_size = min(self.cfg.batch_size, len(data.train_labels))
+        self.steps = len(data.train_labels) // self.batch_size
+        if self.steps == 0:
+            raise ClcliError(f"the training split has {len(data.train_labels)} images, fewer than one batch")
+        self.device = data.train_images.device
+        self.streamed = hasattr(data.train_images, "epoch_feed")  # decoded and augmented in DataLoader workers
+        self.augment = None if self.streamed else BatchAugment(recipe.data.augment, recipe.data.padding)
+        self.siamese = method.input == "siamese"
+        if self.streamed and not self.siamese:
+            raise ClcliError("cl.input=different pairs images across the whole training set; it needs in-memory "
+                             "data (data.stream=false)")
+
+    def epoch(self, epoch: int):
+        """The epoch's batches (an iterator of `Batch`); everything random derives from (seed, epoch)."""
+        from clcli.data import epoch_batches
+
+        data, d, cfg, device = self.data, self.d, self.cfg, self.device
+        orders = [epoch_batches(len(data.train_labels), self.batch_size, seed=cfg.seed, epoch=epoch)]
+        feed = data.train_images.epoch_feed([d.take(b) for b in orders[0][:self.steps]], seed=cfg.seed,
+                                            epoch=epoch) if self.streamed else None
+        if not self.siamese:
+            # Different inputs: network j sees partner_j[i] whenever network 0 sees image i. The pairing is fixed
+            # for the run, so each image pair's W2 is solved once (first epoch) and cached after that.
+            orders += [[partner[b] for b in orders[0]] for partner in _partners(len(data.train_labels), self.n_nets,
+                                                                                 cfg.seed)]
+        gens = [torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + epoch * 131 + j)
+                for j in range(len(orders))]
+        # The epoch's indices go to the device once (no copy per step); the CPU copy keys the W2 cache.
+        dev_orders = [_to_device(torch.stack(order[:self.steps]), device) for order in orders]
+        return (self._batch(step, orders, dev_orders, gens, feed) for step in range(self.steps))
+
+    def _batch(self, step: int, orders, dev_orders, gens, feed):
+        from clcli.methods import Batch
+
+        data, d = self.data, self.d
+        idx = [d.take(order[step]) for order in orders]  # this process's slice of the global batch
+        dev_idx = [d.take(order[step]) for order in dev_orders]
+        if feed is not None:
+            images, positions = next(feed)
+            if positions is not None:  # unreadable images: their slots hold copies of readable ones
+                idx[0], dev_idx[0] = idx[0][positions], dev_idx[0][positions.to(dev_idx[0].device)]
+            raw = [images]
+        else:
+            raw = [self.augment(data.train_images[i], g, d.part) for i, g in zip(dev_idx, gens)]
+        inputs = [to_input(r, data.mean, data.std, self.cfg.channels_last) for r in raw]
+        targets = [data.train_labels[i] for i in dev_idx]
+        if self.siamese:
+            n = self.n_nets
+            idx, raw, inputs, targets = idx * n, raw * n, inputs * n, targets * n
+        return Batch(inputs, targets, idx, raw)
+
+
+class _Optimisation:
+    """SGD over the method's parameter groups, the learning-rate schedule, mixed precision; restored from a
+    checkpoint on resume."""
+
+    def __init__(self, method, recipe, steps_per_epoch: int, device: torch.device):
+        cfg = recipe.train
+        groups = param_groups(method, recipe)
+        self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                                         nesterov=cfg.nesterov and cfg.momentum > 0)
+        self.scheduler = _scheduler(self.optimizer, recipe, steps_per_epoch)
+        self.per_step = not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        amp, amp_dtype, self.scaler = mixed_precision(device, cfg.amp)
+        self.autocast = (amp, amp_dtype)
+        self.shared = [p for g in groups if g["name"] == "shared" for p in g["params"]]
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def restore(self, method, state: dict | None) -> int:
+        """Load a checkpoint into the method and the optimiser; returns the epoch to start from."""
+        if state is None:
+            return 0
+        method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        method.load_task_state(state)
+        return int(state["epoch"])
+
+    def state(self, method, epoch: int) -> dict:
+        return {"version": run_folder.RUN_FORMAT, "epoch": epoch, "method": method.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                **method.task_state()}
+
+
+class _EpochTally:
+    """Loss parts and right answers summed over the epoch's steps (on the device), images/s per log window."""
+
+    def __init__(self, n_nets: int, device: torch.device):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.correct = torch.zeros(n_nets, device=device)
+        self.seen = 0
+        self.window_start, self.window_images = time.perf_counter(), 0
+        self.means: dict[str, float] = {}
+
+    def add(self, images: int) -> None:
+        self.seen += images
+        self.window_images += images
+
+    def rate(self) -> float:
+        """Images/s since the last call (or the start of the epoch)."""
+        rate = self.window_images / max(time.perf_counter() - self.window_start, 1e-9)
+        self.window_start, self.window_images = time.perf_counter(), 0
+        return rate
+
+
+class _Report:
+    """Everything a run writes and shows: metrics.jsonl (rank 0), the live progress, each epoch's evaluation of
+    every network as deployed, and the checkpoint."""
+
+    def __init__(self, method, data: Data, recipe, run_dir: Path, d: _dist.Dist, start_epoch: int,
+                 steps_per_epoch: int, show_progress: bool, console):
+        self.method, self.cohort, self.data, self.d, self.run_dir = method, method.cohort, data, d, run_dir
+        self.cfg, self.steps = recipe.train, steps_per_epoch
+        self.start_epoch = start_epoch
+        self.topk = (1, 5) if len(data.class_names) > 5 else (1,)
+        self.log = run_folder.MetricsLog(run_dir / "metrics.jsonl", keep_before_epoch=start_epoch) if d.main \
+            else _NoLog()
+        self.progress = _Progress(show_progress and d.main, (self.cfg.epochs - start_epoch) * steps_per_epoch,
+                                  f"{method.name} {'+'.join(self.cohort.labels)}", console)
+        self.reported_skips = 0
+
+    def scores(self) -> dict[str, dict[str, float]]:
+        """Each network's test accuracy with its own MKB halves (as deployed), measured by rank 0."""
+        data, d = self.data, self.d
+        return _dist.from_main(d, {name: evaluate(net, data.test_images, data.test_labels, data.mean, data.std,
+                                                  topk=self.topk, channels_last=self.cfg.channels_last)
+                                   for name, net in zip(self.cohort.labels, self.cohort.networks)} if d.main else None)
+
+    def window(self, tally: _EpochTally, epoch: int, step: int, lr: float) -> None:
+        """A log step: the epoch's mean loss parts and training accuracy so far (one host sync), images/s."""
+        d, labels = self.d, self.cohort.labels
+        means = tally.means = _dist.mean_parts(d, tally.sums, step + 1)
+        if not all(math.isfinite(v) for v in means.values()):
+            raise ClcliError(f"non-finite loss at epoch {epoch + 1} step {step + 1} ({means}); stopped, the last "
+                             f"good checkpoint is kept in {self.run_dir}")
+        rate = tally.rate()
+        accs = (100.0 * _dist.total(d, tally.correct) / tally.seen).tolist()
+        global_step = epoch * self.steps + step
+        self.log.write({"type": "step", "epoch": epoch, "step": global_step + 1, "lr": lr,
+                        "images_per_s": round(rate, 1), **{k: round(v, 5) for k, v in means.items()},
+                        **{f"{i}/train_acc": round(a, 3) for i, a in enumerate(accs)}})
+        shown = {"cls": "loss", **self.method.progress_parts}
+        networks = [(labels[i], {label: means[f"{i}/{part}"] for part, label in shown.items() if f"{i}/{part}" in means},
+                     accs[i]) for i in range(len(labels))]
+        self.progress.update((epoch - self.start_epoch) * self.steps + step + 1,
+                             f"epoch {epoch + 1}/{self.cfg.epochs}  {images_per_second(rate)} img/s", networks)
+
+    def epoch(self, epoch: int, tally: _EpochTally, optimisation: _Optimisation) -> dict:
+        """The end of an epoch: the plateau schedule, the networks gathered (per-network placement), evaluation,
+        the epoch's record and the checkpoint. Returns the summary so far."""
+        method, d = self.method, self.d
+        train_loss = sum(tally.means[f"{i}/cls"] for i in range(len(self.cohort.networks)))  # the epoch's mean
+        if not optimisation.per_step:
+            optimisation.scheduler.step(train_loss)
+        _dist.sync_networks(method, optimisation.optimizer, d)  # per-network placement: every process, every network
+        epoch_scores = self.scores()
+        accs = {name: s["top1"] for name, s in epoch_scores.items()}
+        top5 = {name: s["top5"] for name, s in epoch_scores.items() if "top5" in s}  # more than 5 classes
+        record = {"type": "epoch", "epoch": epoch, "step": (epoch + 1) * self.steps, "lr": optimisation.lr,
+                  "train_loss": round(train_loss, 5), "test_acc": {k: round(v, 3) for k, v in accs.items()}}
+        if top5:
+            record["test_top5"] = {k: round(v, 3) for k, v in top5.items()}
+        self.log.write(record)
+        self.progress.log(f"epoch {epoch + 1}/{self.cfg.epochs}  "
+                          + "  ".join(f"{k} {v:.2f}%" for k, v in accs.items()))
+        skips = streamed_skips(self.data)
+        if len(skips) > self.reported_skips:
+            first = skips[self.reported_skips]
+            self.progress.log(f"skipped {len(skips) - self.reported_skips} unreadable streamed image(s) (first: "
+                              f"{first['image']}: {first['reason']})")
+            self.reported_skips = len(skips)
+        state = optimisation.state(method, epoch + 1)
+        if d.main:
+            run_folder.save_checkpoint(self.run_dir / run_folder.CHECKPOINT, state)
+        return {"epochs": epoch + 1, "test_acc": accs, **({"test_top5": top5} if top5 else {})}
+
+    def close(self) -> None:
+        self.progress.stop()
+        self.log.close()
+
+
 def fit(method, data: Data, recipe, run_dir: Path, *, start_state: dict | None = None, show_progress: bool = True,
         console=None) -> dict:
     """Train `method` (which owns the cohort) on `data`; checkpoint after every epoch. Returns the final summary."""
-    from clcli.data import BatchAugment, epoch_batches
-    from clcli.methods import Batch
-
-    cfg = recipe.train
-    cohort: Cohort = method.cohort
-    device = data.train_images.device
-    n_nets = len(cohort.networks)
-    batch_size = min(cfg.batch_size, len(data.train_labels))
-    steps_per_epoch = len(data.train_labels) // batch_size
-    if steps_per_epoch == 0:
-        raise ClcliError(f"the training split has {len(data.train_labels)} images, fewer than one batch")
-    groups = _param_groups(method, recipe)
-    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
-                                nesterov=cfg.nesterov and cfg.momentum > 0)
-    scheduler = _scheduler(optimizer, recipe, steps_per_epoch)
-    per_step_schedule = not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-    start_epoch = 0
-    if start_state is not None:
-        method.load_state_dict(start_state["method"])
-        optimizer.load_state_dict(start_state["optimizer"])
-        scheduler.load_state_dict(start_state["scheduler"])
-        start_epoch = int(start_state["epoch"])
-        if getattr(method, "w2_cache", None) is not None and "w2_cache" in start_state:
-            method.w2_cache.load_state_dict(start_state["w2_cache"])
-    streamed = hasattr(data.train_images, "epoch_feed")  # decoded and augmented in DataLoader workers
-    augment = None if streamed else BatchAugment(recipe.data.augment, recipe.data.padding)
-    siamese = recipe.cl.input == "siamese" or not method.uses_mkb
-    if streamed and not siamese:
-        raise ClcliError("cl.input=different pairs images across the whole training set; it needs in-memory data "
-                         "(data.stream=false)")
-    topk = (1, 5) if len(data.class_names) > 5 else (1,)
-    iterative = recipe.cl.manner == "iterative" and method.uses_mkb
-    amp, amp_dtype, scaler = mixed_precision(device, cfg.amp)
+    cfg, cohort, d = recipe.train, method.cohort, _dist.current()
     # Under torchrun: this process's slice of each batch (DDP), or its own network (per-network placement).
-    d = _dist.current()
-    _dist.check(d, method, recipe, n_nets, batch_size, scaler)
+    feed = _Feed(data, recipe, method, d)
+    optimisation = _Optimisation(method, recipe, feed.steps, feed.device)
+    start_epoch = optimisation.restore(method, start_state)
+    _dist.check(d, method, recipe, len(cohort.networks), feed.batch_size, optimisation.scaler)
     cohort.local = d.rank if d.per_network else None
-    model = _dist.wrap(method, d, find_unused=iterative or not method.per_network)
-    shared = [p for g in groups if g["name"] == "shared" for p in g["params"]]
-    accumulate = cfg.accumulate
-
-    def scores() -> dict[str, dict[str, float]]:
-        """Each network's test accuracy with its own MKB halves (as deployed), measured by rank 0."""
-        return _dist.from_main(d, {name: evaluate(net, data.test_images, data.test_labels, data.mean, data.std,
-                                                  topk=topk, channels_last=cfg.channels_last)
-                                   for name, net in zip(cohort.labels, cohort.networks)} if d.main else None)
-
-    log = _run.MetricsLog(run_dir / "metrics.jsonl", keep_before_epoch=start_epoch) if d.main else _NoLog()
-    progress = _Progress(show_progress and d.main, (cfg.epochs - start_epoch) * steps_per_epoch,
-                         f"{method.name} {'+'.join(cohort.labels)}", console)
+    model = _dist.wrap(method, d, find_unused=method.iterative or not method.per_network)
+    report = _Report(method, data, recipe, run_dir, d, start_epoch, feed.steps, show_progress, console)
     summary: dict = {}
-    reported_skips = 0
     try:
         for epoch in range(start_epoch, cfg.epochs):
-            # Everything random in an epoch derives from (seed, epoch): a resumed run repeats it exactly.
-            torch.manual_seed(cfg.seed * 100003 + epoch)
-            orders = [epoch_batches(len(data.train_labels), batch_size, seed=cfg.seed, epoch=epoch)]
-            feed = data.train_images.epoch_feed([d.take(b) for b in orders[0][:steps_per_epoch]], seed=cfg.seed,
-                                                epoch=epoch) if streamed else None
-            if not siamese:
-                # Different inputs: network j sees partner_j[i] whenever network 0 sees image i. The pairing is
-                # fixed for the run, so each image pair's W2 is solved once (first epoch) and cached after that.
-                orders += [[partner[b] for b in orders[0]] for partner in _partners(len(data.train_labels),
-                                                                                     n_nets, cfg.seed)]
-            gens = [torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + epoch * 131 + j)
-                    for j in range(len(orders))]
-            # The epoch's indices go to the device once (no copy per step); the CPU copy keys the W2 cache.
-            dev_orders = [_to_device(torch.stack(order[:steps_per_epoch]), device) for order in orders]
+            torch.manual_seed(cfg.seed * 100003 + epoch)  # a resumed run repeats an epoch exactly
+            batches = feed.epoch(epoch)
             method.train()
-            if hasattr(method, "set_epoch"):  # staged methods (FitNets) follow the epoch
-                method.set_epoch(epoch)
-            sums: dict[str, torch.Tensor] = {}
-            correct = torch.zeros(n_nets, device=device)
-            seen = 0
-            window_start, window_images = time.perf_counter(), 0
-            for step in range(steps_per_epoch):
-                global_step = epoch * steps_per_epoch + step
+            method.set_epoch(epoch)
+            tally = _EpochTally(len(cohort.networks), feed.device)
+            for step, batch in enumerate(batches):
+                global_step = epoch * feed.steps + step
                 _fault_injection(global_step)
-                idx = [d.take(order[step]) for order in orders]  # this process's slice of the global batch
-                dev_idx = [d.take(order[step]) for order in dev_orders]
-                if streamed:
-                    images, positions = next(feed)
-                    if positions is not None:  # unreadable images: their slots hold copies of readable ones
-                        idx[0], dev_idx[0] = idx[0][positions], dev_idx[0][positions.to(dev_idx[0].device)]
-                    raw = [images]
-                else:
-                    raw = [augment(data.train_images[i], g, d.part) for i, g in zip(dev_idx, gens)]
-                inputs = [to_input(r, data.mean, data.std, cfg.channels_last) for r in raw]
-                targets = [data.train_labels[i] for i in dev_idx]
-                if siamese:
-                    idx, raw, inputs, targets = idx * n_nets, raw * n_nets, inputs * n_nets, targets * n_nets
-                batch = Batch(inputs, targets, idx, raw, active=(global_step % n_nets) if iterative else None)
-                optimizer.zero_grad(set_to_none=True)
-                for m, micro in enumerate(_micro_batches(batch, accumulate)):
-                    # DDP all-reduces the gradients once, after the last micro-batch's backward.
-                    with nullcontext() if model is method or m + 1 == accumulate else model.no_sync():
-                        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                            out = model(micro)
-                        loss = out["loss"] / accumulate if accumulate > 1 else out["loss"]
-                        (scaler.scale(loss) if scaler is not None else loss).backward()
-                    with torch.no_grad():  # loss parts stay on the device until the log step: no sync here
-                        for k, v in out["parts"].items():
-                            v = v.detach().float() / accumulate if accumulate > 1 else v.detach().float()
-                            sums[k] = sums[k] + v if k in sums else v
-                        for i, logits in enumerate(out["logits"]):
-                            if logits is not None:  # None: another process's network (per-network placement)
-                                correct[i] += (logits.argmax(1) == micro.targets[i]).sum()
-                _dist.sum_shared_grads(shared, d)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                if per_step_schedule:
-                    scheduler.step()
-                seen += batch_size
-                window_images += batch_size
-                if (step + 1) % cfg.log_every == 0 or step + 1 == steps_per_epoch:
-                    means = _dist.mean_parts(d, sums, step + 1)  # one host sync per log window
-                    if not all(math.isfinite(v) for v in means.values()):
-                        raise ClcliError(
-                            f"non-finite loss at epoch {epoch + 1} step {step + 1} ({means}); stopped, the last "
-                            f"good checkpoint is kept in {run_dir}")
-                    rate = window_images / max(time.perf_counter() - window_start, 1e-9)
-                    window_start, window_images = time.perf_counter(), 0
-                    accs = (100.0 * _dist.total(d, correct) / seen).tolist()
-                    lr = optimizer.param_groups[0]["lr"]
-                    log.write({"type": "step", "epoch": epoch, "step": global_step + 1, "lr": lr,
-                               "images_per_s": round(rate, 1), **{k: round(v, 5) for k, v in means.items()},
-                               **{f"{i}/train_acc": round(a, 3) for i, a in enumerate(accs)}})
-                    progress.update((epoch - start_epoch) * steps_per_epoch + step + 1,
-                                    f"epoch {epoch + 1}/{cfg.epochs}  {images_per_second(rate)} img/s",
-                                    [(cohort.labels[i], {k.split("/", 1)[1]: v for k, v in means.items()
-                                                         if k.startswith(f"{i}/")}, accs[i]) for i in range(n_nets)])
-            train_loss = sum(means[f"{i}/cls"] for i in range(n_nets))  # the last log step's means: the epoch's
-            if not per_step_schedule:
-                scheduler.step(train_loss)
-            _dist.sync_networks(method, optimizer, d)  # per-network placement: every process gets every network
-            epoch_scores = scores()
-            accs = {name: s["top1"] for name, s in epoch_scores.items()}
-            top5 = {name: s["top5"] for name, s in epoch_scores.items() if "top5" in s}  # more than 5 classes
-            record = {"type": "epoch", "epoch": epoch, "step": (epoch + 1) * steps_per_epoch,
-                      "lr": optimizer.param_groups[0]["lr"], "train_loss": round(train_loss, 5),
-                      "test_acc": {k: round(v, 3) for k, v in accs.items()}}
-            if top5:
-                record["test_top5"] = {k: round(v, 3) for k, v in top5.items()}
-            log.write(record)
-            progress.log(f"epoch {epoch + 1}/{cfg.epochs}  " + "  ".join(f"{k} {v:.2f}%" for k, v in accs.items()))
-            skips = streamed_skips(data)
-            if len(skips) > reported_skips:
-                progress.log(f"skipped {len(skips) - reported_skips} unreadable streamed image(s) (first: "
-                             f"{skips[reported_skips]['image']}: {skips[reported_skips]['reason']})")
-                reported_skips = len(skips)
-            state = {"version": _run.RUN_FORMAT, "epoch": epoch + 1, "method": method.state_dict(),
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-            if getattr(method, "w2_cache", None) is not None:
-                state["w2_cache"] = method.w2_cache.state_dict()
-            if d.main:
-                _run.save_checkpoint(run_dir / _run.CHECKPOINT, state)
-            summary = {"epochs": epoch + 1, "test_acc": accs, **({"test_top5": top5} if top5 else {})}
+                batch.active = method.active_network(global_step)
+                train_step(model, batch, optimisation.optimizer, accumulate=cfg.accumulate,
+                           autocast=optimisation.autocast, scaler=optimisation.scaler, shared=optimisation.shared,
+                           dist=d, sums=tally.sums, correct=tally.correct)
+                if optimisation.per_step:
+                    optimisation.scheduler.step()
+                tally.add(feed.batch_size)
+                if (step + 1) % cfg.log_every == 0 or step + 1 == feed.steps:
+                    report.window(tally, epoch, step, optimisation.lr)
+            summary = report.epoch(epoch, tally, optimisation)
         if not summary:  # resumed after the last epoch's checkpoint: nothing left to train
-            summary = {"epochs": cfg.epochs, "test_acc": {name: s["top1"] for name, s in scores().items()}}
+            summary = {"epochs": cfg.epochs, "test_acc": {name: s["top1"] for name, s in report.scores().items()}}
     finally:
-        progress.stop()
-        log.close()
+        report.close()
     return summary

@@ -1,0 +1,226 @@
+"""The run folder: what a training run writes, and the one way to read it back (`Run`).
+
+    <run>/recipe.yaml      the resolved recipe
+    <run>/plan.json        the probe plan (sites, MKB shapes) and, under "fuse", how the MKB halves fuse
+    <run>/run.json         method, models, classes, normalisation, status and final accuracies
+    <run>/metrics.jsonl    one line per logged step and per epoch
+    <run>/checkpoint.pt    the last completed epoch (tensors and plain containers only: weights_only loads it)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from clcli import _io
+from clcli.errors import ClcliError, one_line
+
+CHECKPOINT = "checkpoint.pt"
+RUN_FORMAT = 1
+COHORT_PREFIX = "cohort."  # the cohort's keys in a checkpoint's method state
+
+
+class Run:
+    """One run folder, read: `info` (run.json), `recipe`, `plan`, the last checkpoint (`state`), the networks'
+    weights (`network_state`) and the cohort rebuilt from them (`cohort`). Files are read when first asked for."""
+
+    def __init__(self, path: Path, info: dict):
+        self.path, self.info = path, info
+        self._recipe = self._plan = self._state = None
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Run":
+        path = Path(path)
+        if not (path / "run.json").is_file():
+            raise ClcliError(f"{path} is not a clcli run folder (no run.json)")
+        return cls(path, read_json(path / "run.json"))
+
+    @classmethod
+    def children(cls, path: str | Path) -> list["Run"]:
+        """The run folder itself, or the per-method run folders inside it (`clcli train --method il,cl`)."""
+        path = Path(path)
+        if (path / "run.json").is_file():
+            return [cls.open(path)]
+        subruns = sorted(p.parent for p in path.glob("*/run.json"))
+        if not subruns:
+            raise ClcliError(f"{path} is not a clcli run folder (no run.json)")
+        return [cls.open(p) for p in subruns]
+
+    @classmethod
+    def pick(cls, path: str | Path) -> "Run":
+        """The run a folder stands for: the folder's own run, or of its per-method runs the CL one (else the
+        first); what `clcli export` exports."""
+        runs = cls.children(path)
+        return next((r for r in runs if r.path.name == "cl"), runs[0])
+
+    @classmethod
+    def latest(cls, root: str | Path = "runs") -> "Run":
+        """The run under `root` whose run.json changed last."""
+        root = Path(root)
+        runs = [p.parent for p in root.glob("**/run.json")] if root.is_dir() else []
+        if not runs:
+            raise ClcliError(f"no runs under {root}/; give the run folder")
+        return cls.open(max(runs, key=lambda p: (p / "run.json").stat().st_mtime))
+
+    @property
+    def method(self) -> str:
+        return self.info["method"]
+
+    @property
+    def status(self) -> str | None:
+        return self.info.get("status")
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "finished"
+
+    @property
+    def recipe(self):
+        if self._recipe is None:
+            self._recipe = read_recipe(self.path / "recipe.yaml")
+        return self._recipe
+
+    @property
+    def plan(self):
+        if self._plan is None:
+            from clcli import probe
+
+            self._plan = probe.Plan.from_dict(read_json(self.path / "plan.json"))
+        return self._plan
+
+    @property
+    def fuse(self) -> str:
+        """How the MKB halves fuse: recorded in plan.json (runs from before that: in the recipe)."""
+        return read_json(self.path / "plan.json").get("fuse", self.recipe.cl.fuse)
+
+    def state(self, map_location="cpu") -> dict:
+        """The last checkpoint: {"epoch", "method", "optimizer", "scheduler", ...}."""
+        if self._state is None:
+            self._state = load_checkpoint(self.path / CHECKPOINT, map_location=map_location)
+        return self._state
+
+    def network_state(self, index: int) -> dict:
+        """Network `index`'s weights (with its MKB halves, if any) under the network's own keys."""
+        prefix = f"{COHORT_PREFIX}networks.{index}."
+        return {k[len(prefix):]: v for k, v in self.state()["method"].items() if k.startswith(prefix)}
+
+    def cohort(self):
+        """The cohort as the last checkpoint left it, in eval mode."""
+        from clcli import methods
+        from clcli.cohort import build_cohort
+
+        traits = methods.METHODS.get(self.method)
+        if traits is None:
+            raise ClcliError(f"{self.path} was trained with method '{self.method}', which this clcli does not know")
+        cohort = build_cohort(self.plan, num_classes=len(self.info["class_names"]), seed=self.recipe.train.seed,
+                              with_mkb=traits.uses_mkb, fuse=self.fuse, shared_transfer=traits.shared_transfer)
+        state = self.state()["method"]
+        cohort.load_state_dict({k[len(COHORT_PREFIX):]: v for k, v in state.items() if k.startswith(COHORT_PREFIX)})
+        return cohort.eval()
+
+    @property
+    def with_mkb(self) -> bool:
+        from clcli import methods
+
+        return methods.uses_mkb(self.method)
+
+    def metrics(self) -> list[dict]:
+        return read_metrics(self.path)
+
+
+def free_folder(name: str, root: str | Path = "runs") -> Path:
+    """<root>/<name>, or <root>/<name>-2, -3, ... when taken: a default never replaces an earlier run."""
+    base = Path(root) / name
+    candidate, k = base, 1
+    while candidate.exists():
+        k += 1
+        candidate = base.with_name(f"{base.name}-{k}")
+    return candidate
+
+
+def read_recipe(path: Path):
+    """A recipe.yaml that clcli wrote (run folders, fold folders), validated; one-line errors."""
+    import yaml
+
+    from clcli import recipes
+
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ClcliError(f"missing {path}") from None
+    except yaml.YAMLError as e:
+        raise ClcliError(f"{path}: not valid YAML ({one_line(e)})") from None
+    return recipes.from_dict(raw, str(path))
+
+
+def prepare(run_dir: Path, *, resume: bool, force: bool) -> None:
+    if resume:
+        if not (run_dir / "run.json").is_file():
+            raise ClcliError(f"{run_dir} is not a clcli run folder (no run.json) to resume")
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not force:
+            raise ClcliError(f"{run_dir} already exists; use --resume to continue it or --force to replace it")
+        import shutil
+
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ClcliError(f"missing {path}") from None
+    except json.JSONDecodeError as e:
+        raise ClcliError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    import torch
+
+    with _io.atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    import torch
+
+    if not path.is_file():
+        raise ClcliError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is a user-facing "corrupt" error
+        raise ClcliError(f"{path} is not a readable clcli checkpoint ({one_line(e)})") from None
+
+
+class MetricsLog:
+    """metrics.jsonl, appended line by line (flushed), truncated to whole epochs on resume."""
+
+    def __init__(self, path: Path, keep_before_epoch: int | None = None):
+        self.path = path
+        if keep_before_epoch is not None and path.exists():
+            kept = [ln for ln in path.read_text().splitlines()
+                    if ln.strip() and _epoch_of(ln) < keep_before_epoch]
+            _io.write_text(path, "".join(k + "\n" for k in kept))
+        self._file = open(path, "a")
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _epoch_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("epoch", 1 << 30))
+    except (json.JSONDecodeError, TypeError, ValueError):
+        return 1 << 30
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
