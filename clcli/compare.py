@@ -64,14 +64,19 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _check_same_recipe(recipe, run_dir: Path) -> None:
+def _check_same_recipe(recipe, run_dir: Path, method: str) -> None:
+    """A finished or unfinished run is reused only if it was trained with this recipe. Keys that do not change what
+    is computed (_IGNORED_KEYS) and the sections of other methods (a CL variant's `cl.*` for an IL run) may differ."""
     import yaml
 
-    from clcli import recipes
+    from clcli import methods, recipes
 
     stored = recipes.from_dict(yaml.safe_load((run_dir / "recipe.yaml").read_text()), str(run_dir / "recipe.yaml"))
     old, new = _flat(stored.to_dict()), _flat(recipe.to_dict())
+    foreign = set(methods.METHOD_SECTIONS) - set(methods.METHODS[method].recipe_sections)
     for key in sorted(set(old) | set(new)):
+        if key.split(".")[0] in foreign:
+            continue
         if key not in _IGNORED_KEYS and old.get(key) != new.get(key):
             raise ClcliError(f"{run_dir} was trained with {key}={old.get(key)!r}, this comparison asks for "
                              f"{new.get(key)!r}; give another --out or delete that folder")
@@ -87,13 +92,13 @@ def _run_recipe(base, method: str, seed: int, teacher: Path):
     return r
 
 
-def _ensure_run(recipe, run_dir: Path, progress: "_GridProgress") -> str:
+def _ensure_run(recipe, method: str, run_dir: Path, progress: "_GridProgress") -> str:
     """Train, resume or reuse one run folder; returns what was done."""
     from clcli import train as train_lib
     from clcli.train import _run
 
     if (run_dir / "run.json").is_file():
-        _check_same_recipe(recipe, run_dir)
+        _check_same_recipe(recipe, run_dir, method)
         if _run.read_json(run_dir / "run.json").get("status") == "finished":
             return "reused"
         train_lib.resume(run_dir, show_progress=progress.enabled, console=progress.console)
@@ -239,7 +244,7 @@ def compare(recipe, methods: list[str], seeds: int, out: str | Path, *, show_pro
     for m, s in grid:
         run_dir = out / "runs" / m / f"seed{s}"
         progress.start(f"{m} seed {s} → {run_dir}")
-        done = _ensure_run(_run_recipe(recipe, m, s, out / "runs" / "il" / f"seed{s}"), run_dir, progress)
+        done = _ensure_run(_run_recipe(recipe, m, s, out / "runs" / "il" / f"seed{s}"), m, run_dir, progress)
         runs[m].append(_read_run(m, s, run_dir))
         progress.advance(f"{m} seed {s}: {done}, test acc " + " / ".join(f"{a:.2f}" for a in runs[m][-1].test_acc))
     if "el" in methods:

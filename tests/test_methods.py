@@ -81,12 +81,14 @@ def _networks_state(state: dict, i: int) -> dict:
 # --- DML -------------------------------------------------------------------------------------------------------------
 
 def test_dml_detaches_the_peers_targets(plan, batch):
-    from clcli.methods.dml import mutual_kl
+    from clcli.losses import soft_target_loss
 
     logits = [torch.randn(8, 10, requires_grad=True) for _ in range(3)]
-    grads = torch.autograd.grad(mutual_kl(logits, 0), logits, allow_unused=True)
-    assert grads[0] is not None and grads[0].abs().sum() > 0
-    assert grads[1] is None and grads[2] is None
+    for target in ("peers", "ensemble"):
+        grads = torch.autograd.grad(soft_target_loss(logits, 0, target=target, temperature=2.0), logits,
+                                    allow_unused=True)
+        assert grads[0] is not None and grads[0].abs().sum() > 0
+        assert grads[1] is None and grads[2] is None
 
     method = create("dml", _cohort(plan, "dml"), _recipe())
     out = method(batch)
@@ -254,6 +256,44 @@ def test_mkb_solo_has_its_own_transfers_and_no_collaborative_terms(plan, batch):
     assert shared.networks[0].mkb["site0"].transfer is shared.networks[1].mkb["site0"].transfer
 
 
+# --- CL variants beyond the paper (cl.alpha_warmup, verification_weight, gate_init, soft_*) ---------------------------
+
+def test_cl_variants_change_the_loss_as_documented(plan, batch):
+    from clcli.losses import soft_target_loss
+
+    base = create("cl", _cohort(plan, "cl"), _recipe(methods=("cl",)))
+    assert base.recipe_sections == ("cl",)
+    ref = base(batch)["parts"]
+    cls = ref["0/cls"] + ref["1/cls"]
+    collab = sum(ref[f"{i}/metric"] + ref[f"{i}/verification"] for i in range(2))
+
+    warm = create("cl", _cohort(plan, "cl"), _recipe(methods=("cl",), cl={"alpha_warmup": 4}))
+    warm.set_epoch(0)
+    assert torch.allclose(warm(batch)["loss"], cls)                    # alpha is 0 in the first epoch
+    warm.set_epoch(2)
+    assert torch.allclose(warm(batch)["loss"], cls + 0.1 * collab, atol=1e-5)   # half of alpha 0.2
+    warm.set_epoch(9)
+    assert warm.alpha == pytest.approx(0.2)
+
+    no_ver = create("cl", _cohort(plan, "cl"), _recipe(methods=("cl",), cl={"verification_weight": 0.0}))
+    assert torch.allclose(no_ver(batch)["loss"], cls + 0.2 * (ref["0/metric"] + ref["1/metric"]), atol=1e-5)
+
+    soft = create("cl", _cohort(plan, "cl"), _recipe(methods=("cl",), cl={"soft_weight": 0.5, "temperature": 2.0}))
+    out = soft(batch)
+    assert set(out["parts"]) == set(ref) | {"0/soft", "1/soft"}
+    expected = soft_target_loss(out["logits"], 1, target="ensemble", temperature=2.0)
+    assert torch.allclose(out["parts"]["1/soft"], expected)
+    assert torch.allclose(out["loss"], cls + 0.2 * collab + 0.5 * (out["parts"]["0/soft"] + out["parts"]["1/soft"]),
+                          atol=1e-5)
+
+    gates = create("cl", _cohort(plan, "cl"), _recipe(methods=("cl",), cl={"gate_init": 0.5}))
+    for net in gates.cohort.networks:
+        assert all(torch.all(half.decoder[-1].weight == 0.5) for half in net.mkb.values())
+    assert all(torch.all(half.decoder[-1].weight == 0) for half in base.cohort.networks[0].mkb.values())
+    with pytest.raises(ClcliError, match="soft_target"):
+        _recipe(methods=("cl",), cl={"soft_target": "teacher"})
+
+
 # --- EL --------------------------------------------------------------------------------------------------------------
 
 class _Lookup(torch.nn.Module):
@@ -328,6 +368,19 @@ def test_compare_writes_the_table_and_reuses_finished_runs(grid):
     assert resumed["rows"] == result["rows"]  # the same recipe and seed train the same weights
     with pytest.raises(ClcliError, match="train.epochs"):
         compare(_recipe(epochs=3), ["il"], 1, out, show_progress=False)
+
+
+def test_compare_reuses_runs_whose_own_sections_are_unchanged(grid):
+    """A CL variant (cl.*) or a DML setting leaves the IL and KD runs valid; a change to kd.* does not."""
+    out, result = grid
+    runs = sorted((out / "runs").glob("*/seed*/run.json"))
+    stamps = {p: p.stat().st_mtime_ns for p in runs}
+    again = compare(_recipe(epochs=2, cl={"alpha": 0.7}, dml={"weight": 2.0}), ["il", "kd", "el"], 2, out,
+                    show_progress=False)
+    assert {p: p.stat().st_mtime_ns for p in runs} == stamps
+    assert again["rows"][:3] == result["rows"][:3]
+    with pytest.raises(ClcliError, match="kd.temperature"):
+        compare(_recipe(epochs=2, kd={"temperature": 2.0}), ["il", "kd"], 2, out, show_progress=False)
 
 
 def test_compare_cli_writes_to_reports_by_default_and_reuses_runs(grid, tmp_path, monkeypatch):

@@ -87,6 +87,29 @@ def summed_metric_loss(embeddings: Sequence[Tensor], *, kind: str = "dot",
     return half + half.detach(), per_network
 
 
+def soft_target_loss(logits: Sequence[Tensor], i: int, *, target: str = "ensemble",
+                     temperature: float = 1.0) -> Tensor:
+    """Logit-level distillation of network i from the cohort, T^2 * KL(q || softmax(z_i / T)), batch mean, with q
+    detached. target='ensemble': q = softmax(mean of every network's logits / T) (KDCL's naive ensemble);
+    target='peers': the mean over j != i of KL(softmax(z_j / T) || softmax(z_i / T)) (DML; T = 1 is DML's own)."""
+    import torch
+    import torch.nn.functional as F
+
+    if len(logits) < 2:
+        raise ClcliError(f"soft targets need at least 2 networks, got {len(logits)}")
+    t = float(temperature)
+    log_p_i = F.log_softmax(logits[i].float() / t, dim=1)
+    if target == "ensemble":
+        mean = torch.stack([z.detach().float() for z in logits]).mean(dim=0)
+        kl = F.kl_div(log_p_i, F.softmax(mean / t, dim=1), reduction="batchmean")
+    elif target == "peers":
+        kl = torch.stack([F.kl_div(log_p_i, F.softmax(z.detach().float() / t, dim=1), reduction="batchmean")
+                          for j, z in enumerate(logits) if j != i]).mean()
+    else:
+        raise ClcliError(f"unknown soft target {target!r}; valid: ensemble, peers")
+    return kl * (t * t)
+
+
 def verification_loss(logits: Tensor, targets: Tensor) -> Tensor:
     """Cross-entropy of the linear softmax classifier on an embedding against the true labels."""
     import torch.nn.functional as F

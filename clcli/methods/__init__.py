@@ -5,10 +5,10 @@ loop back-propagates), `logits` (one tensor per network) and `parts` (every loss
 """
 from __future__ import annotations
 
-from ._base import METHODS, Batch, Method, create, register, uses_mkb
+from ._base import METHOD_SECTIONS, METHODS, Batch, Method, create, register, uses_mkb
 
 # Importing the method files registers them.
 from . import cl, il  # noqa: E402,F401
 from . import dml, el, fitnets, kd, mkb_solo, wel  # noqa: E402,F401
 
-__all__ = ["METHODS", "Method", "Batch", "create", "register", "uses_mkb"]
+__all__ = ["METHOD_SECTIONS", "METHODS", "Method", "Batch", "create", "register", "uses_mkb"]

@@ -37,6 +37,9 @@ class Method(nn.Module):
     # Computes only the networks in `cohort.indices` (train.placement: per-network, one network per process), and
     # every trainable parameter gets a gradient in a simultaneous step (DDP need not look for unused ones).
     per_network = False
+    # The method sections of the recipe (cl, kd, dml, fitnets, wel) it reads: `clcli compare` reuses a finished run
+    # when only other methods' sections changed (e.g. a CL variant reuses the IL runs of its seed).
+    recipe_sections: tuple[str, ...] = ()
 
     def __init__(self, cohort, recipe):
         super().__init__()
@@ -45,6 +48,9 @@ class Method(nn.Module):
 
     def forward(self, batch: Batch) -> dict:
         raise NotImplementedError
+
+
+METHOD_SECTIONS = ("cl", "kd", "dml", "fitnets", "wel")
 
 
 def create(name: str, cohort, recipe) -> Method:

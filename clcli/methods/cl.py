@@ -9,6 +9,11 @@ path; the loop back-propagates sum_i L_i (simultaneous) or L_active (iterative).
 pairwise peers the metric part of sum_i L_i is evaluated once per pair (`losses.summed_metric_loss`: same value, same
 gradient). With one network per process (train.placement: per-network) L_i is computed by network i's process, on
 the embeddings gathered from all (`Cohort.embeddings`).
+
+Variants beyond the paper (recipe `cl.*`, defaults off; measured in docs/results.md section 4): alpha ramped from 0
+over the first epochs (`alpha_warmup`), the verification term's weight, the MKB gate's scale at the start
+(`gate_init`), and a logit-level soft-target term from the cohort (`soft_weight`, `soft_target`, `temperature`):
+    L_i = L_cls + alpha_e * (L_metric + w_ver * L_verification) + soft_weight * T^2 KL(q || softmax(z_i / T))
 """
 from __future__ import annotations
 
@@ -18,7 +23,8 @@ import operator
 import torch
 import torch.nn.functional as F
 
-from clcli import losses
+from clcli import losses, mkb
+from clcli.errors import ClcliError
 
 from ._base import Batch, Method, register
 
@@ -27,12 +33,27 @@ from ._base import Batch, Method, register
 class CollaborativeLearning(Method):
     uses_mkb = True
     per_network = True
+    recipe_sections = ("cl",)
 
     def __init__(self, cohort, recipe):
         super().__init__(cohort, recipe)
         cfg = recipe.cl
         self.alpha, self.metric, self.multi, self.input = cfg.alpha, cfg.metric, cfg.multi, cfg.input
         self.w2_cache = losses.W2Cache(grid=cfg.w2_grid) if cfg.input == "different" else None
+        self.full_alpha, self.alpha_warmup, self.verification_weight = cfg.alpha, cfg.alpha_warmup, \
+            cfg.verification_weight
+        self.soft_weight, self.soft_target, self.temperature = cfg.soft_weight, cfg.soft_target, cfg.temperature
+        if self.soft_weight > 0 and recipe.train.placement == "per-network":
+            raise ClcliError("cl.soft_weight needs every network's logits in each process: use train.placement "
+                             "replicated")
+        if cfg.gate_init != 0.0:  # a fresh cohort; a resumed one gets its trained gates from the checkpoint
+            for net in cohort.networks:
+                mkb.init_gates(net, cfg.gate_init)
+
+    def set_epoch(self, epoch: int) -> None:
+        """alpha ramps linearly from 0 at epoch 0 to its full value at epoch `alpha_warmup`."""
+        if self.alpha_warmup > 0:
+            self.alpha = self.full_alpha * min(1.0, epoch / self.alpha_warmup)
 
     def _metric(self, embeds: list[torch.Tensor], i: int, batch: Batch) -> torch.Tensor:
         if self.input == "siamese":
@@ -74,8 +95,14 @@ class CollaborativeLearning(Method):
             )
             parts[f"{i}/cls"], parts[f"{i}/metric"], parts[f"{i}/verification"] = cls, metric[i], verification
             if batch.active is None or batch.active == i:
-                own = verification if joint is not None else metric[i] + verification
-                terms.append(cls + self.alpha * own)
+                own = self.verification_weight * verification
+                own = own if joint is not None else metric[i] + own
+                loss_i = cls + self.alpha * own
+                if self.soft_weight > 0:
+                    soft = losses.soft_target_loss(logits, i, target=self.soft_target, temperature=self.temperature)
+                    parts[f"{i}/soft"] = soft
+                    loss_i = loss_i + self.soft_weight * soft
+                terms.append(loss_i)
         return {"loss": _add(terms), "logits": logits, "parts": parts}
 
 

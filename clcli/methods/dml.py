@@ -9,19 +9,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from clcli import losses
+
 from ._base import Batch, Method, register
-
-
-def mutual_kl(logits: list[torch.Tensor], i: int) -> torch.Tensor:
-    """mean over j != i of KL(p_j.detach() || p_i), averaged over the batch."""
-    log_p_i = F.log_softmax(logits[i].float(), dim=1)
-    terms = [F.kl_div(log_p_i, F.softmax(z.detach().float(), dim=1), reduction="batchmean")
-             for j, z in enumerate(logits) if j != i]
-    return torch.stack(terms).mean()
 
 
 @register("dml")
 class DeepMutualLearning(Method):
+    recipe_sections = ("dml",)
+
     def forward(self, batch: Batch) -> dict:
         logits = self.cohort(batch.images, active=batch.active)
         weight = self.recipe.dml.weight
@@ -29,7 +25,7 @@ class DeepMutualLearning(Method):
         total = 0.0
         for i, (out, target) in enumerate(zip(logits, batch.targets)):
             cls = F.cross_entropy(out, target)
-            kl = mutual_kl(logits, i)
+            kl = losses.soft_target_loss(logits, i, target="peers")
             parts[f"{i}/cls"], parts[f"{i}/kl"] = cls, kl
             if batch.active is None or batch.active == i:
                 total = total + cls + weight * kl

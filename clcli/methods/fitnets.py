@@ -53,6 +53,8 @@ class _Capture(nn.Module):
 
 @register("fitnets")
 class FitNets(KnowledgeDistillation):
+    recipe_sections = ("kd", "fitnets", "cl")  # the hint is read at the plan's first MKB site
+
     def __init__(self, cohort, recipe):
         super().__init__(cohort, recipe)
         plan = getattr(cohort, "plan", None)

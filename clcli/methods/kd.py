@@ -75,6 +75,8 @@ def load_teacher(net: nn.Module, source: str | None, name: str, method: str) -> 
 
 @register("kd")
 class KnowledgeDistillation(Method):
+    recipe_sections = ("kd",)
+
     def __init__(self, cohort, recipe):
         super().__init__(cohort, recipe)
         if len(cohort.networks) < 2:

@@ -11,3 +11,4 @@ from .il import IndividualLearning
 class MKBWithoutCL(IndividualLearning):
     uses_mkb = True
     shared_transfer = False
+    recipe_sections = ("cl",)  # the MKB structure and fusion

@@ -30,6 +30,8 @@ def _pooled_width(net: nn.Module) -> int:
 
 @register("wel")
 class WassersteinEmbeddingLearning(Method):
+    recipe_sections = ("wel",)
+
     def __init__(self, cohort, recipe):
         super().__init__(cohort, recipe)
         cfg = recipe.wel

@@ -108,6 +108,15 @@ def _fusion_hook(half):
     return hook
 
 
+def init_gates(model, scale: float) -> None:
+    """Start every MKB half of `model` with gate 1 + elu(scale * BN(.)): the weight of each decoder's last
+    BatchNorm. 0 (the default at construction) makes M = 0, so a mul-fused MKB starts as the identity."""
+    import torch.nn as nn
+
+    for half in getattr(model, PREFIX, {}).values():
+        nn.init.constant_(half.decoder[-1].weight, scale)
+
+
 def embeddings(model) -> dict:
     """The embeddings of the model's last forward, by site name."""
     container = getattr(model, PREFIX, None)
@@ -116,5 +125,5 @@ def embeddings(model) -> dict:
     return {name: half.embedding for name, half in container.items()}
 
 
-__all__ = ["attach", "half_plans", "embeddings", "HalfPlan", "MKBSpec", "HalfSpec", "size_mkb", "PREFIX",
+__all__ = ["attach", "half_plans", "embeddings", "init_gates", "HalfPlan", "MKBSpec", "HalfSpec", "size_mkb", "PREFIX",
            "EMBEDDING", "site_name", "is_shared"]

@@ -27,9 +27,14 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "schedule": ("plateau", "cosine", "step", "constant"),
     "device": ("auto", "cpu", "cuda", "mps"),
     "placement": ("replicated", "per-network"),
+    "soft_target": ("ensemble", "peers"),
 }
 _RANGES: dict[str, tuple[float, float]] = {
     "alpha": (0.0, 100.0),
+    "alpha_warmup": (0, 100000),
+    "verification_weight": (0.0, 100.0),
+    "gate_init": (0.0, 10.0),
+    "soft_weight": (0.0, 100.0),
     "mkbs": (1, 16),
     "embedding": (8, 1 << 20),
     "budget": (0.0, 10.0),
@@ -90,6 +95,13 @@ class CLConfig:
     embedding: int = 1024
     budget: float = 0.10
     w2_grid: int = 8
+    # Variants beyond the paper (docs/results.md section 4); each default keeps the paper's method as implemented.
+    alpha_warmup: int = 0               # epochs over which alpha ramps linearly from 0 (0: full alpha from the start)
+    verification_weight: float = 1.0    # L_verification's weight inside alpha (L_metric + w * L_verification)
+    gate_init: float = 0.0              # each decoder's last BatchNorm weight at start: 0 starts every MKB as identity
+    soft_weight: float = 0.0            # + soft_weight * T^2 * KL(soft target || softmax(z_i / T)): a logit-level term
+    soft_target: str = "ensemble"       # ensemble: softmax of the cohort's mean logits (KDCL); peers: each peer's (DML)
+    temperature: float = 3.0            # T of the soft-target term
 
 
 @dataclass
