@@ -3,6 +3,8 @@ torch.export fallback, and which fail.
 
     python benchmarks/probe_zoo.py --out docs/results/probe_zoo.json            # the whole zoo (about half an hour)
     python benchmarks/probe_zoo.py --every 10 --out /tmp/zoo_sample.json        # every 10th name
+    python benchmarks/probe_zoo.py --names pit_ti_224,coat_tiny --out docs/results/probe_zoo.json   # re-probe some,
+                                                                                 # merged into the existing file
 
 Each model runs in a worker process with a time limit and a memory cap, so that one model cannot take the sweep
 down; workers are recycled regularly.
@@ -15,6 +17,7 @@ import resource
 import signal
 import sys
 import time
+from pathlib import Path
 from multiprocessing import get_context
 
 
@@ -39,8 +42,11 @@ def _probe_one(args) -> dict:
 
         cfg = timm.models.get_pretrained_cfg(name)
         size = tuple(cfg.input_size[-2:]) if cfg is not None and cfg.input_size else (224, 224)
+        from clcli.probe._pairing import MIN_SIDE
+
         m = probe.analyse(name, size, num_classes=1000)
         result = {"name": name, "status": m.tracer, "taps": len(m.stage_taps),
+                  "usable_site": any(min(t.size) >= MIN_SIDE for t in m.stage_taps),
                   "layouts": sorted({t.layout for t in m.stage_taps}), "input_size": list(size)}
     except BaseException as e:  # noqa: BLE001 - a sweep records every failure and goes on
         text = str(e).strip().splitlines()
@@ -63,15 +69,20 @@ def main() -> None:
     parser.add_argument("--out", default="probe_zoo.json")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--every", type=int, default=1, help="probe every k-th model name (a sample)")
+    parser.add_argument("--names", default="", help="comma-separated models to (re-)probe, merged into --out")
     parser.add_argument("--timeout", type=int, default=120, help="seconds per model")
     parser.add_argument("--memory-gib", type=float, default=8.0, help="address-space cap per worker")
     args = parser.parse_args()
 
     import timm
 
-    names = timm.list_models()[:: args.every]
+    names = [n for n in args.names.split(",") if n] or timm.list_models()[:: args.every]
     start = time.perf_counter()
     results = []
+    earlier = {}
+    if args.names and Path(args.out).is_file():  # a partial re-run: keep every other model's earlier result
+        before = json.loads(Path(args.out).read_text())
+        earlier = {r["name"]: r for r in before["results"] if r["name"] not in names}
     ctx = get_context("spawn")
     with ctx.Pool(args.workers, initializer=_init, initargs=(args.memory_gib,), maxtasksperchild=25) as pool:
         for i, r in enumerate(pool.imap_unordered(_probe_one, [(n, args.timeout) for n in names]), 1):
@@ -79,6 +90,8 @@ def main() -> None:
             if i % 50 == 0 or i == len(names):
                 print(f"{i}/{len(names)} probed, {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
     total = time.perf_counter() - start
+    rerun = len(results)
+    results += list(earlier.values())
     counts = {s: sum(r["status"] == s for r in results) for s in ("fx", "export", "failed")}
     summary = {
         "models": len(results),
@@ -89,10 +102,14 @@ def main() -> None:
         "fraction_failed": round(counts["failed"] / len(results), 4),
         "fraction_analysed": round((counts["fx"] + counts["export"]) / len(results), 4),
         "no_taps": sorted(r["name"] for r in results if r["status"] != "failed" and r["taps"] == 0),
+        # a stage tap of 2x2 or more: somewhere an MKB can go (models probed before this field: any tap counts)
+        "usable_site": sum(r["status"] != "failed" and r.get("usable_site", r["taps"] > 0) for r in results),
         "failures": sorted(({"name": r["name"], "error": r["error"]} for r in results if r["status"] == "failed"),
                            key=lambda r: r["name"]),
-        "total_seconds": round(total, 1),
-        "workers": args.workers,
+        # the whole-zoo time stays that of the last whole run
+        "total_seconds": round(total, 1) if not earlier else before["summary"].get("total_seconds"),
+        "last_run": {"models": rerun, "seconds": round(total, 1)} if earlier else None,
+        "workers": args.workers if not earlier else before["summary"].get("workers"),
     }
     with open(args.out, "w") as f:
         json.dump({"summary": summary, "results": sorted(results, key=lambda r: r["name"])}, f, indent=1)

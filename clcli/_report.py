@@ -17,7 +17,7 @@ def print_plan(console, plan) -> None:
     for m in plan.models:
         stem = ""
         if m.stem:
-            stem = f", small stem: stride 1 at {m.stem.conv}" + (f", {m.stem.pool} removed" if m.stem.pool else "")
+            stem = f", small stem: stride 1 at {', '.join(m.stem.convs)}" + (f", {m.stem.pool} removed" if m.stem.pool else "")
         table = Table(title=f"{m.name}  ({_fmt_int(m.params)} params, {_fmt_int(m.macs)} MACs, traced with "
                             f"{m.tracer}{stem})", title_justify="left")
         for col in ("tap", "layout", "C", "H x W", "stage", "depth", "module output"):
@@ -30,8 +30,8 @@ def print_plan(console, plan) -> None:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
     if plan.models and any(m.tracer == "export" for m in plan.models):
         console.print("[yellow]note:[/] fx could not trace some models; torch.export analysed them instead")
-    if plan.resized:
-        console.print("[yellow]note:[/] no equal spatial size: sites pair sizes in a ratio of 2, bridged by a resize")
+    for note in plan.notes:
+        console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
     # One row per network and site, so that a narrow terminal never has to wrap a number.
     table = Table(title="MKB sites, best first (* = planned); each network's MKB half: params, % of the network, "
                         "MACs per image", title_justify="left")

@@ -4,7 +4,7 @@ the same network without tracing again."""
 from __future__ import annotations
 
 import difflib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from clcli.errors import ClcliError, one_line
 
@@ -27,13 +27,19 @@ def network_labels(names: list[str]) -> list[str]:
 
 @dataclass
 class StemChange:
-    """What `--stem small` changed: the first strided conv set to stride 1, the first pooling removed."""
+    """What `--stem small` changed: the first strided conv set to stride 1 (with the strided convs of the branches
+    that run beside it, as in RepVGG and MobileOne stems), the first pooling removed."""
 
     conv: str | None = None          # module path of the conv made stride 1
     pool: str | None = None          # module path of the pooling replaced by Identity
+    branches: list[str] = field(default_factory=list)  # strided layers beside `conv`: convs made stride 1, pools removed
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def convs(self) -> list[str]:
+        return ([self.conv] if self.conv else []) + list(self.branches)
 
 
 def check_model_name(name: str) -> None:
@@ -169,8 +175,11 @@ def load_weights_file(model, name: str, path) -> None:
 def apply_stem(model, stem: StemChange) -> None:
     from torch import nn
 
-    if stem.conv:
-        conv = model.get_submodule(stem.conv)
+    for path in stem.convs:
+        conv = model.get_submodule(path)
+        if isinstance(conv, (nn.MaxPool2d, nn.AvgPool2d)):  # a pooling shortcut beside the strided conv
+            model.set_submodule(path, nn.Identity())
+            continue
         k = conv.kernel_size
         conv.stride = (1, 1)
         if not (all(x % 2 == 1 for x in k) and tuple(conv.padding) == tuple(x // 2 for x in k)) \

@@ -144,7 +144,7 @@ def test_no_shared_size_names_the_nearest_sizes():
     # test_vit's only map is the 4x4 patch grid at 64 px; test_resnet at 16 px has 8, 4, 2 maps but no 4x4 ... so
     # compare two fixed-size ViTs at sizes that give different grids instead: 64 px -> 4x4 vs 2x2 is a ratio of 2,
     # so ask for input sizes where nothing overlaps at all.
-    with pytest.raises(ClcliError, match="no shared spatial size"):
+    with pytest.raises(ClcliError, match="no MKB site at input 16x16: test_vit has no feature map of 2x2"):
         probe.plan(["test_vit", "test_resnet"], 16)
 
 
@@ -227,7 +227,13 @@ def test_the_table_says_when_sites_pair_different_sizes(monkeypatch):
     from clcli.probe import _pairing
 
     real = _pairing.candidate_sites
-    monkeypatch.setattr(_pairing, "candidate_sites", lambda taps: (real(taps)[0], True))
+    def as_x2(taps):
+        sites = real(taps)[0]
+        for site in sites:
+            site.update(resized=True, pairing="x2")
+        return sites, True
+
+    monkeypatch.setattr(_pairing, "candidate_sites", as_x2)
     result = runner.invoke(app, ["probe", "test_resnet", "test_efficientnet", "--stem", "small"])
     assert result.exit_code == 0, result.output
     assert "ratio of 2" in result.stdout

@@ -48,12 +48,14 @@ class Site:
     score: float
     resized: bool
     mkb: MKBSpec
+    pairing: str = "equal"       # equal | x2 (sizes in a ratio of 2) | nearest (each model's nearest size)
 
     def to_dict(self) -> dict:
         return {
             "size": list(self.size),
             "score": self.score,
             "resized": self.resized,
+            "pairing": self.pairing,
             "taps": [t.to_dict() for t in self.taps],
             "mkb": self.mkb.to_dict(),
         }
@@ -61,7 +63,7 @@ class Site:
     @classmethod
     def from_dict(cls, d: dict) -> "Site":
         return cls(tuple(d["size"]), [Tap(**t) for t in d["taps"]], d["score"], d["resized"],
-                   MKBSpec.from_dict(d["mkb"]))
+                   MKBSpec.from_dict(d["mkb"]), d.get("pairing", "x2" if d["resized"] else "equal"))
 
 
 @dataclass
@@ -82,7 +84,22 @@ class Plan:
             "models": [m.to_dict() for m in self.models],
             "sites": [s.to_dict() for s in self.sites],
             "candidates": [s.to_dict() for s in self.candidates],
+            "notes": self.notes,
         }
+
+    @property
+    def notes(self) -> list[str]:
+        """What a user should know about how the sites pair the models (the table prints them too)."""
+        pairings = {s.pairing for s in self.sites}
+        notes = []
+        if "x2" in pairings:
+            notes.append("no equal spatial size: sites pair sizes in a ratio of 2, bridged by a resize")
+        if "nearest" in pairings:
+            sizes = "; ".join(" / ".join(f"{t.height}x{t.width}" for t in s.taps) for s in self.sites
+                              if s.pairing == "nearest")
+            notes.append(f"no equal spatial size and none in a ratio of 2: sites pair each model's nearest size "
+                         f"({sizes}), every encoder resampling to the one code size")
+        return notes
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
@@ -116,17 +133,52 @@ def _as_hw(input_size) -> tuple[int, int]:
     return hw  # type: ignore[return-value]
 
 
-def _traced(model, in_chans: int, hw: tuple[int, int]):
+def _traced(model, in_chans: int, hw: tuple[int, int], export: bool = True):
     """Shapes on the meta device (no memory, no compute); real tensors where a meta kernel is missing."""
     import torch
 
     from ._graph import trace
 
     try:
-        return trace(model, torch.empty(1, in_chans, *hw, device="meta"))
+        return trace(model, torch.empty(1, in_chans, *hw, device="meta"), export)
     except ClcliError:
         model = model.to_empty(device="cpu")
-        return trace(model, torch.zeros(1, in_chans, *hw))
+        return trace(model, torch.zeros(1, in_chans, *hw), export)
+
+
+def _hookable(model, taps: list[Tap], in_chans: int, hw: tuple[int, int]) -> list[Tap]:
+    """Keep a tap's module only where a forward hook there sees exactly the tap: the module runs once per forward
+    and returns one tensor of the tap's shape. A block that returns `[x, skip]` or `(x, cls_token)`, or a module
+    called at several places, is spliced in by its graph node instead (`clcli.mkb._rewrite`)."""
+    import dataclasses
+
+    import torch
+
+    paths = {t.module for t in taps if t.module}
+    if not paths:
+        return taps
+    seen: dict[str, list] = {p: [] for p in paths}
+    handles = [model.get_submodule(p).register_forward_hook(
+        lambda m, i, out, p=p: seen[p].append(tuple(out.shape) if isinstance(out, torch.Tensor) else None))
+        for p in paths]
+    device = next(iter(model.parameters()), torch.empty(0, device="meta")).device
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, in_chans, *hw, device=device) if device.type != "meta"
+                  else torch.empty(1, in_chans, *hw, device="meta"))
+    except Exception:  # noqa: BLE001 - a model that only the tracer can run: its hooks cannot be checked either
+        seen = {p: [] for p in paths}
+    finally:
+        for h in handles:
+            h.remove()
+
+    def batch1(t: Tap) -> tuple:
+        return (1, t.channels, t.height, t.width) if t.layout == "NCHW" else \
+            (1, t.height, t.width, t.channels) if t.layout == "NHWC" else \
+            (1, t.prefix_tokens + t.height * t.width, t.channels)
+
+    return [t if t.module is None or seen[t.module] == [batch1(t)] else
+            dataclasses.replace(t, module=None, is_module_output=False) for t in taps]
 
 
 def analyse(
@@ -156,11 +208,12 @@ def analyse(
             raise ClcliError(f"{name}: no strided conv found for --stem small")
         models.apply_stem(model, change)
         try:
-            graph = _traced(model, in_chans, hw)
+            # torch.export only where fx needed it before the change: it takes minutes to fail on a broken model
+            graph = _traced(model, in_chans, hw, export=graph.tracer == "export")
         except ClcliError as e:
             raise ClcliError(f"{name}: --stem small breaks the model ({e}); use --stem imagenet") from None
     prefix = getattr(model, "num_prefix_tokens", None)
-    taps = find_taps_in_graph(graph, hw, prefix if isinstance(prefix, int) else None)
+    taps = _hookable(model, find_taps_in_graph(graph, hw, prefix if isinstance(prefix, int) else None), in_chans, hw)
     return ModelProbe(name, kwargs, change, graph.tracer, models.count_params(model), graph.macs,
                       taps, stage_taps(taps), _patch_notes(name, model, hw))
 
@@ -191,7 +244,7 @@ def plan(
     """Probe every model and choose `mkbs` MKB sites common to all of them."""
     from clcli.models import check_model_name
 
-    from ._pairing import candidate_sites, nearest_sizes, spread
+    from ._pairing import MIN_SIDE, candidate_sites, nearest_sizes, spread
 
     if len(names) < 2:
         raise ClcliError("collaborative learning needs at least 2 models")
@@ -203,15 +256,17 @@ def plan(
     probes = [analyse(n, hw, stem=stem, num_classes=num_classes, in_chans=in_chans) for n in names]
     raw, resized = candidate_sites([p.stage_taps for p in probes])
     if not raw:
+        bare = [p.name for p in probes if not any(min(t.size) >= MIN_SIDE for t in p.stage_taps)]
         raise ClcliError(
-            f"no shared spatial size at input {hw[0]}x{hw[1]} (stage sizes: {nearest_sizes([p.stage_taps for p in probes])});"
-            " try a larger --input-size or --stem small"
+            f"no MKB site at input {hw[0]}x{hw[1]}: {', '.join(bare)} has no feature map of {MIN_SIDE}x{MIN_SIDE} or "
+            f"larger (stage sizes: {nearest_sizes([p.stage_taps for p in probes])}); try a larger --input-size"
+            + (" or --stem small" if stem != "small" else "")
         )
     params = [p.params for p in probes]
     candidates = [
         Site(tuple(s["size"]), s["taps"], s["score"], s["resized"],
              size_mkb([(t.channels, t.height, t.width) for t in s["taps"]], params,
-                      embedding=embedding, budget=budget))
+                      embedding=embedding, budget=budget), s["pairing"])
         for s in raw
     ]
     chosen_raw = spread(raw, mkbs)

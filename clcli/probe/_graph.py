@@ -22,6 +22,7 @@ class GNode:
     target: str                      # module path for call_module, function name otherwise
     scope: tuple[str, ...]           # module paths whose forward this node runs inside, outermost first
     shape: tuple[int, ...] | None    # output shape when the output is a single tensor
+    tensor: bool = True              # whether the output holds any tensor (False: sizes, ints, None)
     inputs: list[int] = field(default_factory=list)
     users: list[int] = field(default_factory=list)
 
@@ -37,6 +38,16 @@ def _tensor_shape(value) -> tuple[int, ...] | None:
     if isinstance(value, torch.Tensor):
         return tuple(int(s) for s in value.shape)
     return None
+
+
+def _holds_tensor(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_holds_tensor(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_tensor(v) for v in value.values())
+    return False
 
 
 def _link(nodes: list[GNode], index: dict) -> list[GNode]:
@@ -66,7 +77,8 @@ def _fx_graph(model: nn.Module, example: torch.Tensor) -> list[GNode]:
         scope = tuple(node.meta.get("nn_module_stack", {}).keys())
         target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
         index[node] = len(nodes)
-        nodes.append(GNode(node.name, node.op, target, scope, shape))
+        # ShapeProp sets tensor_meta only where the value holds a tensor: sizes and ints carry no features
+        nodes.append(GNode(node.name, node.op, target, scope, shape, tensor="tensor_meta" in node.meta))
     return _link(nodes, index)
 
 
@@ -94,7 +106,8 @@ def _export_graph(model: nn.Module, example: torch.Tensor) -> list[GNode]:
         scope = tuple(p for p in (_export_scope_path(v[0]) for v in stack.values()) if p)
         target = node.target if isinstance(node.target, str) else str(node.target)
         index[node] = len(nodes)
-        nodes.append(GNode(node.name, node.op, target, scope, _tensor_shape(node.meta.get("val"))))
+        value = node.meta.get("val")
+        nodes.append(GNode(node.name, node.op, target, scope, _tensor_shape(value), tensor=_holds_tensor(value)))
     return _link(nodes, index)
 
 
@@ -123,14 +136,16 @@ def _count_macs(model: nn.Module, nodes: list[GNode]) -> int:
     return total
 
 
-def trace(model: nn.Module, example: torch.Tensor) -> Graph:
-    """Trace `model` (in eval mode) on `example`, with fx and, where fx fails, torch.export."""
+def trace(model: nn.Module, example: torch.Tensor, export: bool = True) -> Graph:
+    """Trace `model` (in eval mode) on `example`, with fx and, where fx fails (and `export`), torch.export."""
     model.eval()
     try:
         nodes = _fx_graph(model, example)
         tracer = "fx"
     except Exception as fx_error:  # noqa: BLE001 - any tracing failure falls back to export
         try:
+            if not export:
+                raise RuntimeError("not tried")
             nodes = _export_graph(model, example)
         except Exception as export_error:  # noqa: BLE001
             from clcli.errors import ClcliError, one_line

@@ -3,15 +3,25 @@ spatial size, convolutional stages rather than the classifier, later stages pref
 stage best (conv2_x of three stages in Table 5)."""
 from __future__ import annotations
 
+import math
+
 from ._taps import TARGET_DEPTH, Tap
 
 MIN_SIDE = 2          # a 1x1 map is a pooled vector: the paper found the fc position worst
 GOOD_SIDE = 4         # below this the unified code is smaller than the paper's 4x4
 
 
+def _spread(taps: list[Tap]) -> float:
+    """log2 of the largest ratio between two taps' sides (0 for equal sizes, 1 for a ratio of 2)."""
+    return max(math.log2(max(t.height for t in taps) / min(t.height for t in taps)),
+               math.log2(max(t.width for t in taps) / min(t.width for t in taps)))
+
+
 def _score(taps: list[Tap]) -> float:
     depth = sum(t.depth for t in taps) / len(taps)
     score = 1.0 - abs(depth - TARGET_DEPTH)
+    if _spread(taps) > 1:
+        score -= 0.5 * (_spread(taps) - 1)  # nearest sizes further apart than 2: more is lost in the resampling
     if min(min(t.height, t.width) for t in taps) < GOOD_SIDE:
         score -= 1.0
     if not all(t.is_module_output for t in taps):
@@ -20,12 +30,14 @@ def _score(taps: list[Tap]) -> float:
 
 
 def candidate_sites(per_model: list[list[Tap]]) -> tuple[list[dict], bool]:
-    """Sites as dicts {size, taps, score, resized}, best first; `resized` is True when no equal size exists and the
-    sites pair sizes in a ratio of 2 (bridged by the encoders' pooling / stride)."""
+    """Sites as dicts {size, taps, score, resized, pairing}, best first. `pairing` is "equal" where the models share
+    spatial sizes; else "x2": sizes in a ratio of 2 (bridged by the encoders' pooling / stride); else "nearest": each
+    model's nearest size (a patch-14 ViT's 16x16 against a CNN's 14x14), every encoder resampling to the one code
+    size. `resized` is True when the sites are not of equal sizes."""
     sizes = [{t.size: t for t in taps if min(t.size) >= MIN_SIDE} for taps in per_model]
     common = set(sizes[0]).intersection(*sizes[1:])
     sites = [
-        {"size": list(s), "taps": [m[s] for m in sizes], "resized": False} for s in sorted(common)
+        {"size": list(s), "taps": [m[s] for m in sizes], "resized": False, "pairing": "equal"} for s in sorted(common)
     ]
     resized = not sites
     if resized:
@@ -40,7 +52,19 @@ def candidate_sites(per_model: list[list[Tap]]) -> tuple[list[dict], bool]:
                     break
                 picks.append(max(match, key=lambda t: t.depth))
             else:
-                sites.append({"size": list(base), "taps": picks, "resized": True})
+                sites.append({"size": list(base), "taps": picks, "resized": True, "pairing": "x2"})
+    if not sites and all(sizes):
+        # Each model's size nearest to each size any model has (in log scale); one site per distinct combination,
+        # labelled by its smallest sides (the code is no larger than them).
+        seen = set()
+        for base in sorted(set().union(*sizes)):
+            picks = [min(m.values(), key=lambda t: (abs(math.log2(t.height / base[0])) +
+                                                   abs(math.log2(t.width / base[1])), -t.depth)) for m in sizes]
+            key = tuple(t.node for t in picks)
+            if key not in seen:
+                seen.add(key)
+                size = [min(t.height for t in picks), min(t.width for t in picks)]
+                sites.append({"size": size, "taps": picks, "resized": True, "pairing": "nearest"})
     for site in sites:
         site["score"] = _score(site["taps"])
     sites.sort(key=lambda s: -s["score"])

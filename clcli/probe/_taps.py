@@ -45,6 +45,31 @@ def cut_points(nodes: list[GNode]) -> list[int]:
     return cuts
 
 
+def stream_cuts(nodes: list[GNode]) -> list[int]:
+    """Cut points of one stream, for models with no plain cut point at a feature map: nodes over which only values
+    jump that are not their own features: values that hold no tensor (a `B, C, H, W = x.shape` read at a block's
+    start and used at its end) and values that are not ancestors of the node (a class token carried beside the
+    patch grid, as in PiT and CoaT; the other scale's tokens in CrossViT). A residual skip is an ancestor of every
+    node inside its block, so block interiors stay excluded."""
+    ancestors: list[int] = []   # bit j set: node j is an ancestor
+    live: dict[int, int] = {}   # node -> index of its last use
+    learned = [n.op == "call_module" for n in nodes]  # a layer ran on the way here: features, not the image
+    cuts = []
+    for i, n in enumerate(nodes):
+        mine = 0
+        for j in n.inputs:
+            mine |= ancestors[j] | (1 << j)
+            learned[i] = learned[i] or learned[j]
+        ancestors.append(mine)
+        live = {j: last for j, last in live.items() if last > i}
+        if learned[i] and n.op not in ("placeholder", "output") and all(
+                not nodes[j].tensor or not (mine >> j) & 1 for j in live):
+            cuts.append(i)
+        if n.users:
+            live[i] = max(n.users)
+    return cuts
+
+
 def _scale_level(size: int, full: int) -> int | None:
     """Level k with size ~ full / 2**k (floor or ceil, the usual conv arithmetic), or None."""
     for k in range(0, 8):
@@ -54,14 +79,30 @@ def _scale_level(size: int, full: int) -> int | None:
     return None
 
 
-def _layout(shape: tuple[int, ...], input_hw: tuple[int, int], prefix_hint: int | None, prefer: str | None):
-    """(layout, C, H, W, prefix) for a spatial feature map, or None. Spatial dims must look like input / 2**k."""
+def _any_level(size: int, full: int) -> int | None:
+    """Level k with size nearest full / 2**k, for any size up to the input's (PiT's 27 = (224 - 16) / 8 + 1,
+    Sequencer's 32 = 224 / 7)."""
+    return round(math.log2(full / size)) if 2 <= size <= full else None
+
+
+def _same_level(level, h: int, w: int, input_hw: tuple[int, int], strict: bool) -> bool:
     H, W = input_hw
+    k = level(h, H)
+    if k is None or k != level(w, W):
+        return False
+    return strict or abs(h * W - w * H) <= max(H, W)  # any size: the input's aspect ratio, to a pixel
+
+
+def _layout(shape: tuple[int, ...], input_hw: tuple[int, int], prefix_hint: int | None, prefer: str | None,
+            strict: bool = True):
+    """(layout, C, H, W, prefix) for a spatial feature map, or None. Spatial dims must look like input / 2**k
+    (`strict`), or be any size up to the input's with its aspect ratio."""
+    level = _scale_level if strict else _any_level
     if len(shape) == 4:
         _, a, b, c = shape
         # Both spatial dims must come from the same number of downsamplings (a square input stays square).
-        nchw = _scale_level(b, H) is not None and _scale_level(b, H) == _scale_level(c, W)
-        nhwc = _scale_level(a, H) is not None and _scale_level(a, H) == _scale_level(b, W)
+        nchw = _same_level(level, b, c, input_hw, strict)
+        nhwc = _same_level(level, a, b, input_hw, strict)
         if nchw and nhwc:
             use = prefer or "NCHW"  # C == H == W: a model keeps one layout, so follow its other taps
         elif nchw:
@@ -78,9 +119,9 @@ def _layout(shape: tuple[int, ...], input_hw: tuple[int, int], prefix_hint: int 
             grid = _patch_grid(length - p, input_hw)
             if grid is None:
                 continue
-            if prefix_hint is None and p > 0 and _patch_grid(channels, input_hw) is not None:
-                # A guessed prefix while the last dim is itself a patch grid: channels-first tokens (B, C, H*W),
-                # e.g. LeViT's flatten, not a token grid.
+            if (prefix_hint is None and p > 0 or not strict) and _patch_grid(channels, input_hw) is not None:
+                # A guessed prefix (or any stream cut) while the last dim is itself a patch grid: channels-first
+                # tokens (B, C, H*W), e.g. LeViT's or PiT's flatten, not a token grid.
                 return None
             return ("NLC", channels, grid[0], grid[1], p)
         return None
@@ -109,12 +150,29 @@ def _module_output(nodes: list[GNode], i: int, last_in_scope: dict[str, int]) ->
     if n.op == "call_module" and n.target not in paths:
         paths.append(n.target)
     for path in paths:  # outermost first
+        if "@" in path:
+            continue  # fx marks a module's second and later calls `path@k`: a hook would fire at every call
         if last_in_scope.get(path) == i:
             return path
     return None
 
 
 def find_taps_in_graph(graph: Graph, input_hw: tuple[int, int], prefix_hint: int | None = None) -> list[Tap]:
+    """Taps at plain cut points with sizes input / 2**k; for a model with none (token streams beside a class token,
+    multi-scale streams, maps of other sizes), taps at stream cut points of any size (`stream_cuts`)."""
+    return (_find_taps(graph, input_hw, prefix_hint, strict=True)
+            or _without_channels_first_tokens(_find_taps(graph, input_hw, prefix_hint, strict=False)))
+
+
+def _without_channels_first_tokens(taps: list[Tap]) -> list[Tap]:
+    """Drop 'token grids' that are a feature map flattened channels first, (B, C, H*W): L equals the channels and C
+    the positions of a map the model also has (PiT's flatten of its 27 x 27 map before the transpose)."""
+    maps = {(t.channels, t.height * t.width) for t in taps if t.layout != "NLC"}
+    return [t for t in taps if not (t.layout == "NLC" and t.prefix_tokens == 0
+                                    and (t.height * t.width, t.channels) in maps)]
+
+
+def _find_taps(graph: Graph, input_hw: tuple[int, int], prefix_hint: int | None, strict: bool) -> list[Tap]:
     nodes = graph.nodes
     last_in_scope: dict[str, int] = {}
     for i, n in enumerate(nodes):
@@ -125,11 +183,11 @@ def find_taps_in_graph(graph: Graph, input_hw: tuple[int, int], prefix_hint: int
     output_pos = max(len(nodes) - 1, 1)
     taps: list[Tap] = []
     prefer = None
-    for i in cut_points(nodes):
+    for i in (cut_points(nodes) if strict else stream_cuts(nodes)):
         n = nodes[i]
         if n.shape is None:
             continue
-        found = _layout(n.shape, input_hw, prefix_hint, prefer)
+        found = _layout(n.shape, input_hw, prefix_hint, prefer, strict)
         if found is None:
             continue
         layout, c, h, w, prefix = found
