@@ -89,7 +89,8 @@ def run_setting(model: str, partner: str, size: int, stem: str, work: Path) -> N
 
     import clcli
     from clcli import recipes
-    from clcli.export import _cohort_from_run, export_run
+    from clcli.export import export_run
+    from clcli.run import Run
     from clcli.train import train
 
     data = _random_image_folder(work / "data", size)
@@ -102,7 +103,7 @@ def run_setting(model: str, partner: str, size: int, stem: str, work: Path) -> N
     run_dir = work / "run"
     train(recipe, run_dir, show_progress=False)
     export_run(run_dir, work / "exported", measure=False)
-    _, _, _, cohort, _ = _cohort_from_run(run_dir)
+    cohort = Run.pick(run_dir).cohort()
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for label, net in zip(cohort.labels, cohort.networks):
