@@ -117,7 +117,7 @@ def test_eval_reproduces_the_accuracy_the_run_reported(cl_run, tmp_path):
 
 
 def test_eval_matches_classes_by_name_not_by_folder_order(cl_run, tmp_path, monkeypatch):
-    import clcli.train
+    import clcli.evaluation
     from PIL import Image
 
     from clcli.data import QUICKSTART_DIR, load_image_tensors
@@ -137,13 +137,13 @@ def test_eval_matches_classes_by_name_not_by_folder_order(cl_run, tmp_path, monk
             save("train", name, row)
             save("test", name, row)
     seen = {}
-    real_evaluate = clcli.train.evaluate
+    real_evaluate = clcli.evaluation.evaluate
 
     def spy(net, images, labels, *args, **kwargs):
         seen["labels"] = sorted(labels.tolist())
         return real_evaluate(net, images, labels, *args, **kwargs)
 
-    monkeypatch.setattr(clcli.train, "evaluate", spy)
+    monkeypatch.setattr(clcli.evaluation, "evaluate", spy)
     result = export.evaluate_export(path, data=str(tmp_path / "folder"))
     assert result["images"] == 6 and seen["labels"] == [3, 3, 3, 9, 9, 9]
     assert result["evaluation"] == f"split 'test' of {tmp_path / 'folder'}"

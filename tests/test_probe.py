@@ -268,12 +268,16 @@ def test_two_sizes_never_share_a_stage_label():
     assert [stage for _, stage in by_size] == sorted(stage for _, stage in by_size)  # smaller size, higher stage
 
 
-def test_a_vit_input_that_is_no_multiple_of_its_patches_is_noted():
-    vit = probe.analyse("test_vit", 33)
-    (note,) = vit.notes
-    grid = next(t for t in vit.taps if t.layout == "NLC")
-    assert f"token grid is {grid.height}x{grid.width}" in note and "33x33 px is not a multiple" in note
-    patch = 33 // grid.height
-    assert probe.analyse("test_vit", 4 * patch).notes == []
-    result = runner.invoke(app, ["probe", "test_vit", "test_resnet", "--input-size", "33"])
-    assert "note:" in result.output and "not a multiple" in result.output
+def test_a_vit_input_that_is_no_multiple_of_its_patches_is_noted_or_refused():
+    """A patch embedding that floors the input to whole patches is noted; timm's default ViT refuses such an input,
+    and the probe refuses it with a one-line error naming why."""
+    import timm
+
+    from clcli.probe import _patch_notes
+
+    flooring = timm.create_model("test_vit", img_size=33)  # built for 33 px: it floors to 2x2 patches
+    (note,) = _patch_notes("test_vit", flooring, (33, 33))
+    assert "33x33 px is not a multiple of its 16x16 px patches" in note and "token grid is 2x2" in note
+    assert _patch_notes("test_vit", flooring, (64, 64)) == []
+    with pytest.raises(ClcliError, match="divisible by patch size"):  # the CLI prints it as one line, exit 2
+        probe.plan(["test_vit", "test_resnet"], 33)

@@ -238,6 +238,8 @@ def test_a_nearest_size_plan_says_so_and_round_trips(monkeypatch):
 
 # --- 4. models with no plain cut point at a map: a class token beside the grid, grids of any size -------------------
 
+@pytest.mark.xfail(strict=True, reason="issue 16 kind 4, open: the strict pass reads this model's channels-first "
+                   "flatten (B, 32, 49) as a 5x5 token grid with 7 prefix tokens, so the stream fallback never runs")
 def test_class_token_streams_and_odd_grid_sizes_get_taps():
     name = _register("clcli_test_clstoken", ClassTokenNet)
     m = probe.analyse(name, 32)
