@@ -6,12 +6,10 @@ import os
 import subprocess
 from pathlib import Path
 
-import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.slow  # minutes on a busy 2-core CPU; run before every device call (docs/performance.md, "GPU")
 def test_dry_device_run_runs_every_phase_and_writes_its_files(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
