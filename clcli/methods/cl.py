@@ -38,16 +38,15 @@ class CollaborativeLearning(Method):
 
     def __init__(self, cohort, *, cl):
         super().__init__(cohort)
-        cfg = cl
-        self.alpha, self.metric, self.multi, self.input = cfg.alpha, cfg.metric, cfg.multi, cfg.input
-        self.iterative = cfg.manner == "iterative"
-        self.w2_cache = losses.W2Cache(grid=cfg.w2_grid) if cfg.input == "different" else None
-        self.full_alpha, self.alpha_warmup, self.verification_weight = cfg.alpha, cfg.alpha_warmup, \
-            cfg.verification_weight
-        self.soft_weight, self.soft_target, self.temperature = cfg.soft_weight, cfg.soft_target, cfg.temperature
-        if cfg.gate_init != 0.0:  # a fresh cohort; a resumed one gets its trained gates from the checkpoint
+        self.alpha, self.metric, self.multi, self.input = cl.alpha, cl.metric, cl.multi, cl.input
+        self.iterative = cl.manner == "iterative"
+        self.w2_cache = losses.W2Cache(grid=cl.w2_grid) if cl.input == "different" else None
+        self.full_alpha, self.alpha_warmup, self.verification_weight = cl.alpha, cl.alpha_warmup, \
+            cl.verification_weight
+        self.soft_weight, self.soft_target, self.temperature = cl.soft_weight, cl.soft_target, cl.temperature
+        if cl.gate_init != 0.0:  # a fresh cohort; a resumed one gets its trained gates from the checkpoint
             for net in cohort.networks:
-                mkb.init_gates(net, cfg.gate_init)
+                mkb.init_gates(net, cl.gate_init)
 
     def set_epoch(self, epoch: int) -> None:
         """alpha ramps linearly from 0 at epoch 0 to its full value at epoch `alpha_warmup`."""

@@ -14,16 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clcli import losses
 from clcli.errors import ClcliError
 
 from ._base import Batch, Method, register
-
-
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(softmax(teacher / T) || softmax(student / T)), averaged over the batch."""
-    t = temperature
-    return F.kl_div(F.log_softmax(student.float() / t, dim=1), F.softmax(teacher.float() / t, dim=1),
-                    reduction="batchmean") * (t * t)
 
 
 @register("kd")
@@ -59,7 +53,7 @@ class KnowledgeDistillation(Method):
         total = 0.0
         for i in range(1, len(logits)):
             cls = F.cross_entropy(logits[i], batch.targets[i])
-            kd = distillation_loss(logits[i], t, self.temperature)
+            kd = losses.soft_target_loss([logits[i], t], 0, target="peers", temperature=self.temperature)
             parts[f"{i}/cls"], parts[f"{i}/kd"] = cls, kd
             total = total + (1.0 - self.weight) * cls + self.weight * kd
         return {"loss": total, "logits": logits, "parts": parts}
