@@ -72,7 +72,8 @@ def _check_same_recipe(recipe, run) -> None:
 
     run_dir, stored = run.path, run.recipe
     old, new = _flat(stored.to_dict()), _flat(recipe.to_dict())
-    foreign = set(methods.METHOD_SECTIONS) - set(methods.get(run.method).recipe_sections)
+    every_method_section = {s for m in methods.METHODS.values() for s in m.recipe_sections}
+    foreign = every_method_section - set(methods.get(run.method).recipe_sections)
     for key in sorted(set(old) | set(new)):
         if key.split(".")[0] in foreign:
             continue

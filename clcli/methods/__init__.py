@@ -5,11 +5,11 @@ loop back-propagates), `logits` (one tensor per network) and `parts` (every loss
 """
 from __future__ import annotations
 
-from ._base import METHOD_SECTIONS, METHODS, NOT_TRAINED, Batch, Method, create, get, register, uses_mkb
+from ._base import METHODS, NOT_TRAINED, Batch, Method, create, get, register, uses_mkb
 
 # Importing the method files registers them.
 from . import cl, il  # noqa: E402,F401
 from . import dml, fitnets, kd, mkb_solo, wel  # noqa: E402,F401
 
-__all__ = ["METHOD_SECTIONS", "METHODS", "NOT_TRAINED", "Method", "Batch", "create", "get", "register",
+__all__ = ["METHODS", "NOT_TRAINED", "Method", "Batch", "create", "get", "register",
            "uses_mkb"]

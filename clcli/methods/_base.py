@@ -89,9 +89,6 @@ class Method(nn.Module):
         raise NotImplementedError
 
 
-METHOD_SECTIONS = ("cl", "kd", "dml", "fitnets", "wel")
-
-
 def get(name: str) -> type[Method]:
     """The method class registered as `name`; one-line error otherwise."""
     if name in NOT_TRAINED:
