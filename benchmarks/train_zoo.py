@@ -206,7 +206,7 @@ def main() -> None:
 
     import timm
 
-    from clcli import _io
+    from clcli import files
 
     out = Path(args.out)
     done: dict = json.loads(out.read_text()).get("families", {}) if out.is_file() else {}
@@ -219,7 +219,7 @@ def main() -> None:
 
     def save() -> None:
         ordered = dict(sorted(done.items()))
-        _io.write_json(out, {"summary": summarise(ordered, SETTINGS), "families": ordered})
+        files.write_json(out, {"summary": summarise(ordered, SETTINGS), "families": ordered})
 
     start = time.perf_counter()
     ctx = get_context("spawn")
@@ -242,7 +242,7 @@ def main() -> None:
     summary = summarise(dict(sorted(done.items())), SETTINGS)
     summary.update(last_run_seconds=round(time.perf_counter() - start, 1), last_run_workers=args.workers,
                    last_run_tasks=len(tasks))
-    _io.write_json(out, {"summary": summary, "families": dict(sorted(done.items()))})
+    files.write_json(out, {"summary": summary, "families": dict(sorted(done.items()))})
     print(json.dumps(summary, indent=1))
 
 

@@ -20,7 +20,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clcli import _io
+from clcli import files
 from clcli.errors import ClcliError
 from clcli.models import network_labels
 
@@ -149,7 +149,7 @@ def _ensemble(il_dir: Path, cache: Path) -> float:
         if saved.get("il_checkpoint_mtime_ns") == stamp:
             return float(saved["test_acc"])
     acc = ensemble_accuracy(il_dir)
-    _io.write_json(cache, {"il_run": str(il_dir), "il_checkpoint_mtime_ns": stamp, "test_acc": acc})
+    files.write_json(cache, {"il_run": str(il_dir), "il_checkpoint_mtime_ns": stamp, "test_acc": acc})
     return acc
 
 
@@ -273,8 +273,8 @@ def compare(recipe, methods: list[str], seeds: int, out: str | Path, *, show_pro
     acc_rows, reach_rows = _rows(order, runs, list(el.values()), names, il_final)
     table = _table_md(recipe, seed_list, names, il_final, acc_rows, reach_rows, order)
     paths = {"table": out / "table.md", "results": out / "results.csv", "curves": out / "curves.png"}
-    _io.write_text(paths["table"], table)
-    _io.write_text(paths["results"], _results_csv(runs, el, il_final))
+    files.write_text(paths["table"], table)
+    files.write_text(paths["results"], _results_csv(runs, el, il_final))
     compare_curves_png(paths["curves"], {m: [r.curve for r in rs] for m, rs in runs.items()}, LABELS, names, il_final)
     return {"networks": names, "seeds": seed_list, "rows": acc_rows, "label_note": label_note(order),
             "reach": reach_rows, "il_final": il_final, "paths": paths}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from clcli import _io
+from clcli import files
 from clcli.errors import ClcliError
 
 DPI = 100
@@ -41,7 +41,7 @@ def _save(fig, path: Path) -> tuple[Path, tuple[int, int]]:
 
     plt = _pyplot()
     path = Path(path)
-    with _io.atomic_path(path) as tmp:
+    with files.atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=DPI, format="png")
         with Image.open(tmp) as written:
             size = written.size

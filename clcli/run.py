@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from clcli import _io
+from clcli import files
 from clcli.errors import ClcliError, one_line
 
 CHECKPOINT = "checkpoint.pt"
@@ -32,7 +32,7 @@ class Run:
         path = Path(path)
         if not (path / "run.json").is_file():
             raise ClcliError(f"{path} is not a clcli run folder (no run.json)")
-        return cls(path, read_json(path / "run.json"))
+        return cls(path, files.read_json(path / "run.json", "run file"))
 
     @classmethod
     def children(cls, path: str | Path) -> list["Run"]:
@@ -84,13 +84,13 @@ class Run:
         if self._plan is None:
             from clcli import probe
 
-            self._plan = probe.Plan.from_dict(read_json(self.path / "plan.json"))
+            self._plan = probe.Plan.from_dict(files.read_json(self.path / "plan.json", "plan file"))
         return self._plan
 
     @property
     def fuse(self) -> str:
         """How the MKB halves fuse: recorded in plan.json (runs from before that: in the recipe)."""
-        return read_json(self.path / "plan.json").get("fuse", self.recipe.cl.fuse)
+        return files.read_json(self.path / "plan.json", "plan file").get("fuse", self.recipe.cl.fuse)
 
     def state(self, map_location="cpu") -> dict:
         """The last checkpoint: {"epoch", "method", "optimizer", "scheduler", ...}."""
@@ -139,17 +139,9 @@ def free_folder(name: str, root: str | Path = "runs") -> Path:
 
 def read_recipe(path: Path):
     """A recipe.yaml that clcli wrote (run folders, fold folders), validated; one-line errors."""
-    import yaml
-
     from clcli import recipes
 
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ClcliError(f"missing {path}") from None
-    except yaml.YAMLError as e:
-        raise ClcliError(f"{path}: not valid YAML ({one_line(e)})") from None
-    return recipes.from_dict(raw, str(path))
+    return recipes.from_dict(files.read_yaml(path, "recipe"), str(path))
 
 
 def prepare(run_dir: Path, *, resume: bool, force: bool) -> None:
@@ -166,19 +158,10 @@ def prepare(run_dir: Path, *, resume: bool, force: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ClcliError(f"missing {path}") from None
-    except json.JSONDecodeError as e:
-        raise ClcliError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-
-
 def save_checkpoint(path: Path, state: dict) -> None:
     import torch
 
-    with _io.atomic_path(path) as tmp:
+    with files.atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
@@ -201,7 +184,7 @@ class MetricsLog:
         if keep_before_epoch is not None and path.exists():
             kept = [ln for ln in path.read_text().splitlines()
                     if ln.strip() and _epoch_of(ln) < keep_before_epoch]
-            _io.write_text(path, "".join(k + "\n" for k in kept))
+            files.write_text(path, "".join(k + "\n" for k in kept))
         self._file = open(path, "a")
 
     def write(self, record: dict) -> None:

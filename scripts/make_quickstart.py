@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from clcli._io import atomic_path, write_text  # noqa: E402
+from clcli.files import atomic_path, write_text  # noqa: E402
 
 CONFIG = "plain_text"
 MAX_BYTES = 10 * 1024 * 1024

@@ -104,7 +104,7 @@ def test_the_plan_decides_models_input_size_and_stem(tmp_path):
     assert info["models"] == ["test_efficientnet", "test_resnet"] and info["input_size"] == [48, 48]
     recipe = (tmp_path / "run" / "recipe.yaml").read_text()
     assert "input_size: 48" in recipe and "stem: imagenet" in recipe
-    for bad, message in [("[1, 2]", "not a clcli plan"), ('{"version": 1, "models": 3}', "malformed clcli plan")]:
+    for bad, message in [("[1, 2]", "must hold a mapping, it is a list"), ('{"version": 1, "models": 3}', "malformed clcli plan")]:
         plan_file.write_text(bad)
         failed = runner.invoke(app, [*args, "--plan", str(plan_file), "--force"])
         assert isinstance(failed.exception, ClcliError) and message in str(failed.exception)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clcli._io import atomic_path
+from clcli.files import atomic_path
 from clcli.errors import ClcliError, one_line
 
 log = logging.getLogger("clcli.data")

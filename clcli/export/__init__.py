@@ -11,7 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from clcli import _io
+from clcli import files
 from clcli.errors import ClcliError, one_line
 from clcli.models import network_labels
 
@@ -113,13 +113,13 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, plain: bool = False,
                 raise ClcliError(f"{target} already exists; use --force to replace it")
     earlier = _earlier_entries(out_dir)
     data = load_data(run.recipe, torch.device("cpu")) if measure else None
-    files = []
+    entries = []
     for i, (name, net) in enumerate(zip(cohort.labels, cohort.networks)):
         target = out_dir / f"{name}.safetensors"
         acc = _measure(net, data) if data is not None else info.get("test_acc", {}).get(name)
         manifest = _manifest(run, i, acc)
         manifest["clcli_version"] = __version__
-        with _io.atomic_path(target) as tmp:
+        with files.atomic_path(target) as tmp:
             save_file(_tensors(net.state_dict()), str(tmp), metadata={META_KEY: json.dumps(manifest)})
         entry = {"network": name, "model": cohort.names[i], "file": target.name, "sha256": _sha256(target),
                  "test_acc": acc, "run": str(run_dir), "method": info["method"]}
@@ -127,12 +127,12 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, plain: bool = False,
             entry.update(_export_plain(net, name, manifest, out_dir, data))
         if hub_folder:
             entry["hub_folder"] = _export_hub_folder(net, name, manifest, out_dir)
-        files.append(entry)
-    written = {e["file"] for e in files}
+        entries.append(entry)
+    written = {e["file"] for e in entries}
     kept = [e for e in earlier if e.get("file") not in written and (out_dir / str(e.get("file"))).is_file()]
-    _io.write_json(out_dir / "manifest.json", {"format": FORMAT, "format_version": FORMAT_VERSION,
-                                               "networks": kept + files})
-    return {"run": str(run_dir), "method": info["method"], "networks": files, "status": info.get("status"),
+    files.write_json(out_dir / "manifest.json", {"format": FORMAT, "format_version": FORMAT_VERSION,
+                                               "networks": kept + entries})
+    return {"run": str(run_dir), "method": info["method"], "networks": entries, "status": info.get("status"),
             "epochs_trained": int(run.state().get("epoch", 0)), "epochs_planned": run.recipe.train.epochs}
 
 
@@ -149,7 +149,7 @@ def _export_plain(net, name: str, manifest: dict, out_dir: Path, data) -> dict:
     from clcli import models
 
     target = out_dir / f"{name}.timm.safetensors"
-    with _io.atomic_path(target) as tmp:
+    with files.atomic_path(target) as tmp:
         preprocessing = {k: manifest[k] for k in PLAIN_KEYS}
         save_file(_tensors(_plain_state(net)), str(tmp),
                   metadata={"format": "pt", PLAIN_META_KEY: json.dumps(preprocessing)})
@@ -175,8 +175,8 @@ def _export_hub_folder(net, name: str, manifest: dict, out_dir: Path) -> str:
                            "std": manifest["std"], "num_classes": len(manifest["class_names"])},
         "clcli": {k: manifest[k] for k in ("kwargs", "stem", "mkb_halves", "method", "cohort")},
     }
-    _io.write_json(folder / "config.json", config)
-    with _io.atomic_path(folder / "model.safetensors") as tmp:
+    files.write_json(folder / "config.json", config)
+    with files.atomic_path(folder / "model.safetensors") as tmp:
         save_file(_tensors(net.state_dict()), str(tmp), metadata={META_KEY: json.dumps(manifest)})
     acc = manifest["test_acc"]
     others = [n for n in network_labels(manifest["cohort"]) if n != name]
@@ -201,7 +201,7 @@ model = clcli.load("{name}-hub/model.safetensors")
 Citation: L. Yao, et al., "Beyond Knowledge Distillation: Collaborative Learning for Bidirectional Model
 Assistance", IEEE Access, 2018.
 """
-    _io.write_text(folder / "README.md", card)
+    files.write_text(folder / "README.md", card)
     return folder.name
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
-from clcli import _io
+from clcli import files
 from clcli import run as run_folder
 from clcli.cohort import Cohort, build_cohort, compile_networks
 from clcli.data import Data, LoadedData, load_data, streamed_skips
@@ -64,7 +64,7 @@ def read_plan(recipe, plan_path: str) -> tuple[object, list[str]]:
     the stem and the number of MKBs (the MKBs are built exactly as planned). Returns (plan, notes on what changed)."""
     from clcli import probe
 
-    plan = probe.Plan.from_dict(run_folder.read_json(Path(plan_path)))
+    plan = probe.Plan.from_dict(files.read_json(plan_path, "plan file"))
     height, width = plan.input_size
     if height != width:
         raise ClcliError(f"{plan_path} plans a {height}x{width} input; recipes train on square inputs")
@@ -142,14 +142,14 @@ def train(recipe, out: str | Path, *, plan_path: str | None = None, force: bool 
     results = {}
     for method_name, run_dir in runs:
         if main:
-            _io.write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-            _io.write_json(run_dir / "plan.json", dict(plan.to_dict(), fuse=recipe.cl.fuse))
+            files.write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+            files.write_json(run_dir / "plan.json", dict(plan.to_dict(), fuse=recipe.cl.fuse))
         info = {"format": run_folder.RUN_FORMAT, "method": method_name, "models": plan.names,
                 "class_names": data.class_names, "mean": list(data.mean), "std": list(data.std),
                 "input_size": list(plan.input_size), "data": data_info, "starting_weights": starting,
                 "status": "running", "versions": _versions()}
         if main:
-            _io.write_json(run_dir / "run.json", info)
+            files.write_json(run_dir / "run.json", info)
         results[method_name] = _train_one(method_name, recipe, plan, data, run_dir, device, None, show_progress,
                                           console)
         results[method_name]["skipped_images"] = len(data.skipped) + len(streamed_skips(data))
@@ -163,7 +163,7 @@ def _train_one(method_name, recipe, plan, data, run_dir: Path, device, state, sh
 
     method_cls = methods.get(method_name)
     main = _dist.is_main_process()  # under torchrun, rank 0 alone writes the run folder
-    info = run_folder.read_json(run_dir / "run.json") if main else {}
+    info = files.read_json(run_dir / "run.json", "run file") if main else {}
     try:
         # Starting weights only matter for a fresh start: a checkpoint replaces them (and needs no download).
         cohort = build_cohort(plan, num_classes=len(data.class_names), seed=recipe.train.seed,
@@ -186,7 +186,7 @@ def _train_one(method_name, recipe, plan, data, run_dir: Path, device, state, sh
     except BaseException as e:
         info["status"] = "failed" if isinstance(e, ClcliError) else "interrupted"
         if main:
-            _io.write_json(run_dir / "run.json", info)
+            files.write_json(run_dir / "run.json", info)
         raise
     info.update(status="finished", epochs=summary["epochs"], test_acc=summary["test_acc"])
     met = streamed_skips(data)  # met while streaming: added to what loading found
@@ -196,7 +196,7 @@ def _train_one(method_name, recipe, plan, data, run_dir: Path, device, state, sh
     if "test_top5" in summary:
         info["test_top5"] = summary["test_top5"]
     if main:
-        _io.write_json(run_dir / "run.json", info)
+        files.write_json(run_dir / "run.json", info)
         from clcli.plots import run_curves_png
 
         run_curves_png([run_dir], run_dir / "curves.png")  # the end-of-run picture: losses and accuracy per epoch

@@ -12,7 +12,7 @@ import copy
 import statistics
 from pathlib import Path
 
-from clcli import _io
+from clcli import files
 from clcli import run as run_folder
 from clcli.errors import ClcliError
 
@@ -55,7 +55,7 @@ def summarize(per_fold: dict[int, dict[str, dict]]) -> dict[str, dict]:
 
 def _write(out: Path, n_folds: int, fold_path: str, per_fold: dict, status: str) -> dict:
     summary = summarize(per_fold) if per_fold else {}
-    _io.write_json(out / FOLDS_FILE, {"format": FOLDS_FORMAT, "folds": n_folds, "fold_file": fold_path,
+    files.write_json(out / FOLDS_FILE, {"format": FOLDS_FORMAT, "folds": n_folds, "fold_file": fold_path,
                                       "status": status, "finished_folds": sorted(per_fold), "results": summary})
     return summary
 
@@ -73,7 +73,7 @@ def train_folds(recipe, out: str | Path, *, train_one, plan_path: str | None = N
     n = len(read_folds(path))
     out = Path(out)
     run_folder.prepare(out, resume=False, force=force)
-    _io.write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    files.write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     _write(out, n, str(path), {}, "running")
     return _run_folds(recipe, out, n, str(path), {}, train_one=train_one, plan_path=plan_path,
                       show_progress=show_progress, console=console)
@@ -104,7 +104,7 @@ def _run_folds(recipe, out: Path, n: int, path: str, per_fold: dict, *, train_on
 def resume_folds(out: str | Path, *, train_one, resume_one, show_progress: bool = True, console=None):
     """Continue a fold protocol folder: finished folds are read back, started ones resumed, the rest trained."""
     out = Path(out)
-    info = run_folder.read_json(out / FOLDS_FILE)
+    info = files.read_json(out / FOLDS_FILE, "folds file")
     recipe = run_folder.read_recipe(out / "recipe.yaml")
     return _run_folds(recipe, out, int(info["folds"]), info.get("fold_file", ""), {}, train_one=train_one,
                       plan_path=None, show_progress=show_progress, console=console, resume_one=resume_one)

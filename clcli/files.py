@@ -1,0 +1,160 @@
+"""Files in and out, in one place.
+
+Reading: `read_text`, `read_json`, `read_yaml` turn every way a read can fail (missing, a folder, no permission,
+not UTF-8, not JSON/YAML, the wrong top-level type) into one-line `ClcliError`s that say what the file was for.
+Writing: `atomic_path` (a reader never sees half a file, a crash never destroys the previous version; the file gets
+the mode the umask gives new files) and `check_output_file` / `check_output_dir`, called before any work so that a
+bad output path fails at once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from clcli.errors import ClcliError, one_line
+
+_KINDS = {dict: "a mapping", list: "a list"}
+
+
+def read_text(path: str | os.PathLike, what: str = "file") -> str:
+    """The UTF-8 text of `path`; `what` names the file in the error ("recipe", "run.json of the run", ...)."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ClcliError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise ClcliError(f"{what} {path} is a folder, not a file") from None
+    except PermissionError:
+        raise ClcliError(f"cannot read {what} {path}: permission denied") from None
+    except UnicodeDecodeError as e:
+        raise ClcliError(f"{what} {path} is not UTF-8 text (byte {e.start}); is it the right file?") from None
+    except OSError as e:
+        raise ClcliError(f"cannot read {what} {path} ({one_line(e)})") from None
+
+
+def _check_kind(value: Any, path: Path, what: str, expect: type | None) -> Any:
+    if expect is not None and not isinstance(value, expect):
+        got = "empty" if value is None else f"{_KINDS.get(type(value), type(value).__name__)}"
+        raise ClcliError(f"{what} {path} must hold {_KINDS.get(expect, expect.__name__)}, it is {got}")
+    return value
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file", expect: type | None = dict) -> Any:
+    """The JSON value in `path`, checked to be of type `expect` (None: any)."""
+    path = Path(path)
+    text = read_text(path, what)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ClcliError(f"{what} {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except RecursionError:
+        raise ClcliError(f"{what} {path} is not valid JSON (nested too deeply)") from None
+    return _check_kind(value, path, what, expect)
+
+
+def read_yaml(path: str | os.PathLike, what: str = "YAML file", expect: type | None = dict) -> Any:
+    """The YAML value in `path`, checked to be of type `expect` (None: any). An empty file holds None, which is an
+    error whenever a type is expected."""
+    import yaml
+
+    path = Path(path)
+    text = read_text(path, what)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ClcliError(f"{what} {path} is not valid YAML ({one_line(e, limit=None)})") from None
+    except RecursionError:
+        raise ClcliError(f"{what} {path} is not valid YAML (nested too deeply)") from None
+    return _check_kind(value, path, what, expect)
+
+
+def _creatable(folder: Path, what: str, original: Path) -> None:
+    """`folder` exists as a writable folder or can be made (its nearest existing ancestor is a writable folder)."""
+    probe = folder
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        if probe.is_symlink():  # a dangling link cannot be made into a folder
+            raise ClcliError(f"{what} {original}: {probe} is a broken link")
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ClcliError(f"{what} {original}: {probe} is a file, not a folder")
+    try:  # a real write tells what os.access cannot (root, read-only mounts, /proc)
+        with tempfile.TemporaryFile(dir=probe, prefix=".clcli-write-check."):
+            pass
+    except OSError as e:
+        reason = "permission denied" if isinstance(e, PermissionError) else e.strerror or type(e).__name__
+        raise ClcliError(f"{what} {original}: cannot write in {probe} ({reason})") from None
+
+
+def check_output_file(path: str | os.PathLike, what: str = "output file", *, force: bool = False) -> None:
+    """Fail now, before any work, if a file cannot be written at `path`: it exists (without `force`), it is a
+    folder, a parent is a file, or nothing can be created there."""
+    path = Path(path)
+    if path.is_dir():
+        raise ClcliError(f"{what} {path} is a folder")
+    if path.exists() and not force:
+        raise ClcliError(f"{what} {path} already exists; use --force to replace it")
+    _creatable(path.parent, what, path)
+
+
+def check_output_dir(path: str | os.PathLike, what: str = "output folder") -> None:
+    """Fail now, before any work, if `path` cannot be (or be made into) a folder files can be written in."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ClcliError(f"{what} {path} is a file, not a folder")
+    _creatable(path, what, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success fsync it and rename it over `path`. The file ends with the
+    mode a new file gets (0666 less the umask), not mkstemp's private 0600."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
