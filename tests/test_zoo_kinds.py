@@ -203,7 +203,7 @@ def test_nearest_sizes_pair_when_no_equal_or_double_size_exists():
     for half_spec, tap in zip(spec.halves, sites[0]["taps"]):
         half = MKBHalf("NCHW", 0, half_spec, spec, transfer, "mul")
         nn.init.normal_(half.decoder[-1].weight)
-        fused, embedding = half(torch.randn(2, tap.channels, tap.height, tap.width))
+        fused, embedding = half.fuse_and_embed(torch.randn(2, tap.channels, tap.height, tap.width))
         assert fused.shape == (2, tap.channels, tap.height, tap.width) and embedding.shape == (2, spec.embedding)
 
 
