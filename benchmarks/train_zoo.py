@@ -211,6 +211,9 @@ def main() -> None:
     out = Path(args.out)
     done: dict = json.loads(out.read_text()).get("families", {}) if out.is_file() else {}
     families = [f for f in args.families.split(",") if f] or sorted(timm.models.list_modules())
+    unknown = sorted(set(families) - set(timm.models.list_modules()))
+    if unknown:
+        parser.error(f"not timm.models modules: {', '.join(unknown)} (e.g. sequencer, not sequencer2d)")
 
     def wanted(family: str, key: str) -> bool:
         result = done.get(family, {}).get("settings", {}).get(key)
