@@ -343,3 +343,62 @@ def test_a_truncated_checkpoint_is_quoted_whole(tmp_path):
         run_folder.load_checkpoint(path)
     first_line = str(original.value).strip().splitlines()[0].strip()
     assert first_line in str(quoted.value) and "\n" not in str(quoted.value)
+
+
+# --- more of the same kind --------------------------------------------------------------------------------------
+
+
+def test_sighup_is_an_interruption_like_sigint_and_sigterm():
+    import signal
+
+    from clcli.train._interrupt import Interrupted, interrupt_signals
+
+    before = signal.getsignal(signal.SIGHUP)
+    with pytest.raises(Interrupted) as stopped:
+        with interrupt_signals():
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(5)  # the handler raises before this ends
+    assert stopped.value.exit_code == 129 and "(SIGHUP)" in stopped.value.message
+    assert signal.getsignal(signal.SIGHUP) is before  # the previous handler is back
+
+
+def test_other_output_paths_are_checked_before_any_work(trained_run, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    for args, phrases in [
+        (["probe", "test_resnet", "test_efficientnet", "--plot", a_file / "p.png"], ["plot", "is a file"]),
+        (["report", trained_run, "--out", a_file / "r.png"], ["picture", "is a file"]),
+        (["report", trained_run, "--out", tmp_path], ["picture", "is a folder"]),
+    ]:
+        code, _, err = _main(args, capsys)
+        _assert_one_line_error(code, err, *phrases)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"] and a_file.read_text() == "mine"
+
+
+def test_an_unwritable_data_cache_is_named_before_decoding(tmp_path, monkeypatch):
+    from clcli.data import load_image_tensors
+    from clcli.errors import ClcliError
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    monkeypatch.setenv("CLCLI_CACHE", str(a_file / "cache"))
+    with pytest.raises(ClcliError, match=r"cache folder \(CLCLI_CACHE\) .*a_file is a file, not a folder"):
+        load_image_tensors(str(QUICKSTART_DIR), "train", limit=8)
+    assert a_file.read_text() == "mine"
+
+
+def test_a_torn_metrics_line_is_left_out(trained_run, tmp_path):
+    from clcli.run import read_metrics
+
+    run = _copy(trained_run, tmp_path)
+    whole = read_metrics(run)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"type": "step", "ep')  # a crash in the middle of a line
+    assert read_metrics(run) == whole and whole
+
+
+def test_a_float_in_exponent_notation_is_a_number():
+    from clcli import recipes
+
+    recipe = recipes.load("quickstart", ["train.lr=1e-3", "cl.alpha=2E-1"])
+    assert recipe.train.lr == 0.001 and recipe.cl.alpha == 0.2

@@ -97,6 +97,9 @@ def load_image_tensors(source: str, split: str | None, *, config: str | None = N
     if cached is not None:
         return cached
 
+    from clcli import files
+
+    files.check_output_dir(root, "clcli's cache folder (CLCLI_CACHE)")  # before decoding, not after
     if dataset is None:
         dataset = _select_split(_load_local(local, config, root), split, source)
     result = _decode_split(dataset, source, split, image_column, label_column, image_size, limit)
