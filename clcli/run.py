@@ -17,7 +17,19 @@ from clcli.errors import ClcliError, one_line
 CHECKPOINT = "checkpoint.pt"
 RUN_FORMAT = 1
 COHORT_PREFIX = "cohort."  # the cohort's keys in a checkpoint's method state
-_INFO_KEYS = ("method", "models", "class_names", "mean", "std", "input_size")  # what resuming and exporting read
+# What resuming and exporting read from run.json, and the kind of value each holds.
+_INFO_KEYS = {"method": "text", "models": "a list of model names", "class_names": "a list of class names",
+              "mean": "a list of numbers", "std": "a list of numbers", "input_size": "a list of numbers"}
+
+
+def _info_value_ok(key: str, value) -> bool:
+    if key == "method":
+        return isinstance(value, str)
+    if not isinstance(value, list) or not value:
+        return False
+    if key in ("models", "class_names"):
+        return all(isinstance(v, str) for v in value)
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
 
 
 class Run:
@@ -37,6 +49,10 @@ class Run:
         missing = [k for k in _INFO_KEYS if k not in info]
         if missing:
             raise ClcliError(f"{path / 'run.json'} is not a clcli run.json (no {', '.join(missing)})")
+        wrong = next((k for k in _INFO_KEYS if not _info_value_ok(k, info[k])), None)
+        if wrong:
+            raise ClcliError(f"{path / 'run.json'} is damaged: '{wrong}' must be {_INFO_KEYS[wrong]}, it is "
+                             f"{json.dumps(info[wrong])[:60]}")
         return cls(path, info)
 
     @classmethod

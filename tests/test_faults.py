@@ -107,6 +107,8 @@ def test_damaged_run_folder_files_on_resume_are_one_line_errors(trained_run, tmp
         ("run.json", b"[1, 2]", ["run.json", "must hold a mapping"]),
         ("run.json", b"{\"method\": ", ["run.json", "not valid JSON"]),
         ("run.json", b"{\"format\": 1}", ["not a clcli run.json"]),
+        ("run.json", json.dumps({**json.loads(info), "models": 5}).encode(), ["'models' must be a list of model"]),
+        ("run.json", json.dumps({**json.loads(info), "mean": "a"}).encode(), ["'mean' must be a list of numbers"]),
         ("recipe.yaml", b"\xff\xfe\xfa", ["recipe.yaml", "not UTF-8 text"]),
         ("recipe.yaml", b"models: [a\n", ["recipe.yaml", "not valid YAML"]),
         ("recipe.yaml", b"", ["recipe.yaml", "must hold a mapping"]),
@@ -402,3 +404,13 @@ def test_a_float_in_exponent_notation_is_a_number():
 
     recipe = recipes.load("quickstart", ["train.lr=1e-3", "cl.alpha=2E-1"])
     assert recipe.train.lr == 0.001 and recipe.cl.alpha == 0.2
+
+
+def test_a_malformed_plan_file_names_the_file(tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    out = tmp_path / "never"
+    for content, phrase in [({}, "not a clcli plan"), ({"version": 1, "models": 3}, "malformed clcli plan")]:
+        plan.write_text(json.dumps(content))
+        code, _, err = _main([*tiny_args(out, epochs=1), "--plan", plan], capsys)
+        _assert_one_line_error(code, err, f"plan file {plan}", phrase)
+    assert not out.exists()

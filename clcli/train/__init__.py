@@ -65,7 +65,11 @@ def read_plan(recipe, plan_path: str) -> tuple[object, list[str]]:
     the stem and the number of MKBs (the MKBs are built exactly as planned). Returns (plan, notes on what changed)."""
     from clcli import probe
 
-    plan = probe.Plan.from_dict(files.read_json(plan_path, "plan file"))
+    raw = files.read_json(plan_path, "plan file")
+    try:
+        plan = probe.Plan.from_dict(raw)
+    except ClcliError as e:  # say which file the plan came from
+        raise ClcliError(f"plan file {plan_path}: {e}") from None
     height, width = plan.input_size
     if height != width:
         raise ClcliError(f"{plan_path} plans a {height}x{width} input; recipes train on square inputs")
