@@ -234,7 +234,14 @@ def export(
         console.print(f"exporting {run}, the newest run with a checkpoint under runs/", highlight=False,
                       soft_wrap=True)
     run_dir = Run.pick(run).path
-    index = export_run(run_dir, out, plain=plain, hub_folder=hub_folder, measure=measure, force=force)
+    from clcli.train import Interrupted, interrupt_signals
+
+    with _reported_interrupt(), interrupt_signals():
+        try:
+            index = export_run(run_dir, out, plain=plain, hub_folder=hub_folder, measure=measure, force=force)
+        except Interrupted as e:  # the atomic writes left no half-written file behind
+            e.hint = "each file is either written whole or not at all: run the same command again"
+            raise
     if index["status"] != "finished":
         console.print(f"[yellow]warning:[/] {run_dir} is not finished ({index['status']}, "
                       f"{index['epochs_trained']} of {index['epochs_planned']} epochs): exported its last checkpoint",

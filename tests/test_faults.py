@@ -414,3 +414,23 @@ def test_a_malformed_plan_file_names_the_file(tmp_path, capsys):
         code, _, err = _main([*tiny_args(out, epochs=1), "--plan", plan], capsys)
         _assert_one_line_error(code, err, f"plan file {plan}", phrase)
     assert not out.exists()
+
+
+def test_sigterm_during_export_leaves_no_half_written_file(trained_run, tmp_path, monkeypatch, capsys):
+    import signal
+
+    from clcli import export
+
+    real = export._tensors
+
+    def tensors_then_terminated(state):
+        os.kill(os.getpid(), signal.SIGTERM)  # the scheduler stops the job while the first file is being written
+        time.sleep(5)
+        return real(state)
+
+    monkeypatch.setattr(export, "_tensors", tensors_then_terminated)
+    out = tmp_path / "exported"
+    code, _, err = _main(["export", trained_run, "--out", out, "--no-measure"], capsys)
+    assert code == 143 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "interrupted (SIGTERM)" in err and "run the same command again" in err
+    assert not out.exists() or not any(out.iterdir())  # no temporary or partial file left

@@ -1,6 +1,7 @@
 """Training: `train(recipe, out)` runs every method of a recipe on its data and writes one run folder per method.
 
-Public API: `train`, `resume`, `fit`, `train_step`; re-exported for convenience: `load_data` (clcli.data),
+Public API: `train`, `resume`, `fit`, `train_step`, `Interrupted` and `interrupt_signals` (SIGINT, SIGTERM and
+SIGHUP raise `Interrupted` inside it); re-exported for convenience: `load_data` (clcli.data),
 `evaluate` (clcli.evaluation), `build_cohort` and `Cohort` (clcli.cohort).
 """
 from __future__ import annotations
@@ -298,5 +299,5 @@ def _apply_threads(recipe) -> None:
         torch.set_num_threads(recipe.train.threads)
 
 
-__all__ = ["train", "resume", "fit", "train_step", "param_groups", "mixed_precision", "resolve_device", "load_data",
+__all__ = ["train", "resume", "Interrupted", "interrupt_signals", "fit", "train_step", "param_groups", "mixed_precision", "resolve_device", "load_data",
            "evaluate", "build_cohort", "Cohort", "Data", "LoadedData"]
