@@ -143,10 +143,29 @@ def read_weights_file(name: str, path) -> dict:
                          f"timm checkpoint of tensors") from None
     if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
         raise ClcliError(f"{path} is not a state dict of tensors; expected a safetensors file or a timm checkpoint")
-    from clcli.run import check_finite
-
     check_finite(state, str(path))
     return state
+
+
+def non_finite(state: dict, limit: int = 3) -> tuple[int, list[str]]:
+    """(how many, the first `limit` names) of the floating-point tensors in `state` holding NaN or inf."""
+    import torch
+
+    names = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and v.numel()]
+    if not names:
+        return 0, []
+    flags = torch.stack([torch.isfinite(state[k]).all().to(state[names[0]].device) for k in names])
+    bad = [k for k, ok in zip(names, flags.tolist()) if not ok]  # one host sync for the whole state
+    return len(bad), bad[:limit]
+
+
+def check_finite(state: dict, what: str) -> None:
+    """A one-line error naming the first tensors of `state` that hold NaN or inf (`what`: whose tensors)."""
+    count, names = non_finite(state)
+    if count:
+        raise ClcliError(f"{what} has {count} tensor{'s' if count > 1 else ''} holding NaN or inf "
+                         f"({', '.join(names)}{', ...' if count > len(names) else ''}); it diverged: train again "
+                         f"with a lower train.lr")
 
 
 def classifier_keys(name: str) -> set[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from clcli import files
+from clcli import files, models
 from clcli.errors import ClcliError, one_line
 
 CHECKPOINT = "checkpoint.pt"
@@ -137,7 +137,8 @@ class Run:
         cohort = build_cohort(self.plan, num_classes=len(self.info["class_names"]), seed=self.recipe.train.seed,
                               with_mkb=traits.uses_mkb, fuse=self.fuse, shared_transfer=traits.shared_transfer)
         state = self.state()["method"]
-        check_finite(state, f"the checkpoint {self.path / CHECKPOINT}")  # a diverged run is not a model to use
+        # a diverged run is not a model to use (nor a teacher)
+        models.check_finite(state, f"the checkpoint {self.path / CHECKPOINT}")
         cohort.load_state_dict({k[len(COHORT_PREFIX):]: v for k, v in state.items() if k.startswith(COHORT_PREFIX)})
         return cohort.eval()
 
@@ -193,27 +194,6 @@ def discard_unstarted(run_dirs: list[Path], root: Path | None = None) -> list[Pa
     if root is not None and root.is_dir() and not any(root.iterdir()):
         root.rmdir()
     return removed
-
-
-def non_finite(state: dict, limit: int = 3) -> tuple[int, list[str]]:
-    """(how many, the first `limit` names) of the floating-point tensors in `state` holding NaN or inf."""
-    import torch
-
-    names = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and v.numel()]
-    if not names:
-        return 0, []
-    flags = torch.stack([torch.isfinite(state[k]).all().to(state[names[0]].device) for k in names])
-    bad = [k for k, ok in zip(names, flags.tolist()) if not ok]  # one host sync for the whole state
-    return len(bad), bad[:limit]
-
-
-def check_finite(state: dict, what: str) -> None:
-    """A one-line error naming the first tensors of `state` that hold NaN or inf (`what`: whose tensors)."""
-    count, names = non_finite(state)
-    if count:
-        raise ClcliError(f"{what} has {count} tensor{'s' if count > 1 else ''} holding NaN or inf "
-                         f"({', '.join(names)}{', ...' if count > len(names) else ''}); it diverged: train again "
-                         f"with a lower train.lr")
 
 
 def kept_checkpoint(run_dir: Path, epoch: int) -> str:

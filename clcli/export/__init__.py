@@ -258,8 +258,6 @@ def load(path: str | Path, *, device: str = "cpu"):
     from safetensors.torch import load_file
 
     from clcli import mkb, models
-    from clcli.run import check_finite
-
     manifest = read_manifest(path)
     net = models.create(manifest["model"], manifest["kwargs"], stem=stem_change(manifest))
     halves = [mkb.HalfPlan.from_dict(h) for h in manifest["mkb_halves"]]
@@ -269,7 +267,7 @@ def load(path: str | Path, *, device: str = "cpu"):
         state = load_file(str(path))
     except Exception as e:  # noqa: BLE001
         raise ClcliError(f"{path} is damaged ({one_line(e)})") from None
-    check_finite(state, str(path))
+    models.check_finite(state, str(path))
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from clcli import mkb
+from clcli import mkb, models
 from clcli import run as run_folder
 from clcli.cohort import Cohort
 from clcli.data import Data, streamed_skips, to_input
@@ -392,7 +392,7 @@ class _Report:
     def _check_finite(self, state: dict, epoch: int) -> None:
         """Stop before a checkpoint with NaN or inf in a weight or buffer is written (a BatchNorm running_var that
         overflowed while the loss stayed finite): the previous checkpoint stays. Rank 0 decides for every process."""
-        count, names = _dist.from_main(self.d, run_folder.non_finite(state) if self.d.main else None)
+        count, names = _dist.from_main(self.d, models.non_finite(state) if self.d.main else None)
         if count:
             raise ClcliError(f"after epoch {epoch + 1}, {count} weight or buffer tensor{'s' if count > 1 else ''} "
                              f"hold NaN or inf ({', '.join(names)}{', ...' if count > len(names) else ''}); stopped "
