@@ -154,7 +154,7 @@ def test_fitnets_regressor_fits_the_traced_taps_and_the_hint_loss_decreases(grid
             assert all(p.grad is None for p in method.teacher.parameters())
         optimizer.step()
     for i, tap in enumerate((teacher_tap, student_tap)):
-        assert tuple(method._features[i].shape) == (32, tap.channels, tap.height, tap.width)
+        assert tuple(method.recorder[i].shape) == (32, tap.channels, tap.height, tap.width)
     assert hints[-1] < hints[0]
     assert all(torch.equal(v, method.teacher.state_dict()[k]) for k, v in teacher_before.items())
     method.set_epoch(1)  # stage 2: plain KD
@@ -193,7 +193,7 @@ def test_fitnets_reads_a_hint_at_a_graph_node_by_fx_splicing(grid, plan, batch):
     method.train()
     method.set_epoch(0)
     result = method(batch)
-    assert tuple(method._features[0].shape) == (32, add.channels, add.height, add.width)
+    assert tuple(method.recorder[0].shape) == (32, add.channels, add.height, add.width)
     result["loss"].backward()
     assert method.regressors[0][-1].weight.grad.abs().sum() > 0
     assert set(method.teacher.state_dict()) == set(plain.state_dict())  # timm's keys, nothing spliced in
@@ -202,7 +202,7 @@ def test_fitnets_reads_a_hint_at_a_graph_node_by_fx_splicing(grid, plan, batch):
     plain.layer3.register_forward_hook(lambda m, a, o: seen.__setitem__("layer3", o))
     with torch.no_grad():  # the capture passes the node's value on unchanged: the teacher computes what it did
         assert torch.equal(method.teacher(batch.images[0]), plain.eval()(batch.images[0]))
-    assert torch.equal(torch.relu(method._features[0]), seen["layer3"])  # the add is layer3's output before act
+    assert torch.equal(torch.relu(method.recorder[0]), seen["layer3"])  # the add is layer3's output before act
 
 
 def test_fitnets_hint_reads_nhwc_and_token_taps_as_feature_maps():

@@ -219,7 +219,7 @@ def test_sizes_in_a_ratio_of_2_pair_only_when_no_equal_size_exists():
     for half_spec, side in zip(spec.halves, (4, 2)):
         half = MKBHalf("NCHW", 0, half_spec, spec, transfer, "mul")
         torch.nn.init.normal_(half.decoder[-1].weight)
-        fused, embedding = half(torch.randn(2, 16, side, side))
+        fused, embedding = half.fuse_and_embed(torch.randn(2, 16, side, side))
         assert fused.shape == (2, 16, side, side) and embedding.shape == (2, spec.embedding)
 
 

@@ -110,12 +110,13 @@ class ClassTokenNet(nn.Module):
         self.patch = nn.Conv2d(in_chans, 32, 6, 4)             # 32 px -> 7 x 7 (not 32 / 2**k)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, 32))
         self.stage1 = ClassTokenStage(32)
-        self.pool = nn.Conv2d(32, 32, 3, 2, 1)                  # 7 x 7 -> 4 x 4
+        self.pool = nn.Conv2d(32, 32, 3, 2)                     # 7 x 7 -> 3 x 3 (not 32 / 2**k either)
         self.stage2 = ClassTokenStage(32)
         self.head = nn.Linear(32, num_classes)
 
     def forward(self, x):
-        x, cls_token = self.stage1(self.patch(x), self.cls_token.expand(x.shape[0], -1, -1))
+        x = self.patch(x)
+        x, cls_token = self.stage1(x, self.cls_token.expand(x.shape[0], -1, -1))  # as PiT: the batch read after
         x, cls_token = self.stage2(self.pool(x), cls_token)
         return self.head(cls_token[:, 0])
 
@@ -203,7 +204,7 @@ def test_nearest_sizes_pair_when_no_equal_or_double_size_exists():
     for half_spec, tap in zip(spec.halves, sites[0]["taps"]):
         half = MKBHalf("NCHW", 0, half_spec, spec, transfer, "mul")
         nn.init.normal_(half.decoder[-1].weight)
-        fused, embedding = half(torch.randn(2, tap.channels, tap.height, tap.width))
+        fused, embedding = half.fuse_and_embed(torch.randn(2, tap.channels, tap.height, tap.width))
         assert fused.shape == (2, tap.channels, tap.height, tap.width) and embedding.shape == (2, spec.embedding)
 
 
@@ -238,17 +239,32 @@ def test_a_nearest_size_plan_says_so_and_round_trips(monkeypatch):
 
 # --- 4. models with no plain cut point at a map: a class token beside the grid, grids of any size -------------------
 
-@pytest.mark.xfail(strict=True, reason="issue 16 kind 4, open: the strict pass reads this model's channels-first "
-                   "flatten (B, 32, 49) as a 5x5 token grid with 7 prefix tokens, so the stream fallback never runs")
 def test_class_token_streams_and_odd_grid_sizes_get_taps():
     name = _register("clcli_test_clstoken", ClassTokenNet)
     m = probe.analyse(name, 32)
     sizes = {t.size: t for t in m.stage_taps}
-    assert (7, 7) in sizes and (4, 4) in sizes
+    assert (7, 7) in sizes and (3, 3) in sizes
     assert sizes[(7, 7)].layout == "NCHW" and sizes[(7, 7)].channels == 32
     assert sizes[(7, 7)].module != "stage1"  # stage1 returns (map, token): not hookable
     plan = probe.plan([name, "test_resnet"], 32)
     _rebuilds_exactly(plan, _cl_step(plan), 0)
+
+
+class ClassTokenNetToPowerOfTwo(ClassTokenNet):
+    """The same, but its pooled map is 4 x 4 (= 32 / 2**3)."""
+
+    def __init__(self, num_classes=10, in_chans=3, **kwargs):
+        super().__init__(num_classes, in_chans)
+        self.pool = nn.Conv2d(32, 32, 3, 2, 1)                  # 7 x 7 -> 4 x 4
+
+
+def test_a_map_flattened_channels_first_is_not_read_as_a_token_grid():
+    # stage1 flattens its 7 x 7 map to (B, 32, 49) before the transpose: from the shape alone that passes for 7 class
+    # tokens + a 5 x 5 grid of 49 channels (a 6 px patch tiles 32 px 5 times). Its 4-d input shows what it is.
+    m = probe.analyse(_register("clcli_test_clstoken_pow2", ClassTokenNetToPowerOfTwo), 32)
+    taps = {(t.node, t.size, t.layout, t.prefix_tokens) for t in m.taps}
+    assert ("patch", (7, 7), "NCHW", 0) in taps and ("pool", (4, 4), "NCHW", 0) in taps
+    assert all(size == (4, 4) and prefix <= 1 for _, size, layout, prefix in taps if layout == "NLC"), taps
 
 
 def _graph(edges: dict[str, list[str]], no_tensor=()):

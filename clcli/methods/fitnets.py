@@ -1,7 +1,7 @@
 """FitNets: hint learning (Romero et al. 2015), the paper's HL(1 -> 2). Network 0 is the frozen teacher (as in kd).
 
-The hint is read where the plan puts the first MKB (`plan.sites[0].taps`), captured with forward hooks (or, at a
-graph node that is not a module output, by the same fx splice that places MKB halves there). A regressor
+The hint is read where the plan puts the first MKB (`plan.sites[0].taps`), recorded by a FeatureRecorder (a
+forward hook, or at a graph node that is not a module output the same fx splice that places MKB halves there). A regressor
 per student (adaptive pooling when the tap sizes differ, then a 1x1 conv from the student's channels to the
 teacher's) maps the student's features onto the teacher's, with an L2 loss:
 
@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from clcli.features import FeatureRecorder
 
 from ._base import Batch, register
 from .kd import KnowledgeDistillation
@@ -39,18 +41,6 @@ def regressor(student_tap, teacher_tap) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class _Capture(nn.Module):
-    """Records a graph node's output for the hint and passes it on unchanged."""
-
-    def __init__(self, store: dict, index: int):
-        super().__init__()
-        self.store, self.index = store, index
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.store[self.index] = x
-        return x
-
-
 @register("fitnets")
 class FitNets(KnowledgeDistillation):
     recipe_sections = ("kd", "fitnets", "cl")  # the hint is read at the plan's first MKB site
@@ -66,27 +56,21 @@ class FitNets(KnowledgeDistillation):
         self.regressors = nn.ModuleList(regressor(tap, self.taps[0]) for tap in self.taps[1:])
         self.regressors.to(next(cohort.parameters()).device)
         self.epoch = 0
-        self._features: dict[int, torch.Tensor] = {}
+        self.recorder = FeatureRecorder()  # network index -> its tap's features in the last forward
         for i, (net, tap) in enumerate(zip(cohort.networks, self.taps)):
-            if tap.module is not None:
-                net.get_submodule(tap.module).register_forward_hook(
-                    lambda module, inputs, output, i=i: self._features.__setitem__(i, output))
-            else:  # a graph node (e.g. a residual add): spliced in by fx rewriting, as an MKB half would be
-                from clcli import mkb
-
-                mkb.splice(net, {tap.node: _Capture(self._features, i)}, what="the FitNets hint capture")
+            self.recorder.at_tap(i, net, tap.module, tap.node, what="the FitNets hint")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def hint_loss(self, i: int) -> torch.Tensor:
         """L2 between student i's regressed tap features and the teacher's (from the last forward)."""
-        student = self.regressors[i - 1](to_nchw(self._features[i], self.taps[i]))
-        teacher = to_nchw(self._features[0], self.taps[0]).detach()
+        student = self.regressors[i - 1](to_nchw(self.recorder[i], self.taps[i]))
+        teacher = to_nchw(self.recorder[0], self.taps[0]).detach()
         return F.mse_loss(student.float(), teacher.float())
 
     def forward(self, batch: Batch) -> dict:
-        out = super().forward(batch)  # the KD terms; the hooks capture the tap features on the way
+        out = super().forward(batch)  # the KD terms; the recorder keeps the tap features on the way
         hint_stage = self.epoch < self.hint_epochs
         with torch.set_grad_enabled(hint_stage and torch.is_grad_enabled()):
             hints = {i: self.hint_loss(i) for i in range(1, len(self.taps))}

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clcli import losses
+from clcli.features import FeatureRecorder
 
 from ._base import Batch, Method, register
 
@@ -39,9 +40,9 @@ class WassersteinEmbeddingLearning(Method):
         self.heads = nn.ModuleList(nn.Linear(_pooled_width(net), cfg.embedding) for net in cohort.networks)
         self.heads.to(next(cohort.parameters()).device)
         self.w2_cache = losses.W2Cache(grid=cfg.w2_grid, max_entries=_CACHE_ENTRIES)
-        self._pooled: dict[int, torch.Tensor] = {}
+        self.recorder = FeatureRecorder()  # network index -> its classifier's input in the last forward
         for i, net in enumerate(cohort.networks):
-            net.get_classifier().register_forward_pre_hook(self._capture(i))
+            self.recorder.input_of(i, net.get_classifier())
 
     def task_state(self) -> dict:
         return {"w2_cache": self.w2_cache.state_dict()}
@@ -50,15 +51,13 @@ class WassersteinEmbeddingLearning(Method):
         if "w2_cache" in state:
             self.w2_cache.load_state_dict(state["w2_cache"])
 
-    def _capture(self, i: int):
-        def hook(module, inputs):
-            x = inputs[0]
-            self._pooled[i] = x.mean(dim=(2, 3)) if x.dim() == 4 else x.flatten(1)
-
-        return hook
+    def pooled(self, i: int) -> torch.Tensor:
+        """Network i's global-pooled features [B, C] (a conv classifier head gets them unpooled)."""
+        x = self.recorder[i]
+        return x.mean(dim=(2, 3)) if x.dim() == 4 else x.flatten(1)
 
     def embedding_loss(self, i: int, batch: Batch) -> torch.Tensor:
-        e = self.heads[i](self._pooled[i]).float()
+        e = self.heads[i](self.pooled(i)).float()
         idx, raw = batch.indices[i], batch.raw[i]
         w2 = self.w2_cache.get(idx, idx.roll(1, dims=0), raw, raw.roll(1, dims=0))
         return losses.different_input_metric_loss(e, e.roll(1, dims=0), w2, kind="l2")

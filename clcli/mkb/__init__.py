@@ -2,7 +2,8 @@
 
 `attach(model, halves)` registers the network's MKB halves under one prefix (`mkb.`) and hooks each into its tap
 module with a forward hook that returns the fused features; where a tap is not a module output, the model's graph
-is rewritten with fx instead (`_rewrite.py`). Either way timm's classes are not edited and the base model's
+is rewritten with fx instead (`clcli.tracing.splice`). A FeatureRecorder records each half's embedding
+(`embeddings`). Either way timm's classes are not edited and the base model's
 state_dict keys stay timm's own. `build_cohort_mkbs(plan, ...)` builds, for every site of a plan, one shared space
 transfer and each network's half around it.
 """
@@ -68,6 +69,9 @@ def attach(model, halves: list[HalfPlan], transfers: dict | None = None) -> list
     SpaceTransfer; missing ones are created (a single network, e.g. in an export). Returns the hook handles."""
     import torch.nn as nn
 
+    from clcli.features import FeatureRecorder
+    from clcli.tracing import splice
+
     from ._modules import MKBHalf, SpaceTransfer
 
     if hasattr(model, PREFIX):
@@ -80,15 +84,17 @@ def attach(model, halves: list[HalfPlan], transfers: dict | None = None) -> list
         half = MKBHalf(hp.layout, hp.prefix_tokens, hp.half, hp.spec, transfer, hp.fuse)
         container[hp.site] = half
     model.add_module(PREFIX, container)
+    recorder = FeatureRecorder()
+    for site, half in container.items():
+        recorder.output_of(site, half.embedding_point)
+    container.recorder = recorder  # a plain attribute: no state, not a submodule
     if any(hp.module is None for hp in halves):
         # Graph rewriting replaces forward, which runs non-leaf modules inline, so their hooks would never fire:
         # then every half of this model is spliced in by node.
-        from ._rewrite import HalfAtNode, splice
-
         missing = [hp.site for hp in halves if hp.node is None]
         if missing:
             raise ClcliError(f"MKB {missing[0]} has neither a module nor a graph node to attach to")
-        splice(model, {hp.node: HalfAtNode(container[hp.site]) for hp in halves})
+        splice(model, {hp.node: container[hp.site] for hp in halves}, what="an MKB")
         return handles
     for hp in halves:
         try:
@@ -101,19 +107,9 @@ def attach(model, halves: list[HalfPlan], transfers: dict | None = None) -> list
 
 def _fusion_hook(half):
     def hook(module, inputs, output):
-        fused, embedding = half(output)
-        half.embedding = embedding
-        return fused
+        return half(output)
 
     return hook
-
-
-def splice(model, sites: dict, what: str = "an MKB") -> None:
-    """Rewrite `model`'s forward (fx) so that each graph node named in `sites` is followed by its module: the way to
-    hook a tap that no module outputs (a residual add, say). State-dict keys stay the model's own."""
-    from ._rewrite import splice as rewrite
-
-    rewrite(model, sites, what=what)
 
 
 def init_gates(model, scale: float) -> None:
@@ -130,8 +126,8 @@ def embeddings(model) -> dict:
     container = getattr(model, PREFIX, None)
     if container is None:
         return {}
-    return {name: half.embedding for name, half in container.items()}
+    return {name: container.recorder[name] for name in container}
 
 
-__all__ = ["attach", "half_plans", "embeddings", "splice", "init_gates", "HalfPlan", "MKBSpec", "HalfSpec",
+__all__ = ["attach", "half_plans", "embeddings", "init_gates", "HalfPlan", "MKBSpec", "HalfSpec",
            "size_mkb", "PREFIX", "EMBEDDING", "FUSIONS", "site_name", "is_shared"]

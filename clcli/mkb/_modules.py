@@ -75,7 +75,8 @@ class MKBHalf(nn.Module):
         self.encoder = Encoder(half, spec)
         self.transfer = transfer
         self.decoder = Decoder(half, spec)
-        self.embedding: torch.Tensor | None = None  # the last forward's embedding, read by the training method
+        # The embedding passes through this identity so that a FeatureRecorder can record it (`mkb.embeddings`).
+        self.embedding_point = nn.Identity()
 
     def _to_nchw(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.layout == "NCHW":
@@ -94,9 +95,15 @@ class MKBHalf(nn.Module):
         tokens = y.flatten(2).transpose(1, 2)
         return torch.cat([prefix, tokens], dim=1)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The tap's features fused with the MKB's output, in the tap's layout."""
+        return self.fuse_and_embed(x)[0]
+
+    def fuse_and_embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused features and the embedding in the mutual space [B, E]."""
         features, prefix = self._to_nchw(x)
         code = self.transfer(self.encoder(features))
+        embedding = self.embedding_point(code.flatten(1))
         gate = 1.0 + F.elu(self.decoder(code))
         fused = features * gate if self.fuse == "mul" else features + gate
-        return self._from_nchw(fused, prefix), code.flatten(1)
+        return self._from_nchw(fused, prefix), embedding

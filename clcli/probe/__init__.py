@@ -151,7 +151,7 @@ def _traced(model, in_chans: int, hw: tuple[int, int], export: bool = True):
 def _hookable(model, taps: list[Tap], in_chans: int, hw: tuple[int, int]) -> list[Tap]:
     """Keep a tap's module only where a forward hook there sees exactly the tap: the module runs once per forward
     and returns one tensor of the tap's shape. A block that returns `[x, skip]` or `(x, cls_token)`, or a module
-    called at several places, is spliced in by its graph node instead (`clcli.mkb._rewrite`)."""
+    called at several places, is spliced in by its graph node instead (`clcli.tracing.splice`)."""
     import dataclasses
 
     import torch

@@ -172,6 +172,17 @@ def _without_channels_first_tokens(taps: list[Tap]) -> list[Tap]:
                                     and (t.height * t.width, t.channels) in maps)]
 
 
+def _flattened_channels_first(n: GNode, nodes: list[GNode]) -> bool:
+    """Whether a 3-d node is a feature map flattened channels first, (B, C, H, W) -> (B, C, H*W), as its input shows:
+    the flatten before the transpose to tokens (LeViT, PiT, class-token models), not a token grid. Read from the
+    shapes alone it can pass for one (C = 32 tokens as 7 class tokens + a 5 x 5 grid of H*W = 49 channels)."""
+    if n.shape is None or len(n.shape) != 3:
+        return False
+    _, length, last = n.shape
+    return any(s is not None and len(s) == 4 and s[1] == length and s[2] * s[3] == last
+               for s in (nodes[j].shape for j in n.inputs))
+
+
 def _find_taps(graph: Graph, input_hw: tuple[int, int], prefix_hint: int | None, strict: bool) -> list[Tap]:
     nodes = graph.nodes
     last_in_scope: dict[str, int] = {}
@@ -185,7 +196,7 @@ def _find_taps(graph: Graph, input_hw: tuple[int, int], prefix_hint: int | None,
     prefer = None
     for i in (cut_points(nodes) if strict else stream_cuts(nodes)):
         n = nodes[i]
-        if n.shape is None:
+        if n.shape is None or _flattened_channels_first(n, nodes):
             continue
         found = _layout(n.shape, input_hw, prefix_hint, prefer, strict)
         if found is None:
