@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
@@ -44,6 +45,18 @@ def _console(stderr: bool = False):
     return Console(stderr=stderr, quiet=not stderr and os.environ.get("RANK", "0") != "0")
 
 
+@contextmanager
+def _reported_interrupt():
+    """Ctrl-C / SIGTERM / SIGHUP during training: the one line saying where it stopped and how to continue
+    (training's `Interrupted`), and exit code 128 + the signal (typer would swallow the message)."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        _console(stderr=True).print(f"[bold yellow]{getattr(e, 'message', 'interrupted')}[/]", highlight=False,
+                                    soft_wrap=True)
+        raise typer.Exit(getattr(e, "exit_code", 130)) from None
+
+
 @app.command()
 def probe(
     models: List[str] = typer.Argument(..., help="two or more timm model names"),
@@ -58,6 +71,10 @@ def probe(
     """Trace the models, find where their feature maps meet, and plan the MKBs."""
     from clcli import probe as probe_lib
 
+    if plot is not None:
+        from clcli import files
+
+        files.check_output_file(plot, "plot", force=True)  # before tracing: a bad path fails at once
     result = probe_lib.plan(models, input_size, stem=stem, mkbs=mkbs, num_classes=num_classes)
     if plot is not None:
         from clcli.plots import probe_png
@@ -107,7 +124,8 @@ def train(
 
     console = _console()
     if resume is not None:
-        results = train_lib.resume(resume, show_progress=not no_progress, console=console)
+        with _reported_interrupt():
+            results = train_lib.resume(resume, show_progress=not no_progress, console=console)
         _print_results(console, results)
         return
     if models is None and ctx.args:
@@ -117,8 +135,9 @@ def train(
                           weights=weights, methods=method, epochs=epochs, seed=seed, placement=placement,
                           overrides=overrides)
     run_dir = out if out is not None else free_folder(rec.name)
-    results = train_lib.train(rec, run_dir, plan_path=str(plan) if plan else None, force=force,
-                              show_progress=not no_progress, console=console)
+    with _reported_interrupt():
+        results = train_lib.train(rec, run_dir, plan_path=str(plan) if plan else None, force=force,
+                                  show_progress=not no_progress, console=console)
     _print_results(console, results)
     skipped = max((summary.get("skipped_images", 0) for summary in results.values()), default=0)
     if skipped:
@@ -209,9 +228,20 @@ def export(
 
     if not split:
         raise ClcliError("only --split export exists: each network is written on its own")
-    run_dir = Run.pick(run if run is not None else Run.latest().path).path
     console = _console()
-    index = export_run(run_dir, out, plain=plain, hub_folder=hub_folder, measure=measure, force=force)
+    if run is None:
+        run = Run.latest().path
+        console.print(f"exporting {run}, the newest run with a checkpoint under runs/", highlight=False,
+                      soft_wrap=True)
+    run_dir = Run.pick(run).path
+    from clcli.train import Interrupted, interrupt_signals
+
+    with _reported_interrupt(), interrupt_signals():
+        try:
+            index = export_run(run_dir, out, plain=plain, hub_folder=hub_folder, measure=measure, force=force)
+        except Interrupted as e:  # the atomic writes left no half-written file behind
+            e.hint = "each file is either written whole or not at all: run the same command again"
+            raise
     if index["status"] != "finished":
         console.print(f"[yellow]warning:[/] {run_dir} is not finished ({index['status']}, "
                       f"{index['epochs_trained']} of {index['epochs_planned']} epochs): exported its last checkpoint",
@@ -379,8 +409,8 @@ def compare(
     console = _console()
     loaded = recipes.resolve(recipe, data=data, epochs=epochs, overrides=overrides)
     out = out if out is not None else Path("reports") / loaded.name
-    result = compare_lib(loaded, names, seeds, out, show_progress=not no_progress,
-                         console=console)
+    with _reported_interrupt():
+        result = compare_lib(loaded, names, seeds, out, show_progress=not no_progress, console=console)
     seeds_text = ", ".join(map(str, result["seeds"]))
     table = Table(title=f"test accuracy (%), mean ± std over seeds {seeds_text}", title_justify="left",
                   caption=result["label_note"], caption_justify="left")

@@ -145,8 +145,11 @@ def ensemble_accuracy(run_dir: str | Path) -> float:
 def _ensemble(il_dir: Path, cache: Path) -> float:
     stamp = (il_dir / "checkpoint.pt").stat().st_mtime_ns
     if cache.is_file():
-        saved = json.loads(cache.read_text())
-        if saved.get("il_checkpoint_mtime_ns") == stamp:
+        try:
+            saved = files.read_json(cache, "ensemble cache")
+        except ClcliError:  # a damaged cache is measured again and rewritten
+            saved = {}
+        if saved.get("il_checkpoint_mtime_ns") == stamp and isinstance(saved.get("test_acc"), (int, float)):
             return float(saved["test_acc"])
     acc = ensemble_accuracy(il_dir)
     files.write_json(cache, {"il_run": str(il_dir), "il_checkpoint_mtime_ns": stamp, "test_acc": acc})
@@ -250,6 +253,7 @@ def compare(recipe, methods: list[str], seeds: int, out: str | Path, *, show_pro
     if seeds < 1:
         raise ClcliError(f"--seeds must be at least 1, got {seeds}")
     out = Path(out)
+    files.check_output_dir(out, "report folder")
     seed_list = [recipe.train.seed + k for k in range(seeds)]
     trained = ["il"] + [m for m in methods if m != "il" and m not in COMPUTED]
     order = sorted(dict.fromkeys(["il", *methods]), key=lambda m: ORDER.index(m) if m in ORDER else len(ORDER))
@@ -261,7 +265,11 @@ def compare(recipe, methods: list[str], seeds: int, out: str | Path, *, show_pro
     for m, s in grid:
         run_dir = out / "runs" / m / f"seed{s}"
         progress.start(f"{m} seed {s} → {run_dir}")
-        done = _ensure_run(_run_recipe(recipe, m, s, out / "runs" / "il" / f"seed{s}"), run_dir, progress)
+        try:
+            done = _ensure_run(_run_recipe(recipe, m, s, out / "runs" / "il" / f"seed{s}"), run_dir, progress)
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the same command continues the grid
+            e.hint = "run the same `clcli compare` again to continue (finished runs are reused, this one resumed)"
+            raise
         runs[m].append(_read_run(m, s, run_dir))
         progress.advance(f"{m} seed {s}: {done}, test acc " + " / ".join(f"{a:.2f}" for a in runs[m][-1].test_acc))
     if "el" in methods:

@@ -108,14 +108,21 @@ def create(name: str, kwargs: dict, *, stem: StemChange | None = None, pretraine
 def _create_pretrained(name: str, kwargs: dict):
     import timm
 
+    from clcli import hub
+
+    offline = hub.offline_reason()  # no network: the Hub's offline mode (local cache only) before timm retries
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
     except TypeError:
         raise
     except Exception as e:  # offline, hub unreachable, no pretrained weights for this model: point to a local file
-        raise ClcliError(f"cannot load timm's pretrained weights for '{name}' ({one_line(e)}); to start from a "
-                         f"local file instead, pass --weights {name}=FILE (a safetensors file or a timm "
-                         f"checkpoint)") from None
+        local = f"pass --weights {name}=FILE (a local safetensors file or timm checkpoint)"
+        if offline:
+            raise ClcliError(f"'{name}' starts from timm's pretrained weights, which are on the Hugging Face Hub and "
+                             f"not in the local cache, and the Hub cannot be reached ({offline}); {local}, or "
+                             f"--set pretrained=false to start from random weights") from None
+        raise ClcliError(f"cannot load timm's pretrained weights for '{name}' ({one_line(e)}); {local}, or set "
+                         f"HF_HUB_OFFLINE=1 to use only the local Hub cache") from None
 
 
 def read_weights_file(name: str, path) -> dict:
@@ -136,7 +143,29 @@ def read_weights_file(name: str, path) -> dict:
                          f"timm checkpoint of tensors") from None
     if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
         raise ClcliError(f"{path} is not a state dict of tensors; expected a safetensors file or a timm checkpoint")
+    check_finite(state, str(path))
     return state
+
+
+def non_finite(state: dict, limit: int = 3) -> tuple[int, list[str]]:
+    """(how many, the first `limit` names) of the floating-point tensors in `state` holding NaN or inf."""
+    import torch
+
+    names = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and v.numel()]
+    if not names:
+        return 0, []
+    flags = torch.stack([torch.isfinite(state[k]).all().to(state[names[0]].device) for k in names])
+    bad = [k for k, ok in zip(names, flags.tolist()) if not ok]  # one host sync for the whole state
+    return len(bad), bad[:limit]
+
+
+def check_finite(state: dict, what: str) -> None:
+    """A one-line error naming the first tensors of `state` that hold NaN or inf (`what`: whose tensors)."""
+    count, names = non_finite(state)
+    if count:
+        raise ClcliError(f"{what} has {count} tensor{'s' if count > 1 else ''} holding NaN or inf "
+                         f"({', '.join(names)}{', ...' if count > len(names) else ''}); it diverged: train again "
+                         f"with a lower train.lr")
 
 
 def classifier_keys(name: str) -> set[str]:

@@ -209,6 +209,7 @@ def report(runs: list[str | Path], out: str | Path | None = None) -> tuple[Path,
         raise ClcliError(f"no metrics.jsonl in {', '.join(map(str, run_dirs))}: nothing to draw")
     if out is None:
         out = Path(runs[0]) / "curves.png" if len(runs) == 1 else _free_name(Path("report.png"))
+    files.check_output_file(out, "picture", force=True)  # a picture is redrawn in place; a bad path fails first
     path, size = run_curves_png(run_dirs, out)
     return path, size, run_dirs
 

@@ -177,7 +177,11 @@ def predict(classifier: Classifier, files: list[Path], *, top: int = 1, batch_si
             with torch.inference_mode():
                 logits = classifier.net(torch.stack([x for _, x in inputs]).to(device))
                 probs, indices = logits.float().softmax(dim=1).topk(k, dim=1)
-            for (i, _), p, idx in zip(inputs, probs.tolist(), indices.tolist()):
+            finite = torch.isfinite(probs).all(dim=1).tolist()
+            for (i, _), p, idx, ok in zip(inputs, probs.tolist(), indices.tolist(), finite):
+                if not ok:  # overflowing activations: no probability is better than a NaN one
+                    errors[i] = "the network's output is not finite for this image (NaN or inf)"
+                    continue
                 tops[i] = [{"class": classifier.class_names[c], "index": c, "prob": round(q, 6)}
                            for c, q in zip(idx, p)]
         for i, path in enumerate(chunk):

@@ -11,12 +11,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from clcli import files
+from clcli import files, models
 from clcli.errors import ClcliError, one_line
 
 CHECKPOINT = "checkpoint.pt"
 RUN_FORMAT = 1
 COHORT_PREFIX = "cohort."  # the cohort's keys in a checkpoint's method state
+# What resuming and exporting read from run.json, and the kind of value each holds.
+_INFO_KEYS = {"method": "text", "models": "a list of model names", "class_names": "a list of class names",
+              "mean": "a list of numbers", "std": "a list of numbers", "input_size": "a list of numbers"}
+
+
+def _info_value_ok(key: str, value) -> bool:
+    if key == "method":
+        return isinstance(value, str)
+    if not isinstance(value, list) or not value:
+        return False
+    if key in ("models", "class_names"):
+        return all(isinstance(v, str) for v in value)
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
 
 
 class Run:
@@ -32,7 +45,15 @@ class Run:
         path = Path(path)
         if not (path / "run.json").is_file():
             raise ClcliError(f"{path} is not a clcli run folder (no run.json)")
-        return cls(path, files.read_json(path / "run.json", "run file"))
+        info = files.read_json(path / "run.json", "run file")
+        missing = [k for k in _INFO_KEYS if k not in info]
+        if missing:
+            raise ClcliError(f"{path / 'run.json'} is not a clcli run.json (no {', '.join(missing)})")
+        wrong = next((k for k in _INFO_KEYS if not _info_value_ok(k, info[k])), None)
+        if wrong:
+            raise ClcliError(f"{path / 'run.json'} is damaged: '{wrong}' must be {_INFO_KEYS[wrong]}, it is "
+                             f"{json.dumps(info[wrong])[:60]}")
+        return cls(path, info)
 
     @classmethod
     def children(cls, path: str | Path) -> list["Run"]:
@@ -54,12 +75,14 @@ class Run:
 
     @classmethod
     def latest(cls, root: str | Path = "runs") -> "Run":
-        """The run under `root` whose run.json changed last."""
+        """The run under `root` whose checkpoint was written last (runs that stopped before their first checkpoint
+        have nothing to export and are passed over)."""
         root = Path(root)
-        runs = [p.parent for p in root.glob("**/run.json")] if root.is_dir() else []
+        runs = [p.parent for p in root.glob("**/run.json") if (p.parent / CHECKPOINT).is_file()] \
+            if root.is_dir() else []
         if not runs:
-            raise ClcliError(f"no runs under {root}/; give the run folder")
-        return cls.open(max(runs, key=lambda p: (p / "run.json").stat().st_mtime))
+            raise ClcliError(f"no run with a checkpoint under {root}/; give the run folder")
+        return cls.open(max(runs, key=lambda p: (p / CHECKPOINT).stat().st_mtime))
 
     @property
     def method(self) -> str:
@@ -114,6 +137,8 @@ class Run:
         cohort = build_cohort(self.plan, num_classes=len(self.info["class_names"]), seed=self.recipe.train.seed,
                               with_mkb=traits.uses_mkb, fuse=self.fuse, shared_transfer=traits.shared_transfer)
         state = self.state()["method"]
+        # a diverged run is not a model to use (nor a teacher)
+        models.check_finite(state, f"the checkpoint {self.path / CHECKPOINT}")
         cohort.load_state_dict({k[len(COHORT_PREFIX):]: v for k, v in state.items() if k.startswith(COHORT_PREFIX)})
         return cohort.eval()
 
@@ -158,6 +183,26 @@ def prepare(run_dir: Path, *, resume: bool, force: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
+def discard_unstarted(run_dirs: list[Path], root: Path | None = None) -> list[Path]:
+    """Remove the run folders among `run_dirs` that have no checkpoint (a run that stopped before its first one:
+    nothing there can be resumed or exported), then `root` if that leaves it empty. Returns the folders removed."""
+    import shutil
+
+    removed = [d for d in run_dirs if d.is_dir() and not (d / CHECKPOINT).is_file()]
+    for d in removed:
+        shutil.rmtree(d, ignore_errors=True)
+    if root is not None and root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
+    return removed
+
+
+def kept_checkpoint(run_dir: Path, epoch: int) -> str:
+    """Which checkpoint a stopped run keeps, in words (`epoch`: the last completed one, 0 = none)."""
+    if epoch:
+        return f"the checkpoint of epoch {epoch} is kept in {run_dir / CHECKPOINT}"
+    return f"no checkpoint was written in {run_dir}"
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     import torch
 
@@ -182,7 +227,7 @@ class MetricsLog:
     def __init__(self, path: Path, keep_before_epoch: int | None = None):
         self.path = path
         if keep_before_epoch is not None and path.exists():
-            kept = [ln for ln in path.read_text().splitlines()
+            kept = [ln for ln in files.read_text(path, "metrics log").splitlines()
                     if ln.strip() and _epoch_of(ln) < keep_before_epoch]
             files.write_text(path, "".join(k + "\n" for k in kept))
         self._file = open(path, "a")
@@ -203,7 +248,16 @@ def _epoch_of(line: str) -> int:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of metrics.jsonl; a line that is not a JSON object (torn by a crash mid-write) is left out."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    records = []
+    for line in files.read_text(path, "metrics log").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records

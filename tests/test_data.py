@@ -196,7 +196,8 @@ def test_unknown_split_names_the_available_ones(tmp_path):
 
 
 def test_unreachable_hub_id_says_to_pass_a_local_folder(tmp_path):
-    one_line_error("could not be loaded from the Hugging Face Hub.*--data", load, "uoft-cs/cifar10", tmp_path=tmp_path)
+    one_line_error("'uoft-cs/cifar10' is not a local folder.*Hugging Face Hub.*--data FOLDER", load, "uoft-cs/cifar10",
+                   tmp_path=tmp_path)
 
 
 def test_bad_arguments_are_clear_errors(tmp_path):

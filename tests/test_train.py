@@ -68,9 +68,9 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp
     recipe = tiny_recipe(epochs=2)
     recipe.train.lr = 1e30  # diverges at once
     out2 = tmp_path / "run2"
-    with pytest.raises(ClcliError, match="non-finite loss"):
+    with pytest.raises(ClcliError, match="non-finite loss.*no checkpoint was written"):
         train_lib.train(recipe, out2, show_progress=False)
-    assert json.loads((out2 / "run.json").read_text())["status"] == "failed"
+    assert not out2.exists()  # failed before its first checkpoint: nothing to resume or export is left behind
     assert (out / "checkpoint.pt").read_bytes() == before
 
 

@@ -37,11 +37,10 @@ def fold_file(folds: str, source: str | None) -> Path:
 
 def read_folds(path: str | os.PathLike) -> list[torch.Tensor]:
     """The folds of a fold-indices file, as int64 index tensors (blank lines ignored)."""
+    from clcli import files
+
     path = Path(path)
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ClcliError(f"cannot read fold-indices file {path} ({type(e).__name__})") from None
+    text = files.read_text(path, "fold-indices file")
     folds = []
     for lineno, line in enumerate(text.splitlines(), 1):
         tokens = [t for t in re.split(r"[\s,]+", line.strip()) if t]

@@ -97,6 +97,9 @@ def load_image_tensors(source: str, split: str | None, *, config: str | None = N
     if cached is not None:
         return cached
 
+    from clcli import files
+
+    files.check_output_dir(root, "clcli's cache folder (CLCLI_CACHE)")  # before decoding, not after
     if dataset is None:
         dataset = _select_split(_load_local(local, config, root), split, source)
     result = _decode_split(dataset, source, split, image_column, label_column, image_size, limit)
@@ -164,13 +167,20 @@ def _load_local(folder: Path, config: str | None, root: Path):
 
 
 def _load_hub(hub_id: str, config: str | None):
+    from clcli import hub
+
+    offline = hub.offline_reason()  # no network: `datasets` in offline mode (its cache only) instead of retrying
     import datasets
 
+    local = "pass a local folder with --data FOLDER (an image folder class_name/*.jpg, or parquet/arrow files)"
     try:
         return datasets.load_dataset(hub_id, config)
     except Exception as e:  # offline, unknown id, gated, bad config: the user has to point elsewhere
+        if offline:
+            raise ClcliError(f"the dataset '{hub_id}' is not a local folder; it is on the Hugging Face Hub, not in the "
+                             f"local cache, and the Hub cannot be reached ({offline}); {local}") from None
         raise ClcliError(f"'{hub_id}' is not a local folder and could not be loaded from the Hugging Face Hub "
-                         f"({one_line(e)}); pass a local folder with --data") from e
+                         f"({one_line(e)}); {local}, or set HF_HUB_OFFLINE=1 to use only the local cache") from None
 
 
 def _select_split(loaded, split: str | None, source: str):

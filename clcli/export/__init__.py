@@ -85,9 +85,10 @@ def _earlier_entries(out_dir: Path) -> list[dict]:
     if not path.is_file():
         return []
     try:
-        return [e for e in json.loads(path.read_text()).get("networks", []) if isinstance(e, dict)]
-    except (json.JSONDecodeError, AttributeError):
-        raise ClcliError(f"{path} is not a readable export manifest; move it away to export here") from None
+        networks = files.read_json(path, "export manifest").get("networks", [])
+    except ClcliError as e:
+        raise ClcliError(f"{e}; move it away to export here") from None
+    return [e for e in networks if isinstance(e, dict)] if isinstance(networks, list) else []
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, plain: bool = False, hub_folder: bool = False,
@@ -105,12 +106,15 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, plain: bool = False,
     from clcli.run import Run
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    files.check_output_dir(out_dir, "export folder")
     run = Run.open(run_dir)
     info, cohort = run.info, run.cohort()
-    if not force:
-        for target in _targets(cohort.labels, out_dir, plain, hub_folder):
-            if target.exists():
-                raise ClcliError(f"{target} already exists; use --force to replace it")
+    for target in [*_targets(cohort.labels, out_dir, plain, hub_folder), out_dir / "manifest.json"]:
+        folder = target.name.endswith("-hub")
+        if target.exists() and target.is_dir() != folder:
+            raise ClcliError(f"{target} is a {'file' if folder else 'folder'}; move it away to export here")
+        if target.exists() and not force and target.name != "manifest.json":
+            raise ClcliError(f"{target} already exists; use --force to replace it")
     earlier = _earlier_entries(out_dir)
     data = load_data(run.recipe, torch.device("cpu")) if measure else None
     entries = []
@@ -239,6 +243,8 @@ def manifest_from_header(path: Path, meta: dict) -> dict:
         manifest = json.loads(meta[META_KEY])
     except json.JSONDecodeError:
         raise ClcliError(f"{path} has a corrupt clcli manifest") from None
+    if not isinstance(manifest, dict):
+        raise ClcliError(f"{path} has a corrupt clcli manifest (not a mapping)")
     if manifest.get("format") != FORMAT:
         raise ClcliError(f"{path} is not a clcli split export (format {manifest.get('format')!r})")
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -252,7 +258,6 @@ def load(path: str | Path, *, device: str = "cpu"):
     from safetensors.torch import load_file
 
     from clcli import mkb, models
-
     manifest = read_manifest(path)
     net = models.create(manifest["model"], manifest["kwargs"], stem=stem_change(manifest))
     halves = [mkb.HalfPlan.from_dict(h) for h in manifest["mkb_halves"]]
@@ -262,6 +267,7 @@ def load(path: str | Path, *, device: str = "cpu"):
         state = load_file(str(path))
     except Exception as e:  # noqa: BLE001
         raise ClcliError(f"{path} is damaged ({one_line(e)})") from None
+    models.check_finite(state, str(path))
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -114,6 +114,8 @@ class Plan:
                            list(m.get("notes", [])))
                 for m in d["models"]
             ]
+            if not all(isinstance(m.name, str) for m in models):
+                raise TypeError("a model name is not a string")
             sites = [Site.from_dict(s) for s in d["sites"]]
             candidates = [Site.from_dict(s) for s in d.get("candidates", [])]
             return cls(models, tuple(d["input_size"]), d["stem"], sites, candidates,

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clcli.errors import ClcliError, one_line
+from clcli.errors import ClcliError
 
 RECIPE_VERSION = 1
 
@@ -190,7 +191,9 @@ def builtin_names() -> list[str]:
 def find(name_or_path: str) -> Path:
     path = Path(name_or_path).expanduser()
     if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
+        if path.is_dir():
+            raise ClcliError(f"recipe {path} is a folder, not a file")
+        if not path.exists():
             raise ClcliError(f"recipe file not found: {path}")
         return path
     for d in _builtin_dirs():
@@ -202,6 +205,9 @@ def find(name_or_path: str) -> Path:
 
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _check_value(key: str, tp, value: Any, where: str, meta=None) -> Any:
@@ -224,6 +230,8 @@ def _check_value(key: str, tp, value: Any, where: str, meta=None) -> Any:
         return {str(k): _check_value(f"{key}.{k}", args[1], v, where) for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if tp is float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads 1e-3 (no dot, no exponent sign) as a string; a user means the number
     if tp is bool and not isinstance(value, bool):
         raise ClcliError(f"{where}: '{key}' must be true or false, got {value!r}")
     if tp in (int, float, str) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
@@ -307,14 +315,14 @@ def _merge(base: dict, over: dict) -> dict:
 
 def load(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
     """Load, override and validate a recipe. Unknown keys, wrong types and out-of-range values are one-line errors."""
-    import yaml
+    from clcli import files
 
     path = find(name_or_path)
     where = str(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ClcliError(f"{where}: not valid YAML ({one_line(e)})") from None
+    raw = files.read_yaml(path, "recipe", expect=None)
+    if raw is None:
+        raise ClcliError(f"recipe {where} is empty; write at least 'models' and 'data.source' (see `clcli recipes "
+                         f"show quickstart`)")
     if not isinstance(raw, dict):
         raise ClcliError(f"{where}: a recipe must be a mapping")
     recipe = _build(Recipe, raw, where)  # validate the file itself first, so errors name the file's keys
@@ -365,11 +373,11 @@ def resolve(recipe: str | None = None, *, data: str | None = None, val: str | No
     for key, value in (("data.source", data), ("data.val_source", val)):
         if value is not None:
             sets.append(f"{key}={json.dumps(_local_or_hub(value))}")
-    files = _weight_files(weights)
-    if files:
-        sets.append(f"weights={json.dumps(files)}")
+    weight_files = _weight_files(weights)
+    if weight_files:
+        sets.append(f"weights={json.dumps(weight_files)}")
     if recipe is None:
-        recipe = "finetune" if pretrained or files else "quickstart"
+        recipe = "finetune" if pretrained or weight_files else "quickstart"
     return load(recipe, sets)
 
 

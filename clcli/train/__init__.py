@@ -1,6 +1,7 @@
 """Training: `train(recipe, out)` runs every method of a recipe on its data and writes one run folder per method.
 
-Public API: `train`, `resume`, `fit`, `train_step`; re-exported for convenience: `load_data` (clcli.data),
+Public API: `train`, `resume`, `fit`, `train_step`, `Interrupted` and `interrupt_signals` (SIGINT, SIGTERM and
+SIGHUP raise `Interrupted` inside it); re-exported for convenience: `load_data` (clcli.data),
 `evaluate` (clcli.evaluation), `build_cohort` and `Cohort` (clcli.cohort).
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from clcli.evaluation import evaluate
 
 from . import _dist
 from ._dist import resolve_device
+from ._interrupt import Interrupted, interrupt_signals
 from ._loop import fit, mixed_precision, param_groups, train_step
 
 def _resolve_pretrained_input(recipe) -> list[str]:
@@ -64,7 +66,11 @@ def read_plan(recipe, plan_path: str) -> tuple[object, list[str]]:
     the stem and the number of MKBs (the MKBs are built exactly as planned). Returns (plan, notes on what changed)."""
     from clcli import probe
 
-    plan = probe.Plan.from_dict(files.read_json(plan_path, "plan file"))
+    raw = files.read_json(plan_path, "plan file")
+    try:
+        plan = probe.Plan.from_dict(raw)
+    except ClcliError as e:  # say which file the plan came from
+        raise ClcliError(f"plan file {plan_path}: {e}") from None
     height, width = plan.input_size
     if height != width:
         raise ClcliError(f"{plan_path} plans a {height}x{width} input; recipes train on square inputs")
@@ -104,11 +110,31 @@ def _run_dirs(recipe, out: Path) -> list[tuple[str, Path]]:
 
 def train(recipe, out: str | Path, *, plan_path: str | None = None, force: bool = False,
           show_progress: bool = True, console=None) -> dict[str, dict]:
-    """Train every method of `recipe`; returns {method: summary}. Each method gets its own run folder."""
-    import yaml
+    """Train every method of `recipe`; returns {method: summary}. Each method gets its own run folder.
 
+    A run that stops before its first checkpoint leaves nothing behind (there is nothing to resume or export).
+    Ctrl-C, SIGTERM and SIGHUP raise `Interrupted`, whose message says where training stopped and how to continue."""
+    out = Path(out)
+    with interrupt_signals():
+        try:
+            return _train(recipe, out, plan_path=plan_path, force=force, show_progress=show_progress,
+                          console=console)
+        except Interrupted as e:  # the outermost call knows the folder to resume (a fold's run is inside it)
+            e.hint = _resume_hint(out)
+            raise
+
+
+def _resume_hint(out: Path) -> str:
+    if (out / "folds.json").is_file() or any(out.glob(f"**/{run_folder.CHECKPOINT}")):
+        return f"continue with `clcli train --resume {out}`"
+    return "no checkpoint had been written, so nothing was kept: start the run again"
+
+
+def _train(recipe, out: Path, *, plan_path: str | None, force: bool, show_progress: bool,
+           console) -> dict[str, dict]:
     from clcli import methods
 
+    files.check_output_dir(out, "run folder")
     for m in recipe.methods:
         methods.uses_mkb(m)  # unknown method -> one-line error before any work
     if len(recipe.models) < 2 and any(methods.uses_mkb(m) for m in recipe.methods):
@@ -121,12 +147,23 @@ def train(recipe, out: str | Path, *, plan_path: str | None = None, force: bool 
     plan, notes = read_plan(recipe, plan_path) if plan_path else (None, [])
     _check_weights(recipe)
     notes += _resolve_pretrained_input(recipe)  # before anything is written: recipe.yaml records the resolved size
-    out = Path(out)
     runs = _run_dirs(recipe, out)
     main = _dist.is_main_process()  # under torchrun, rank 0 alone writes the run folder
-    for _, run_dir in runs:
-        if main:
+    out_existed = out.exists()
+    if main:
+        for _, run_dir in runs:
             run_folder.prepare(run_dir, resume=False, force=force)
+    try:
+        return _train_prepared(recipe, runs, plan, notes, main, show_progress, console)
+    except BaseException:
+        if main and not any((run_dir / run_folder.CHECKPOINT).is_file() for _, run_dir in runs):
+            run_folder.discard_unstarted([run_dir for _, run_dir in runs], None if out_existed else out)
+        raise
+
+
+def _train_prepared(recipe, runs, plan, notes, main: bool, show_progress: bool, console) -> dict[str, dict]:
+    import yaml
+
     _apply_threads(recipe)
     device = _dist.setup(recipe)  # joins the torchrun process group, if any
     data = load_data(recipe, device)
@@ -139,17 +176,18 @@ def train(recipe, out: str | Path, *, plan_path: str | None = None, force: bool 
             console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     data_info = {"train_images": len(data.train_labels), "eval_images": len(data.test_labels),
                  "evaluation": data.evaluation, "skipped_images": data.skipped}
-    results = {}
+    # Every method's run folder is complete before the first trains: `--resume` of the whole folder finds them all.
     for method_name, run_dir in runs:
-        if main:
-            files.write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-            files.write_json(run_dir / "plan.json", dict(plan.to_dict(), fuse=recipe.cl.fuse))
         info = {"format": run_folder.RUN_FORMAT, "method": method_name, "models": plan.names,
                 "class_names": data.class_names, "mean": list(data.mean), "std": list(data.std),
                 "input_size": list(plan.input_size), "data": data_info, "starting_weights": starting,
-                "status": "running", "versions": _versions()}
+                "status": "pending", "processes": _dist.current().world, "versions": _versions()}
         if main:
+            files.write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+            files.write_json(run_dir / "plan.json", dict(plan.to_dict(), fuse=recipe.cl.fuse))
             files.write_json(run_dir / "run.json", info)
+    results = {}
+    for method_name, run_dir in runs:
         results[method_name] = _train_one(method_name, recipe, plan, data, run_dir, device, None, show_progress,
                                           console)
         results[method_name]["skipped_images"] = len(data.skipped) + len(streamed_skips(data))
@@ -164,6 +202,9 @@ def _train_one(method_name, recipe, plan, data, run_dir: Path, device, state, sh
     method_cls = methods.get(method_name)
     main = _dist.is_main_process()  # under torchrun, rank 0 alone writes the run folder
     info = files.read_json(run_dir / "run.json", "run file") if main else {}
+    if main:
+        info["status"] = "running"
+        files.write_json(run_dir / "run.json", info)
     try:
         # Starting weights only matter for a fresh start: a checkpoint replaces them (and needs no download).
         cohort = build_cohort(plan, num_classes=len(data.class_names), seed=recipe.train.seed,
@@ -184,7 +225,7 @@ def _train_one(method_name, recipe, plan, data, run_dir: Path, device, state, sh
         summary = fit(method, data, recipe, run_dir, start_state=state, show_progress=show_progress,
                       console=console)
     except BaseException as e:
-        info["status"] = "failed" if isinstance(e, ClcliError) else "interrupted"
+        info["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
         if main:
             files.write_json(run_dir / "run.json", info)
         raise
@@ -204,8 +245,18 @@ def _train_one(method_name, recipe, plan, data, run_dir: Path, device, state, sh
 
 
 def resume(run_dir: str | Path, *, show_progress: bool = True, console=None) -> dict[str, dict]:
-    """Continue the run(s) in `run_dir` from their last checkpoint; finished runs are left as they are."""
+    """Continue the run(s) in `run_dir` from their last checkpoint; finished runs are left as they are (and said to
+    be). Ctrl-C, SIGTERM and SIGHUP raise `Interrupted`, as in `train`."""
     run_dir = Path(run_dir)
+    with interrupt_signals():
+        try:
+            return _resume(run_dir, show_progress=show_progress, console=console)
+        except Interrupted as e:
+            e.hint = f"continue with `clcli train --resume {run_dir}`"
+            raise
+
+
+def _resume(run_dir: Path, *, show_progress: bool, console) -> dict[str, dict]:
     if (run_dir / "folds.json").is_file():  # a fold protocol folder: fold<k>/ run folders
         from ._folds import resume_folds
 
@@ -215,16 +266,26 @@ def resume(run_dir: str | Path, *, show_progress: bool = True, console=None) -> 
     if [r.path for r in runs] != [run_dir]:
         results = {}
         for sub in runs:
-            results.update(resume(sub.path, show_progress=show_progress, console=console))
+            results.update(_resume(sub.path, show_progress=show_progress, console=console))
         return results
+    files.check_output_dir(run_dir, "run folder")
     run = runs[0]
     info, recipe, plan = run.info, run.recipe, run.plan
     method_name = run.method
     if run.finished:
+        if console is not None:
+            console.print(f"[yellow]note:[/] {run_dir} ({method_name}) is finished: all {info.get('epochs')} epochs "
+                          f"were trained, nothing to resume; its recorded results:", highlight=False, soft_wrap=True)
         return {method_name: {"epochs": info["epochs"], "test_acc": info["test_acc"],
                               **({"test_top5": info["test_top5"]} if "test_top5" in info else {})}}
     _apply_threads(recipe)  # a resumed run keeps the thread count it was started with
     device = _dist.setup(recipe)  # joins the torchrun process group, if any
+    started_with, now = info.get("processes"), _dist.current().world
+    if started_with is not None and started_with != now and console is not None:
+        console.print(f"[yellow]note:[/] {run_dir} was trained with {started_with} process"
+                      f"{'es' if started_with != 1 else ''} and resumes with {now}: training continues correctly, "
+                      f"but the result will not be bit-exact with an uninterrupted run", highlight=False,
+                      soft_wrap=True)
     data = load_data(recipe, device)
     state = run.state(map_location=device) if (run_dir / run_folder.CHECKPOINT).exists() else None
     return {method_name: _train_one(method_name, recipe, plan, data, run_dir, device, state, show_progress,
@@ -238,5 +299,5 @@ def _apply_threads(recipe) -> None:
         torch.set_num_threads(recipe.train.threads)
 
 
-__all__ = ["train", "resume", "fit", "train_step", "param_groups", "mixed_precision", "resolve_device", "load_data",
+__all__ = ["train", "resume", "Interrupted", "interrupt_signals", "fit", "train_step", "param_groups", "mixed_precision", "resolve_device", "load_data",
            "evaluate", "build_cohort", "Cohort", "Data", "LoadedData"]

@@ -96,7 +96,7 @@ def _run_folds(recipe, out: Path, n: int, path: str, per_fold: dict, *, train_on
                                         show_progress=show_progress, console=console)
             _write(out, n, path, per_fold, "running")
     except BaseException as e:
-        _write(out, n, path, per_fold, "failed" if isinstance(e, ClcliError) else "interrupted")
+        _write(out, n, path, per_fold, "interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
         raise
     return _write(out, n, path, per_fold, "finished")
 
@@ -105,6 +105,8 @@ def resume_folds(out: str | Path, *, train_one, resume_one, show_progress: bool 
     """Continue a fold protocol folder: finished folds are read back, started ones resumed, the rest trained."""
     out = Path(out)
     info = files.read_json(out / FOLDS_FILE, "folds file")
+    if not isinstance(info.get("folds"), int):
+        raise ClcliError(f"{out / FOLDS_FILE} is not a clcli folds.json (no 'folds' count)")
     recipe = run_folder.read_recipe(out / "recipe.yaml")
     return _run_folds(recipe, out, int(info["folds"]), info.get("fold_file", ""), {}, train_one=train_one,
                       plan_path=None, show_progress=show_progress, console=console, resume_one=resume_one)

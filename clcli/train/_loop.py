@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from clcli import mkb
+from clcli import mkb, models
 from clcli import run as run_folder
 from clcli.cohort import Cohort
 from clcli.data import Data, streamed_skips, to_input
@@ -19,6 +19,7 @@ from clcli.errors import ClcliError
 from clcli.evaluation import evaluate
 
 from . import _dist
+from ._interrupt import as_interrupted
 
 
 def param_groups(method: nn.Module, recipe) -> list[dict]:
@@ -64,10 +65,11 @@ def _partners(n: int, n_nets: int, seed: int) -> list[torch.Tensor]:
 
 
 def _fault_injection(step: int) -> None:
-    """Tests kill the process mid-epoch to check that --resume is exact (CLCLI_FAULT_KILL_AT_STEP=global step)."""
+    """Tests stop the process mid-epoch to check that --resume is exact and that interruptions are reported
+    (CLCLI_FAULT_KILL_AT_STEP=global step; CLCLI_FAULT_SIGNAL=INT, TERM or HUP sends that signal instead of KILL)."""
     at = os.environ.get("CLCLI_FAULT_KILL_AT_STEP")
     if at is not None and step == int(at):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("CLCLI_FAULT_SIGNAL", "KILL")))
 
 
 class _Progress:
@@ -328,6 +330,7 @@ class _Report:
         self.progress = _Progress(show_progress and d.main, (self.cfg.epochs - start_epoch) * steps_per_epoch,
                                   f"{method.name} {'+'.join(self.cohort.labels)}", console)
         self.reported_skips = 0
+        self.saved_epoch = start_epoch  # the epoch of the checkpoint on disk (0: none yet)
 
     def scores(self) -> dict[str, dict[str, float]]:
         """Each network's test accuracy with its own MKB halves (as deployed), measured by rank 0."""
@@ -341,8 +344,8 @@ class _Report:
         d, labels = self.d, self.cohort.labels
         means = tally.means = _dist.mean_parts(d, tally.sums, step + 1)
         if not all(math.isfinite(v) for v in means.values()):
-            raise ClcliError(f"non-finite loss at epoch {epoch + 1} step {step + 1} ({means}); stopped, the last "
-                             f"good checkpoint is kept in {self.run_dir}")
+            raise ClcliError(f"non-finite loss at epoch {epoch + 1} step {step + 1} ({means}); stopped: "
+                             f"{run_folder.kept_checkpoint(self.run_dir, self.saved_epoch)}; try a lower train.lr")
         rate = tally.rate()
         accs = (100.0 * _dist.total(d, tally.correct) / tally.seen).tolist()
         global_step = epoch * self.steps + step
@@ -380,9 +383,21 @@ class _Report:
                               f"{first['image']}: {first['reason']})")
             self.reported_skips = len(skips)
         state = optimisation.state(method, epoch + 1)
+        self._check_finite(state["method"], epoch)
         if d.main:
             run_folder.save_checkpoint(self.run_dir / run_folder.CHECKPOINT, state)
+        self.saved_epoch = epoch + 1
         return {"epochs": epoch + 1, "test_acc": accs, **({"test_top5": top5} if top5 else {})}
+
+    def _check_finite(self, state: dict, epoch: int) -> None:
+        """Stop before a checkpoint with NaN or inf in a weight or buffer is written (a BatchNorm running_var that
+        overflowed while the loss stayed finite): the previous checkpoint stays. Rank 0 decides for every process."""
+        count, names = _dist.from_main(self.d, models.non_finite(state) if self.d.main else None)
+        if count:
+            raise ClcliError(f"after epoch {epoch + 1}, {count} weight or buffer tensor{'s' if count > 1 else ''} "
+                             f"hold NaN or inf ({', '.join(names)}{', ...' if count > len(names) else ''}); stopped "
+                             f"without saving it: {run_folder.kept_checkpoint(self.run_dir, self.saved_epoch)}; "
+                             f"try a lower train.lr")
 
     def close(self) -> None:
         self.progress.stop()
@@ -402,6 +417,7 @@ def fit(method, data: Data, recipe, run_dir: Path, *, start_state: dict | None =
     model = _dist.wrap(method, d, find_unused=method.iterative or not method.per_network)
     report = _Report(method, data, recipe, run_dir, d, start_epoch, feed.steps, show_progress, console)
     summary: dict = {}
+    epoch, step = start_epoch, -1  # where an interruption stopped
     try:
         for epoch in range(start_epoch, cfg.epochs):
             torch.manual_seed(cfg.seed * 100003 + epoch)  # a resumed run repeats an epoch exactly
@@ -424,6 +440,10 @@ def fit(method, data: Data, recipe, run_dir: Path, *, start_state: dict | None =
             summary = report.epoch(epoch, tally, optimisation)
         if not summary:  # resumed after the last epoch's checkpoint: nothing left to train
             summary = {"epochs": cfg.epochs, "test_acc": {name: s["top1"] for name, s in report.scores().items()}}
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM or SIGHUP: say where; the caller adds how to continue
+        stopped = as_interrupted(e)
+        stopped.where = f"epoch {epoch + 1} step {step + 1} of {feed.steps}"
+        raise stopped from None
     finally:
         report.close()
     return summary
