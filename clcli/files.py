@@ -46,15 +46,8 @@ def _check_kind(value: Any, path: Path, what: str, expect: type | None) -> Any:
 
 def read_json(path: str | os.PathLike, what: str = "JSON file", expect: type | None = dict) -> Any:
     """The JSON value in `path`, checked to be of type `expect` (None: any)."""
-    path = Path(path)
-    text = read_text(path, what)
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ClcliError(f"{what} {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-    except RecursionError:
-        raise ClcliError(f"{what} {path} is not valid JSON (nested too deeply)") from None
-    return _check_kind(value, path, what, expect)
+    return _read_parsed(path, what, expect, "JSON", json.loads, json.JSONDecodeError,
+                        lambda e: f"{e.msg} at line {e.lineno}")
 
 
 def read_yaml(path: str | os.PathLike, what: str = "YAML file", expect: type | None = dict) -> Any:
@@ -62,14 +55,19 @@ def read_yaml(path: str | os.PathLike, what: str = "YAML file", expect: type | N
     error whenever a type is expected."""
     import yaml
 
+    return _read_parsed(path, what, expect, "YAML", yaml.safe_load, yaml.YAMLError,
+                        lambda e: one_line(e, limit=None))
+
+
+def _read_parsed(path, what: str, expect: type | None, language: str, parse, parse_error: type, describe) -> Any:
     path = Path(path)
     text = read_text(path, what)
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ClcliError(f"{what} {path} is not valid YAML ({one_line(e, limit=None)})") from None
+        value = parse(text)
+    except parse_error as e:
+        raise ClcliError(f"{what} {path} is not valid {language} ({describe(e)})") from None
     except RecursionError:
-        raise ClcliError(f"{what} {path} is not valid YAML (nested too deeply)") from None
+        raise ClcliError(f"{what} {path} is not valid {language} (nested too deeply)") from None
     return _check_kind(value, path, what, expect)
 
 
