@@ -70,9 +70,6 @@ class FeatureRecorder:
             raise KeyError(f"nothing recorded under {key!r}: has the network run forward since the recorder was "
                            f"set up?") from None
 
-    def get(self, key: Hashable, default=None):
-        return self.values.get(key, default)
-
     def remove(self) -> None:
         """Remove the hooks (spliced graph nodes stay: a model's graph is not un-spliced)."""
         for handle in self._handles:

@@ -159,13 +159,18 @@ def non_finite(state: dict, limit: int = 3) -> tuple[int, list[str]]:
     return len(bad), bad[:limit]
 
 
+def describe_non_finite(count: int, names: list[str]) -> str:
+    """'3 tensors holding NaN or inf (a, b, c, ...)': what `non_finite` found, for an error line."""
+    return (f"{count} tensor{'s' if count > 1 else ''} holding NaN or inf "
+            f"({', '.join(names)}{', ...' if count > len(names) else ''})")
+
+
 def check_finite(state: dict, what: str) -> None:
     """A one-line error naming the first tensors of `state` that hold NaN or inf (`what`: whose tensors)."""
     count, names = non_finite(state)
     if count:
-        raise ClcliError(f"{what} has {count} tensor{'s' if count > 1 else ''} holding NaN or inf "
-                         f"({', '.join(names)}{', ...' if count > len(names) else ''}); it diverged: train again "
-                         f"with a lower train.lr")
+        raise ClcliError(f"{what} has {describe_non_finite(count, names)}; it diverged: train again with a lower "
+                         f"train.lr")
 
 
 def classifier_keys(name: str) -> set[str]:

@@ -38,7 +38,7 @@ class Run:
 
     def __init__(self, path: Path, info: dict):
         self.path, self.info = path, info
-        self._recipe = self._plan = self._state = None
+        self._recipe = self._plan = self._plan_dict = self._state = None
 
     @classmethod
     def open(cls, path: str | Path) -> "Run":
@@ -107,13 +107,18 @@ class Run:
         if self._plan is None:
             from clcli import probe
 
-            self._plan = probe.Plan.from_dict(files.read_json(self.path / "plan.json", "plan file"))
+            self._plan = probe.Plan.from_dict(self._plan_file())
         return self._plan
 
     @property
     def fuse(self) -> str:
         """How the MKB halves fuse: recorded in plan.json (runs from before that: in the recipe)."""
-        return files.read_json(self.path / "plan.json", "plan file").get("fuse", self.recipe.cl.fuse)
+        return self._plan_file().get("fuse", self.recipe.cl.fuse)
+
+    def _plan_file(self) -> dict:
+        if self._plan_dict is None:
+            self._plan_dict = files.read_json(self.path / "plan.json", "plan file")
+        return self._plan_dict
 
     def state(self, map_location="cpu") -> dict:
         """The last checkpoint: {"epoch", "method", "optimizer", "scheduler", ...}."""

@@ -394,10 +394,9 @@ class _Report:
         overflowed while the loss stayed finite): the previous checkpoint stays. Rank 0 decides for every process."""
         count, names = _dist.from_main(self.d, models.non_finite(state) if self.d.main else None)
         if count:
-            raise ClcliError(f"after epoch {epoch + 1}, {count} weight or buffer tensor{'s' if count > 1 else ''} "
-                             f"hold NaN or inf ({', '.join(names)}{', ...' if count > len(names) else ''}); stopped "
-                             f"without saving it: {run_folder.kept_checkpoint(self.run_dir, self.saved_epoch)}; "
-                             f"try a lower train.lr")
+            raise ClcliError(f"after epoch {epoch + 1}, the weights and buffers have "
+                             f"{models.describe_non_finite(count, names)}; stopped without saving them: "
+                             f"{run_folder.kept_checkpoint(self.run_dir, self.saved_epoch)}; try a lower train.lr")
 
     def close(self) -> None:
         self.progress.stop()
