@@ -131,14 +131,24 @@ class Run:
         prefix = f"{COHORT_PREFIX}networks.{index}."
         return {k[len(prefix):]: v for k, v in self.state()["method"].items() if k.startswith(prefix)}
 
+    @property
+    def method_class(self):
+        """The method this run was trained with (its traits: uses_mkb, shared_transfer)."""
+        from clcli import methods
+
+        if self.method not in methods.METHODS:
+            raise ClcliError(f"{self.path} was trained with method '{self.method}', which this clcli does not know")
+        return methods.METHODS[self.method]
+
+    @property
+    def with_mkb(self) -> bool:
+        return self.method_class.uses_mkb
+
     def cohort(self):
         """The cohort as the last checkpoint left it, in eval mode."""
-        from clcli import methods
         from clcli.cohort import build_cohort
 
-        traits = methods.METHODS.get(self.method)
-        if traits is None:
-            raise ClcliError(f"{self.path} was trained with method '{self.method}', which this clcli does not know")
+        traits = self.method_class
         cohort = build_cohort(self.plan, num_classes=len(self.info["class_names"]), seed=self.recipe.train.seed,
                               with_mkb=traits.uses_mkb, fuse=self.fuse, shared_transfer=traits.shared_transfer)
         state = self.state()["method"]
@@ -146,12 +156,6 @@ class Run:
         models.check_finite(state, f"the checkpoint {self.path / CHECKPOINT}")
         cohort.load_state_dict({k[len(COHORT_PREFIX):]: v for k, v in state.items() if k.startswith(COHORT_PREFIX)})
         return cohort.eval()
-
-    @property
-    def with_mkb(self) -> bool:
-        from clcli import methods
-
-        return methods.uses_mkb(self.method)
 
     def metrics(self) -> list[dict]:
         return read_metrics(self.path)

@@ -12,8 +12,8 @@ OUT=${2:-reports/cifar10-full}
 EPOCHS=${3:-10}
 shift $(( $# < 3 ? $# : 3 ))
 METHODS=${METHODS:-il,dml,cl}
-COMMON=(--recipe quickstart --data "$DATA" --epochs "$EPOCHS" --methods "$METHODS" --no-progress
-        --set train.batch_size=128 --set train.lr=0.1 --set train.threads=1 "$@")
+source "$(dirname "$0")/cifar10_full_settings.sh"
+COMMON=("${FULL_SETTINGS[@]}" --data "$DATA" --epochs "$EPOCHS" --methods "$METHODS" "$@")
 mkdir -p "$OUT"
 seed_run() { clcli compare "${COMMON[@]}" --seeds 1 --set train.seed="$1" --out "$OUT" > "$OUT/seed$1.log" 2>&1; }
 seed_run 0 & seed_run 1 & wait

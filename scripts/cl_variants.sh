@@ -10,6 +10,7 @@ set -euo pipefail
 DATA=$1 BASE=$(realpath "$2") OUT=$3 EPOCHS=$4
 shift 4
 SEEDS=${SEEDS:-1}
+source "$(dirname "$0")/cifar10_full_settings.sh"
 for ((s = 0; s < SEEDS; s++)); do
   if ! grep -q '"status": "finished"' "$BASE/runs/il/seed$s/run.json" 2>/dev/null; then
     echo "the IL run of seed $s in $BASE is not finished: run scripts/cifar10_full.sh first" >&2; exit 2
@@ -21,8 +22,8 @@ variant() {
   for s in "${kv[@]}"; do sets+=(--set "$s"); done
   mkdir -p "$OUT/$name/runs"
   [ -e "$OUT/$name/runs/il" ] || ln -s "$BASE/runs/il" "$OUT/$name/runs/il"
-  clcli compare --recipe quickstart --data "$DATA" --epochs "$EPOCHS" --methods cl --seeds "$SEEDS" --no-progress \
-    --set train.batch_size=128 --set train.lr=0.1 --set train.threads=1 "${sets[@]}" --out "$OUT/$name" \
+  clcli compare "${FULL_SETTINGS[@]}" --data "$DATA" --epochs "$EPOCHS" --methods cl --seeds "$SEEDS" "${sets[@]}" \
+    --out "$OUT/$name" \
     > "$OUT/$name.log" 2>&1 && echo "$name: $(grep -m1 '^| CL' "$OUT/$name/table.md")"
 }
 mkdir -p "$OUT"

@@ -103,3 +103,11 @@ def test_readme_first_block_runs_in_order(tmp_path, monkeypatch):
         outputs[args[0]] = result.output
     assert (tmp_path / "runs" / "quickstart" / "curves.png").is_file()
     assert "top 3 of 10 classes" in " ".join(outputs["predict"].split()) and (tmp_path / "probe.png").is_file()
+
+
+def test_no_merge_conflict_is_left_in_the_documents():
+    # A conflicted merge once committed docs/architecture.md with both sides in it.
+    left = [f"{path.relative_to(REPO)}:{n}" for path in DOCUMENTS
+            for n, line in enumerate(path.read_text().splitlines(), 1)
+            if line.startswith(("<<<<<<< ", ">>>>>>> ")) or line.rstrip() == "======="]
+    assert not left, left

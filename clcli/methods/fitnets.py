@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clcli import layouts
 from clcli.features import FeatureRecorder
 
 from ._base import Batch, register
@@ -24,13 +25,8 @@ from .kd import KnowledgeDistillation
 
 
 def to_nchw(x: torch.Tensor, tap) -> torch.Tensor:
-    """A tap's output (NCHW, NHWC or a token grid) as NCHW."""
-    if tap.layout == "NCHW":
-        return x
-    if tap.layout == "NHWC":
-        return x.permute(0, 3, 1, 2)
-    tokens = x[:, tap.prefix_tokens:]
-    return tokens.transpose(1, 2).reshape(x.shape[0], x.shape[2], tap.height, tap.width)
+    """A tap's output (NCHW, NHWC or a token grid) as NCHW, without a token grid's prefix tokens."""
+    return layouts.to_nchw(x, tap.layout, tap.prefix_tokens, tap.height, tap.width)[0]
 
 
 def regressor(student_tap, teacher_tap) -> nn.Sequential:

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clcli import layouts
+
 from .spec import FUSIONS, HalfSpec, MKBSpec
 
 
@@ -78,32 +80,15 @@ class MKBHalf(nn.Module):
         # The embedding passes through this identity so that a FeatureRecorder can record it (`mkb.embeddings`).
         self.embedding_point = nn.Identity()
 
-    def _to_nchw(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.layout == "NCHW":
-            return x, None
-        if self.layout == "NHWC":
-            return x.permute(0, 3, 1, 2), None
-        prefix, tokens = x[:, : self.prefix_tokens], x[:, self.prefix_tokens:]
-        grid = tokens.transpose(1, 2).reshape(x.shape[0], x.shape[2], self.height, self.width)
-        return grid, prefix
-
-    def _from_nchw(self, y: torch.Tensor, prefix: torch.Tensor | None) -> torch.Tensor:
-        if self.layout == "NCHW":
-            return y
-        if self.layout == "NHWC":
-            return y.permute(0, 2, 3, 1)
-        tokens = y.flatten(2).transpose(1, 2)
-        return torch.cat([prefix, tokens], dim=1)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The tap's features fused with the MKB's output, in the tap's layout."""
         return self.fuse_and_embed(x)[0]
 
     def fuse_and_embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The fused features and the embedding in the mutual space [B, E]."""
-        features, prefix = self._to_nchw(x)
+        features, prefix = layouts.to_nchw(x, self.layout, self.prefix_tokens, self.height, self.width)
         code = self.transfer(self.encoder(features))
         embedding = self.embedding_point(code.flatten(1))
         gate = 1.0 + F.elu(self.decoder(code))
         fused = features * gate if self.fuse == "mul" else features + gate
-        return self._from_nchw(fused, prefix), embedding
+        return layouts.from_nchw(fused, self.layout, prefix), embedding
