@@ -42,7 +42,7 @@ def _probe_one(args) -> dict:
 
         cfg = timm.models.get_pretrained_cfg(name)
         size = tuple(cfg.input_size[-2:]) if cfg is not None and cfg.input_size else (224, 224)
-        from clcli.probe._pairing import MIN_SIDE
+        from clcli.probe import MIN_SIDE
 
         m = probe.analyse(name, size, num_classes=1000)
         result = {"name": name, "status": m.tracer, "taps": len(m.stage_taps),

@@ -108,8 +108,17 @@ def run_setting(model: str, partner: str, size: int, stem: str, work: Path) -> N
     with torch.no_grad():
         for label, net in zip(cohort.labels, cohort.networks):
             loaded = clcli.load(work / "exported" / f"{label}.safetensors")
-            if not torch.equal(loaded(x), net(x)):
+            if not same_outputs(loaded(x), net(x)):
                 raise AssertionError(f"{label}: the loaded export's outputs differ from the trained network's")
+
+
+def same_outputs(a, b) -> bool:
+    """Bit for bit, NaN where NaN: two random-data steps at batch 2 can drive a network's outputs to NaN (batch
+    norm over two samples), and the export must reproduce that network too."""
+    import torch
+
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(a.masked_fill(nan, 0), b.masked_fill(nan, 0))
 
 
 def _where(error: BaseException) -> str:

@@ -172,6 +172,13 @@ def test_model_that_neither_tracer_handles_is_a_clear_error(monkeypatch):
         probe.analyse("test_resnet", 64)
 
 
+def test_a_model_that_refuses_the_input_size_says_so_in_one_line(capfd):
+    # halonet asserts its input is a multiple of its block size; fx's ShapeProp printed that traceback before.
+    with pytest.raises(ClcliError, match=r"halonet_h1 fails on a 32x32 input by itself.*try --input-size 256"):
+        probe.analyse("halonet_h1", 32)
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_shapes_match_a_real_forward():
     import timm
 

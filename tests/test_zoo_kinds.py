@@ -286,3 +286,29 @@ def test_stream_cuts_let_side_streams_and_sizes_jump_but_not_a_residual_skip():
     assert names(cut_points(nodes)) == ["fuse"]
     assert "r1" not in names(stream_cuts(nodes))   # inside the residual block (a2 jumps over it and feeds it)
     assert {"b2", "add"} <= set(names(stream_cuts(nodes)))
+
+
+class OddPatchMixer(nn.Module):
+    """ConvMixer's shape: a 7-pixel patch embedding (56 px -> 8 x 8, not 56 / 2**k), residual blocks at that size,
+    then global pooling. Its only tap at an input / 2**k size is the pooled 1 x 1."""
+
+    def __init__(self, num_classes=10, in_chans=3, **kwargs):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, 32, 7, 7), nn.BatchNorm2d(32), nn.ReLU())
+        self.blocks = nn.Sequential(*[_conv_bn(32, 32) for _ in range(3)])
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.fc(self.pool(x).flatten(1))
+
+
+def test_a_model_whose_maps_are_not_input_over_a_power_of_two_gets_a_site():
+    name = _register("clcli_test_odd_patch", OddPatchMixer)
+    m = probe.analyse(name, 56)
+    assert {t.size for t in m.stage_taps} >= {(8, 8)}, m.stage_taps
+    plan = probe.plan([name, "test_resnet"], 56)
+    _rebuilds_exactly(plan, _cl_step(plan, 56), 0, 56)

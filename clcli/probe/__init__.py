@@ -11,7 +11,7 @@ from clcli.errors import ClcliError
 from clcli.mkb.spec import EMBEDDING, MKBSpec, size_mkb
 from clcli.models import STEMS, StemChange
 
-from ._taps import Tap
+from ._taps import MIN_SIDE, Tap
 
 PLAN_VERSION = 1
 
@@ -246,7 +246,7 @@ def plan(
     """Probe every model and choose `mkbs` MKB sites common to all of them."""
     from clcli.models import check_model_name
 
-    from ._pairing import MIN_SIDE, candidate_sites, nearest_sizes, spread
+    from ._pairing import candidate_sites, nearest_sizes, spread
 
     if len(names) < 2:
         raise ClcliError("collaborative learning needs at least 2 models")
@@ -278,4 +278,4 @@ def plan(
     return Plan(probes, hw, stem, chosen, candidates, resized)
 
 
-__all__ = ["Plan", "Site", "ModelProbe", "Tap", "analyse", "plan", "PLAN_VERSION"]
+__all__ = ["Plan", "Site", "ModelProbe", "Tap", "analyse", "plan", "PLAN_VERSION", "MIN_SIDE"]

@@ -6,6 +6,8 @@ MACs) reads only this description, so it never cares which tracer ran.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 from dataclasses import dataclass, field
 
@@ -66,7 +68,9 @@ def _fx_graph(model: nn.Module, example: torch.Tensor) -> list[GNode]:
     tracer = TimmTracer()
     fx_graph = tracer.trace(model, concrete_args=concrete_args(model))
     gm = torch.fx.GraphModule(tracer.root, fx_graph)
-    ShapeProp(gm).propagate(example)
+    # ShapeProp prints the traceback of a failing node before raising; the error it raises says it in one line
+    with contextlib.redirect_stderr(io.StringIO()):
+        ShapeProp(gm).propagate(example)
     nodes: list[GNode] = []
     index: dict[torch.fx.Node, int] = {}
     for node in gm.graph.nodes:
@@ -136,6 +140,16 @@ def _count_macs(model: nn.Module, nodes: list[GNode]) -> int:
     return total
 
 
+def _eager_error(model: nn.Module, example: torch.Tensor) -> Exception | None:
+    try:
+        with torch.no_grad():
+            model(example)
+    except Exception as e:  # noqa: BLE001 - what the model itself says about this input
+        # on the meta device a data-dependent op fails whatever the size: that says nothing about the input
+        return None if "meta" in str(e).lower() else e
+    return None
+
+
 def trace(model: nn.Module, example: torch.Tensor, export: bool = True) -> Graph:
     """Trace `model` (in eval mode) on `example`, with fx and, where fx fails (and `export`), torch.export."""
     model.eval()
@@ -150,6 +164,15 @@ def trace(model: nn.Module, example: torch.Tensor, export: bool = True) -> Graph
         except Exception as export_error:  # noqa: BLE001
             from clcli.errors import ClcliError, one_line
 
+            eager_error = _eager_error(model, example)
+            if eager_error is not None:  # not a tracing problem: the model refuses this input size
+                cfg = getattr(model, "pretrained_cfg", None) or {}
+                name = cfg.get("architecture") or type(model).__name__
+                made_for = cfg.get("input_size")
+                hint = (f"it was made for {made_for[-2]}x{made_for[-1]}: try --input-size {max(made_for[-2:])}"
+                        if made_for else "try another --input-size")
+                raise ClcliError(f"{name} fails on a {example.shape[-2]}x{example.shape[-1]} input by itself, "
+                                 f"without tracing ({one_line(eager_error)}); {hint}") from None
             raise ClcliError(
                 f"cannot analyse {type(model).__name__}: fx failed ({one_line(fx_error)}) and torch.export "
                 f"failed ({one_line(export_error)})"

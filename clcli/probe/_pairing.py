@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import math
 
-from ._taps import TARGET_DEPTH, Tap
+from ._taps import MIN_SIDE, TARGET_DEPTH, Tap
 
-MIN_SIDE = 2          # a 1x1 map is a pooled vector: the paper found the fc position worst
 GOOD_SIDE = 4         # below this the unified code is smaller than the paper's 4x4
 
 

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 
 from ._graph import GNode, Graph
 
+MIN_SIDE = 2  # an MKB site's smallest side: a 1x1 map is a pooled vector (the paper found the fc position worst)
+
 
 @dataclass
 class Tap:
@@ -158,10 +160,13 @@ def _module_output(nodes: list[GNode], i: int, last_in_scope: dict[str, int]) ->
 
 
 def find_taps_in_graph(graph: Graph, input_hw: tuple[int, int], prefix_hint: int | None = None) -> list[Tap]:
-    """Taps at plain cut points with sizes input / 2**k; for a model with none (token streams beside a class token,
-    multi-scale streams, maps of other sizes), taps at stream cut points of any size (`stream_cuts`)."""
-    return (_find_taps(graph, input_hw, prefix_hint, strict=True)
-            or _without_channels_first_tokens(_find_taps(graph, input_hw, prefix_hint, strict=False)))
+    """Taps at plain cut points with sizes input / 2**k; for a model with none of 2 x 2 or more (token streams beside
+    a class token, multi-scale streams, maps of other sizes), taps at stream cut points of any size (`stream_cuts`)."""
+    strict = _find_taps(graph, input_hw, prefix_hint, strict=True)
+    if any(min(t.size) >= MIN_SIDE for t in strict):
+        return strict
+    # Only pooled maps at input / 2**k sizes, e.g. ConvMixer's 7-pixel patches: 32 x 32 maps at 224 px.
+    return _without_channels_first_tokens(_find_taps(graph, input_hw, prefix_hint, strict=False)) or strict
 
 
 def _without_channels_first_tokens(taps: list[Tap]) -> list[Tap]:
