@@ -5,7 +5,7 @@ it; its smallest model by parameter count), paired with one fixed partner, in th
     b  32 px, ImageNet stems
     c  the representative's own input size (its pretrained_cfg), the partner at the same size
 
-For each: the whole user path on random images: `clcli train` (probe, build the MKBs, one epoch of two CL steps,
+For each: the whole user path on random images (8, batch 4): `clcli train` (probe, build the MKBs, one epoch of two CL steps,
 checkpoint), `export --split`, `clcli.load`, and each loaded network's outputs compared with the trained network's
 (bit for bit). Each setting runs in its own worker process with a time limit and a memory cap.
 
@@ -33,7 +33,9 @@ from pathlib import Path
 PARTNER = "mobilenetv3_small_050"
 SETTINGS = {"a": ("32px --stem small", "small"), "b": ("32px imagenet stems", "imagenet"),
             "c": ("own input size", "imagenet")}
-TRAIN_IMAGES, TEST_IMAGES, BATCH = 4, 2, 2   # one epoch = two CL steps
+# One epoch = two CL steps. Batch 4, not 2: at batch 2 two steps of the verification term drive some networks to
+# NaN outputs (mobilenetv3_small_050's stem weights x200 beside test_byobnet), a harness artefact, not an export one.
+TRAIN_IMAGES, TEST_IMAGES, BATCH = 8, 2, 4
 
 
 def _limit_memory(gib: float) -> None:
@@ -177,7 +179,7 @@ def _run_setting(args) -> tuple[str, str, dict]:
             result = {"status": "bug", "error": one_line(e, 300) + _where(e)}
         finally:
             signal.alarm(0)
-    result.update(setting=label, input_size=size, seconds=round(time.perf_counter() - start, 1))
+    result.update(setting=label, input_size=size, batch=BATCH, seconds=round(time.perf_counter() - start, 1))
     return family, key, result
 
 
