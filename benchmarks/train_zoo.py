@@ -11,6 +11,7 @@ checkpoint), `export --split`, `clcli.load`, and each loaded network's outputs c
 
     python benchmarks/train_zoo.py --out docs/results/train_zoo.json                  # every family (resumable)
     python benchmarks/train_zoo.py --out /tmp/z.json --families resnet,pit --retry    # some families again
+    python benchmarks/train_zoo.py --out docs/results/train_zoo.json --markdown       # the tables of docs/results.md
 
 The JSON is rewritten after every setting; settings already in it are skipped (`--retry` redoes those of the
 named families, `--retry-failed` every setting that is not ok). Per setting the result is `ok`, `refused` (a one-line
@@ -203,9 +204,26 @@ def summarise(families: dict, settings) -> dict:
     return summary
 
 
+def markdown(results: dict) -> str:
+    """The JSON as docs/results.md shows it: counts per setting, then every family with a setting not ok."""
+    summary, families = results["summary"], results["families"]
+    lines = ["| setting | ok | refused (one line, exit 2) | bug | timeout |", "|---|---|---|---|---|"]
+    for key, (label, _) in SETTINGS.items():
+        c = summary[key]
+        lines.append(f"| ({key}) {label} | {c['ok']} | {c['refused']} | {c['bug']} | {c['timeout']} |")
+    lines += ["", "| family (representative) | setting | result |", "|---|---|---|"]
+    for family, f in families.items():
+        for key, r in sorted(f.get("settings", {}).items()):
+            if r["status"] != "ok":
+                error = r.get("error", "").replace("|", "\\|")
+                lines.append(f"| {family} ({f.get('model', '?')}) | ({key}) | {r['status']}: {error[:220]} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="train_zoo.json")
+    parser.add_argument("--markdown", action="store_true", help="print --out's results as markdown tables and stop")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--families", default="", help="comma-separated timm.models modules (default: all)")
     parser.add_argument("--settings", default="abc")
@@ -215,11 +233,15 @@ def main() -> None:
     parser.add_argument("--memory-gib", type=float, default=8.0, help="address-space cap per worker")
     args = parser.parse_args()
 
+    out = Path(args.out)
+    if args.markdown:
+        print(markdown(json.loads(out.read_text())))
+        return
+
     import timm
 
     from clcli import files
 
-    out = Path(args.out)
     done: dict = json.loads(out.read_text()).get("families", {}) if out.is_file() else {}
     families = [f for f in args.families.split(",") if f] or sorted(timm.models.list_modules())
     unknown = sorted(set(families) - set(timm.models.list_modules()))
