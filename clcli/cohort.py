@@ -53,6 +53,37 @@ class Cohort(nn.Module):
         return {site: [e[site] for e in per_net] for site in (per_net[0] if per_net else {})}
 
 
+def check_networks_run(cohort: Cohort, device) -> None:
+    """Each network once, in eval mode, on one blank image, before any training: a model that fails at this input size
+    (a position table indexed past its end, which the meta-device probe cannot see) is a one-line error, not a
+    traceback from inside the first step. Eval mode and no gradients: no statistics or random state change."""
+    import traceback
+    from pathlib import Path
+
+    from clcli.errors import ClcliError, one_line
+
+    clcli_root = Path(__file__).resolve().parent
+    input_size, stem = tuple(cohort.plan.input_size), cohort.plan.stem
+    for i in cohort.indices:
+        net = cohort.networks[i]
+        x = torch.zeros(1, cohort.plan.models[i].kwargs.get("in_chans", 3), *input_size, device=device)
+        was_training = net.training
+        try:
+            with torch.no_grad():
+                net.eval()(x)
+        except Exception as e:  # noqa: BLE001 - the model's own failure, quoted; clcli's own bugs are re-raised
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            if Path(where.filename).resolve().is_relative_to(clcli_root):
+                raise
+            stem_note = f" with --stem {stem}" if stem != "imagenet" else ""
+            raise ClcliError(
+                f"{cohort.names[i]} fails on a {input_size[0]}x{input_size[1]} input{stem_note} ({one_line(e)}, at "
+                f"{Path(where.filename).name}:{where.lineno}); try "
+                + ("--stem imagenet or " if stem_note else "") + "another --input-size") from None
+        finally:
+            net.train(was_training)
+
+
 def compile_networks(cohort: Cohort) -> None:
     """torch.compile each network in place (train.compile), its MKB halves inside the compiled forward.
 

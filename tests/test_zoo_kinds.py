@@ -312,3 +312,35 @@ def test_a_model_whose_maps_are_not_input_over_a_power_of_two_gets_a_site():
     assert {t.size for t in m.stage_taps} >= {(8, 8)}, m.stage_taps
     plan = probe.plan([name, "test_resnet"], 56)
     _rebuilds_exactly(plan, _cl_step(plan, 56), 0, 56)
+
+
+class PositionTableNet(nn.Module):
+    """A relative-position table sized for the 16 px input it was made for (MViTv2's kind): at 32 px it is indexed
+    past its end. Meta tensors carry no values, so the probe's trace passes; only a real forward fails."""
+
+    def __init__(self, num_classes=10, in_chans=3, **kwargs):
+        super().__init__()
+        self.stem = _conv_bn(in_chans, 16, stride=2)
+        self.stage = _conv_bn(16, 16, stride=2)
+        self.table = nn.Parameter(torch.zeros(16, 16))  # (16 / 4)**2 positions
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = self.stage(self.stem(x))
+        positions = torch.arange(x.shape[2] * x.shape[3], device=x.device)
+        x = x + self.table[positions].t().reshape(1, 16, x.shape[2], x.shape[3])
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_model_that_fails_only_on_real_values_is_a_one_line_error_before_training(tmp_path):
+    from clcli.cohort import check_networks_run
+    from clcli.errors import ClcliError
+
+    name = _register("clcli_test_position_table", PositionTableNet)
+    check_networks_run(build_cohort(probe.plan([name, "test_resnet"], 16), num_classes=10, seed=0, with_mkb=True),
+                       "cpu")
+    plan = probe.plan([name, "test_resnet"], 32)   # the probe cannot see it
+    cohort = build_cohort(plan, num_classes=10, seed=0, with_mkb=True)
+    with pytest.raises(ClcliError, match=r"clcli_test_position_table fails on a 32x32 input \(IndexError: .*\); try"):
+        check_networks_run(cohort, "cpu")
+    assert cohort.networks[0].training  # left as it was

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from clcli import files
 from clcli import run as run_folder
-from clcli.cohort import Cohort, build_cohort, compile_networks
+from clcli.cohort import Cohort, build_cohort, check_networks_run, compile_networks
 from clcli.data import Data, LoadedData, load_data, streamed_skips
 from clcli.errors import ClcliError
 from clcli.evaluation import evaluate
@@ -217,6 +217,8 @@ def _train_one(method_name, recipe, plan, data, run_dir: Path, device, state, sh
 
             load_teacher(cohort.networks[0], recipe.kd.teacher, cohort.names[0], method_name)
         cohort.to(device)
+        if state is None:  # a fresh start; a resumed run has run already
+            check_networks_run(cohort, device)
         if recipe.train.channels_last:
             cohort.to(memory_format=torch.channels_last)
         method = methods.create(method_name, cohort, recipe)
