@@ -228,7 +228,9 @@ def main() -> None:
     parser.add_argument("--families", default="", help="comma-separated timm.models modules (default: all)")
     parser.add_argument("--settings", default="abc")
     parser.add_argument("--retry", action="store_true", help="redo the named families even if recorded")
-    parser.add_argument("--retry-failed", action="store_true", help="redo every family with a setting not ok")
+    parser.add_argument("--retry-failed", action="store_true", help="redo every setting that is not ok")
+    parser.add_argument("--retry-status", default="", help="with --retry-failed: only settings of these statuses "
+                        "(comma-separated, e.g. bug,timeout)")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per setting")
     parser.add_argument("--memory-gib", type=float, default=8.0, help="address-space cap per worker")
     args = parser.parse_args()
@@ -248,10 +250,13 @@ def main() -> None:
     if unknown:
         parser.error(f"not timm.models modules: {', '.join(unknown)} (e.g. sequencer, not sequencer2d)")
 
+    retry_statuses = {s for s in args.retry_status.split(",") if s}
+
     def wanted(family: str, key: str) -> bool:
         result = done.get(family, {}).get("settings", {}).get(key)
         return (result is None or args.retry and args.families
-                or args.retry_failed and result.get("status") != "ok")
+                or args.retry_failed and result.get("status") != "ok"
+                and (not retry_statuses or result.get("status") in retry_statuses))
 
     def save() -> None:
         ordered = dict(sorted(done.items()))
