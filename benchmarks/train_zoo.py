@@ -72,13 +72,13 @@ def own_input_size(name: str) -> int:
     return max(size)  # recipes train on square inputs
 
 
-def _random_image_folder(root: Path, size: int) -> Path:
-    """class folders of random PNGs: train/ (TRAIN_IMAGES) and test/ (TEST_IMAGES), two classes."""
+def _random_image_folder(root: Path, size: int, train_images: int = TRAIN_IMAGES) -> Path:
+    """class folders of random PNGs: train/ (train_images) and test/ (TEST_IMAGES), two classes."""
     import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    for split, n in (("train", TRAIN_IMAGES), ("test", TEST_IMAGES)):
+    for split, n in (("train", train_images), ("test", TEST_IMAGES)):
         for i in range(n):
             folder = root / split / f"class{i % 2}"
             folder.mkdir(parents=True, exist_ok=True)
@@ -86,7 +86,7 @@ def _random_image_folder(root: Path, size: int) -> Path:
     return root
 
 
-def run_setting(model: str, partner: str, size: int, stem: str, work: Path) -> None:
+def run_setting(model: str, partner: str, size: int, stem: str, work: Path, batch: int = BATCH) -> None:
     """train -> export --split -> clcli.load -> outputs equal. Raises on any failure."""
     import torch
 
@@ -96,11 +96,11 @@ def run_setting(model: str, partner: str, size: int, stem: str, work: Path) -> N
     from clcli.run import Run
     from clcli.train import train
 
-    data = _random_image_folder(work / "data", size)
+    data = _random_image_folder(work / "data", size, train_images=2 * batch)
     recipe = recipes.from_dict({
         "name": "train_zoo", "models": [model, partner], "methods": ["cl"], "input_size": size, "stem": stem,
         "data": {"source": str(data), "augment": "none", "normalize": "none"},
-        "train": {"epochs": 1, "batch_size": BATCH, "lr": 0.01, "schedule": "constant", "log_every": 1,
+        "train": {"epochs": 1, "batch_size": batch, "lr": 0.01, "schedule": "constant", "log_every": 1,
                   "threads": 1, "device": "cpu"},
     })
     run_dir = work / "run"
@@ -158,7 +158,7 @@ def _find_representative(args) -> dict:
 
 
 def _run_setting(args) -> tuple[str, str, dict]:
-    family, key, model, own_size, timeout = args
+    family, key, model, own_size, timeout, batch = args
     import torch
 
     from clcli.errors import ClcliError, one_line
@@ -170,7 +170,7 @@ def _run_setting(args) -> tuple[str, str, dict]:
     with tempfile.TemporaryDirectory(prefix="train_zoo_") as tmp:
         try:
             _alarm(timeout)
-            run_setting(model, PARTNER, size, stem, Path(tmp))
+            run_setting(model, PARTNER, size, stem, Path(tmp), batch)
             result = {"status": "ok"}
         except ClcliError as e:
             result = {"status": "refused", "error": str(e)}
@@ -180,7 +180,7 @@ def _run_setting(args) -> tuple[str, str, dict]:
             result = {"status": "bug", "error": one_line(e, 300) + _where(e)}
         finally:
             signal.alarm(0)
-    result.update(setting=label, input_size=size, batch=BATCH, seconds=round(time.perf_counter() - start, 1))
+    result.update(setting=label, input_size=size, batch=batch, seconds=round(time.perf_counter() - start, 1))
     return family, key, result
 
 
@@ -232,6 +232,8 @@ def main() -> None:
     parser.add_argument("--retry-status", default="", help="with --retry-failed: only settings of these statuses "
                         "(comma-separated, e.g. bug,timeout)")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per setting")
+    parser.add_argument("--batch", type=int, default=BATCH, help="batch size (two steps: 2 x batch training images); "
+                        "2 fits the largest models at their own size in memory")
     parser.add_argument("--memory-gib", type=float, default=8.0, help="address-space cap per worker")
     args = parser.parse_args()
 
@@ -271,7 +273,7 @@ def main() -> None:
         for entry in pool.imap_unordered(_find_representative, [(f, args.timeout) for f in search]):
             done[entry["family"]] = {**done.get(entry["family"], {}), **entry}
             save()
-        tasks = [(f, k, done[f]["model"], done[f]["own_size"], args.timeout)
+        tasks = [(f, k, done[f]["model"], done[f]["own_size"], args.timeout, args.batch)
                  for f in families if "model" in done[f] for k in args.settings if wanted(f, k)]
         print(f"{len(tasks)} settings to run", file=sys.stderr, flush=True)
         for i, (family, key, result) in enumerate(pool.imap_unordered(_run_setting, tasks), 1):
