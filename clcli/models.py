@@ -148,13 +148,15 @@ def read_weights_file(name: str, path) -> dict:
 
 
 def non_finite(state: dict, limit: int = 3) -> tuple[int, list[str]]:
-    """(how many, the first `limit` names) of the floating-point tensors in `state` holding NaN or inf."""
+    """(how many, the first `limit` names) of the floating-point tensors in `state` holding NaN or inf. A scalar may
+    hold +-inf: it is a bound, not a weight (gemma4_vit's clamp limits are -inf and inf until set)."""
     import torch
 
     names = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and v.numel()]
     if not names:
         return 0, []
-    flags = torch.stack([torch.isfinite(state[k]).all().to(state[names[0]].device) for k in names])
+    flags = torch.stack([(~torch.isnan(state[k]) if state[k].dim() == 0 else torch.isfinite(state[k]).all())
+                         .to(state[names[0]].device) for k in names])
     bad = [k for k, ok in zip(names, flags.tolist()) if not ok]  # one host sync for the whole state
     return len(bad), bad[:limit]
 

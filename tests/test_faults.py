@@ -180,6 +180,17 @@ def test_run_files_and_exports_follow_the_umask(trained_run, tmp_path, capsys):
 # --- 2. non-finite weights --------------------------------------------------------------------------------------
 
 
+def test_a_scalar_bound_at_inf_is_not_a_diverged_weight():
+    # gemma4_vit registers clamp bounds as scalar buffers set to -inf and inf: its checkpoints were refused.
+    from clcli import models
+
+    inf = float("inf")
+    state = {"q.input_min": torch.tensor(-inf), "q.input_max": torch.tensor(inf), "w": torch.ones(3)}
+    assert models.non_finite(state) == (0, [])
+    state.update({"b": torch.tensor([1.0, inf]), "s": torch.tensor(float("nan"))})
+    assert models.non_finite(state) == (2, ["b", "s"])
+
+
 def test_a_checkpoint_with_non_finite_buffers_is_never_written(tmp_path, monkeypatch):
     from clcli.errors import ClcliError
     from clcli.train import _loop
