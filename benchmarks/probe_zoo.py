@@ -42,11 +42,9 @@ def _probe_one(args) -> dict:
 
         cfg = timm.models.get_pretrained_cfg(name)
         size = tuple(cfg.input_size[-2:]) if cfg is not None and cfg.input_size else (224, 224)
-        from clcli.probe import MIN_SIDE
-
         m = probe.analyse(name, size, num_classes=1000)
         result = {"name": name, "status": m.tracer, "taps": len(m.stage_taps),
-                  "usable_site": any(min(t.size) >= MIN_SIDE for t in m.stage_taps),
+                  "usable_site": probe.has_site(m.stage_taps),
                   "layouts": sorted({t.layout for t in m.stage_taps}), "input_size": list(size)}
     except BaseException as e:  # noqa: BLE001 - a sweep records every failure and goes on
         text = str(e).strip().splitlines()

@@ -60,8 +60,6 @@ def check_networks_run(cohort: Cohort, device) -> None:
     import traceback
     from pathlib import Path
 
-    from clcli.errors import ClcliError, one_line
-
     clcli_root = Path(__file__).resolve().parent
     input_size, stem = tuple(cohort.plan.input_size), cohort.plan.stem
     for i in cohort.indices:
@@ -75,11 +73,8 @@ def check_networks_run(cohort: Cohort, device) -> None:
             where = traceback.extract_tb(e.__traceback__)[-1]
             if Path(where.filename).resolve().is_relative_to(clcli_root):
                 raise
-            stem_note = f" with --stem {stem}" if stem != "imagenet" else ""
-            raise ClcliError(
-                f"{cohort.names[i]} fails on a {input_size[0]}x{input_size[1]} input{stem_note} ({one_line(e)}, at "
-                f"{Path(where.filename).name}:{where.lineno}); try "
-                + ("--stem imagenet or " if stem_note else "") + "another --input-size") from None
+            raise models.input_size_error(cohort.names[i], input_size, e, stem=stem,
+                                          where=f"{Path(where.filename).name}:{where.lineno}") from None
         finally:
             net.train(was_training)
 

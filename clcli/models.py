@@ -167,6 +167,23 @@ def describe_non_finite(count: int, names: list[str]) -> str:
             f"({', '.join(names)}{', ...' if count > len(names) else ''})")
 
 
+def input_size_error(name: str, hw, error: BaseException, *, stem: str = "imagenet", made_for=None,
+                     context: str = "", where: str = "") -> ClcliError:
+    """The one line for a model that fails by itself on an input size (seen by the probe or by the first forward):
+    what failed, and the size it was made for or the stem to change."""
+    from clcli.errors import one_line
+
+    with_stem = f" with --stem {stem}" if stem != "imagenet" else ""
+    if with_stem:
+        hint = "try --stem imagenet or another --input-size"
+    elif made_for:
+        hint = f"it was made for {made_for[-2]}x{made_for[-1]}: try --input-size {max(made_for[-2:])}"
+    else:
+        hint = "try another --input-size"
+    at = f", at {where}" if where else ""
+    return ClcliError(f"{name} fails on a {hw[0]}x{hw[1]} input{with_stem}{context} ({one_line(error)}{at}); {hint}")
+
+
 def check_finite(state: dict, what: str) -> None:
     """A one-line error naming the first tensors of `state` that hold NaN or inf (`what`: whose tensors)."""
     count, names = non_finite(state)

@@ -11,7 +11,7 @@ from clcli.errors import ClcliError
 from clcli.mkb.spec import EMBEDDING, MKBSpec, size_mkb
 from clcli.models import STEMS, StemChange
 
-from ._taps import MIN_SIDE, Tap
+from ._taps import MIN_SIDE, Tap, has_site
 
 PLAN_VERSION = 1
 
@@ -258,7 +258,7 @@ def plan(
     probes = [analyse(n, hw, stem=stem, num_classes=num_classes, in_chans=in_chans) for n in names]
     raw, resized = candidate_sites([p.stage_taps for p in probes])
     if not raw:
-        bare = [p.name for p in probes if not any(min(t.size) >= MIN_SIDE for t in p.stage_taps)]
+        bare = [p.name for p in probes if not has_site(p.stage_taps)]
         raise ClcliError(
             f"no MKB site at input {hw[0]}x{hw[1]}: {', '.join(bare)} has no feature map of {MIN_SIDE}x{MIN_SIDE} or "
             f"larger (stage sizes: {nearest_sizes([p.stage_taps for p in probes])}); try a larger --input-size"
@@ -278,4 +278,4 @@ def plan(
     return Plan(probes, hw, stem, chosen, candidates, resized)
 
 
-__all__ = ["Plan", "Site", "ModelProbe", "Tap", "analyse", "plan", "PLAN_VERSION", "MIN_SIDE"]
+__all__ = ["Plan", "Site", "ModelProbe", "Tap", "analyse", "plan", "PLAN_VERSION", "has_site"]

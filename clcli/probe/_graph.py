@@ -166,13 +166,12 @@ def trace(model: nn.Module, example: torch.Tensor, export: bool = True) -> Graph
 
             eager_error = _eager_error(model, example)
             if eager_error is not None:  # not a tracing problem: the model refuses this input size
+                from clcli.models import input_size_error
+
                 cfg = getattr(model, "pretrained_cfg", None) or {}
-                name = cfg.get("architecture") or type(model).__name__
-                made_for = cfg.get("input_size")
-                hint = (f"it was made for {made_for[-2]}x{made_for[-1]}: try --input-size {max(made_for[-2:])}"
-                        if made_for else "try another --input-size")
-                raise ClcliError(f"{name} fails on a {example.shape[-2]}x{example.shape[-1]} input by itself, "
-                                 f"without tracing ({one_line(eager_error)}); {hint}") from None
+                raise input_size_error(cfg.get("architecture") or type(model).__name__, example.shape[-2:],
+                                       eager_error, made_for=cfg.get("input_size"),
+                                       context=" by itself, without tracing") from None
             raise ClcliError(
                 f"cannot analyse {type(model).__name__}: fx failed ({one_line(fx_error)}) and torch.export "
                 f"failed ({one_line(export_error)})"

@@ -14,6 +14,11 @@ from ._graph import GNode, Graph
 MIN_SIDE = 2  # an MKB site's smallest side: a 1x1 map is a pooled vector (the paper found the fc position worst)
 
 
+def has_site(taps) -> bool:
+    """Whether some tap is large enough for an MKB."""
+    return any(min(t.size) >= MIN_SIDE for t in taps)
+
+
 @dataclass
 class Tap:
     node: str                 # graph node name
@@ -163,7 +168,7 @@ def find_taps_in_graph(graph: Graph, input_hw: tuple[int, int], prefix_hint: int
     """Taps at plain cut points with sizes input / 2**k; for a model with none of 2 x 2 or more (token streams beside
     a class token, multi-scale streams, maps of other sizes), taps at stream cut points of any size (`stream_cuts`)."""
     strict = _find_taps(graph, input_hw, prefix_hint, strict=True)
-    if any(min(t.size) >= MIN_SIDE for t in strict):
+    if has_site(strict):
         return strict
     # Only pooled maps at input / 2**k sizes, e.g. ConvMixer's 7-pixel patches: 32 x 32 maps at 224 px.
     return _without_channels_first_tokens(_find_taps(graph, input_hw, prefix_hint, strict=False)) or strict
