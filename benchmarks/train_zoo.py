@@ -86,7 +86,8 @@ def _random_image_folder(root: Path, size: int, train_images: int) -> Path:
     return root
 
 
-def run_setting(model: str, partner: str, size: int, stem: str, work: Path, batch: int = BATCH) -> None:
+def run_setting(model: str, partner: str, size: int, stem: str, work: Path, batch: int = BATCH,
+                grad_checkpointing: bool = False, accumulate: int = 1) -> None:
     """train -> export --split -> clcli.load -> outputs equal. Raises on any failure."""
     import torch
 
@@ -101,7 +102,8 @@ def run_setting(model: str, partner: str, size: int, stem: str, work: Path, batc
         "name": "train_zoo", "models": [model, partner], "methods": ["cl"], "input_size": size, "stem": stem,
         "data": {"source": str(data), "augment": "none", "normalize": "none"},
         "train": {"epochs": 1, "batch_size": batch, "lr": 0.01, "schedule": "constant", "log_every": 1,
-                  "threads": 1, "device": "cpu"},
+                  "threads": 1, "device": "cpu", "grad_checkpointing": grad_checkpointing,
+                  "accumulate": accumulate},
     })
     run_dir = work / "run"
     train(recipe, run_dir, show_progress=False)
@@ -158,7 +160,7 @@ def _find_representative(args) -> dict:
 
 
 def _run_setting(args) -> tuple[str, str, dict]:
-    family, key, model, own_size, timeout, batch = args
+    family, key, model, own_size, timeout, batch, grad_checkpointing, accumulate = args
     import torch
 
     from clcli.errors import ClcliError, one_line
@@ -170,7 +172,7 @@ def _run_setting(args) -> tuple[str, str, dict]:
     with tempfile.TemporaryDirectory(prefix="train_zoo_") as tmp:
         try:
             _alarm(timeout)
-            run_setting(model, PARTNER, size, stem, Path(tmp), batch)
+            run_setting(model, PARTNER, size, stem, Path(tmp), batch, grad_checkpointing, accumulate)
             result = {"status": "ok"}
         except ClcliError as e:
             result = {"status": "refused", "error": str(e)}
@@ -181,6 +183,10 @@ def _run_setting(args) -> tuple[str, str, dict]:
         finally:
             signal.alarm(0)
     result.update(setting=label, input_size=size, batch=batch, seconds=round(time.perf_counter() - start, 1))
+    if grad_checkpointing:
+        result["grad_checkpointing"] = True
+    if accumulate > 1:
+        result["accumulate"] = accumulate
     return family, key, result
 
 
@@ -234,6 +240,10 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=300, help="seconds per setting")
     parser.add_argument("--batch", type=int, default=BATCH, help="batch size (two steps: 2 x batch training images); "
                         "2 fits the largest models at their own size in memory")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="train with train.grad_checkpointing "
+                        "(for the largest models at their own size)")
+    parser.add_argument("--accumulate", type=int, default=1, help="train.accumulate: each step's batch in this many "
+                        "micro-batches (less memory)")
     parser.add_argument("--memory-gib", type=float, default=8.0, help="address-space cap per worker")
     args = parser.parse_args()
 
@@ -273,7 +283,8 @@ def main() -> None:
         for entry in pool.imap_unordered(_find_representative, [(f, args.timeout) for f in search]):
             done[entry["family"]] = {**done.get(entry["family"], {}), **entry}
             save()
-        tasks = [(f, k, done[f]["model"], done[f]["own_size"], args.timeout, args.batch)
+        tasks = [(f, k, done[f]["model"], done[f]["own_size"], args.timeout, args.batch, args.grad_checkpointing,
+                  args.accumulate)
                  for f in families if "model" in done[f] for k in args.settings if wanted(f, k)]
         print(f"{len(tasks)} settings to run", file=sys.stderr, flush=True)
         for i, (family, key, result) in enumerate(pool.imap_unordered(_run_setting, tasks), 1):

@@ -16,6 +16,15 @@ from torch import nn
 from clcli.errors import ClcliError
 
 
+def output_module(module: nn.Module) -> nn.Module:
+    """The innermost module whose output is `module`'s: a plain nn.Sequential returns its last child's output. Hooks
+    go there because timm's gradient checkpointing (`checkpoint_seq(..., flatten=True)`) runs a stage's blocks one by
+    one and never calls the stage itself, whose hooks would silently not fire."""
+    while type(module) is nn.Sequential and len(module):
+        module = module[-1]
+    return module
+
+
 class _PassThrough(nn.Module):
     """Spliced in after a graph node: records the node's output and returns it unchanged."""
 
@@ -38,7 +47,7 @@ class FeatureRecorder:
         def hook(module, inputs, output):
             self.values[key] = output
 
-        self._handles.append(module.register_forward_hook(hook))
+        self._handles.append(output_module(module).register_forward_hook(hook))
 
     def input_of(self, key: Hashable, module: nn.Module) -> None:
         """Record `module`'s first positional input under `key`."""

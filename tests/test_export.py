@@ -229,6 +229,25 @@ def test_damaged_and_foreign_files_are_one_line_errors(cl_run, tmp_path):
         assert isinstance(result.exception, ClcliError)
 
 
+def test_a_file_too_large_for_the_memory_left_is_not_called_damaged(cl_run, tmp_path, monkeypatch):
+    """safetensors maps the whole file; under a memory limit the map fails, and the message must say memory."""
+    import safetensors
+    import safetensors.torch
+
+    export.export_run(cl_run, tmp_path, measure=False)
+    path = tmp_path / "test_resnet.safetensors"
+
+    def cannot_map(name, *args, **kwargs):
+        raise RuntimeError(f"unable to mmap 1647578160 bytes from file <{name}>: Cannot allocate memory (12)")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", cannot_map)
+    with pytest.raises(ClcliError, match="not enough memory to read .*test_resnet.safetensors"):
+        clcli.load(path)
+    monkeypatch.setattr(safetensors, "safe_open", cannot_map)
+    with pytest.raises(ClcliError, match="not enough memory to read .*test_resnet.safetensors"):
+        export.read_manifest(path)
+
+
 def test_export_cli_defaults_to_the_newest_run(cl_run, tmp_path, monkeypatch):
     import shutil
 

@@ -1,12 +1,17 @@
 """The code paths that training takes on a GPU, checked on the CPU where they can run there: the CL step under bf16
-autocast, channels_last training, train.compile. tests/test_cuda.py runs them on CUDA itself."""
+autocast, channels_last training, train.compile, and the memory option train.grad_checkpointing. tests/test_cuda.py
+runs the first three on CUDA itself."""
 import functools
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from clcli import probe, recipes
+from clcli.cohort import Cohort, enable_grad_checkpointing
+from clcli.errors import ClcliError
+from clcli.tracing import splice
 from clcli.methods import Batch, create
 from clcli.train import build_cohort, mixed_precision, train
 
@@ -20,10 +25,13 @@ def _keep_threads():
     torch.set_num_threads(threads)
 
 
-def _cl_method(memory_format=torch.contiguous_format):
+def _cl_method(memory_format=torch.contiguous_format, grad_checkpointing=False):
     plan = probe.plan(TINY, 32, stem="small")
     cohort = build_cohort(plan, num_classes=10, seed=0, with_mkb=True).to(memory_format=memory_format)
-    return create("cl", cohort, recipes.from_dict({"models": TINY, "input_size": 32, "stem": "small"})).train()
+    method = create("cl", cohort, recipes.from_dict({"models": TINY, "input_size": 32, "stem": "small"}))
+    if grad_checkpointing:
+        enable_grad_checkpointing(cohort)
+    return method.train()
 
 
 def _batch(n=16, memory_format=torch.contiguous_format):
@@ -123,3 +131,69 @@ def test_train_compile_trains_the_compiled_networks_as_eager_ones(tmp_path, comp
         assert compiled[method].keys() == eager[method].keys()
         for key, value in eager[method].items():
             torch.testing.assert_close(compiled[method][key], value, rtol=1e-4, atol=1e-5, msg=f"{method} {key}")
+
+
+def test_grad_checkpointing_reruns_the_blocks_and_computes_the_plain_step():
+    """train.grad_checkpointing: timm's checkpointed blocks, with the MKB hooks inside them, run again in the backward
+    pass (each MKB half twice per step: the MKBs sit in whole stages, which timm never calls when checkpointing, so
+    they hook into each stage's last block) and the step's loss and gradients are the plain step's."""
+    torch.set_num_threads(1)
+    plain, plain_grads = _step(_cl_method(), _batch())
+    method = _cl_method(grad_checkpointing=True)
+    runs = []
+    for label, net in zip(method.cohort.labels, method.cohort.networks):
+        # A pre-hook: the re-run stops once it has every saved tensor back, before forward hooks at a block's end.
+        net.mkb["site0"].register_forward_pre_hook(lambda *_, label=label: runs.append(label))
+    checkpointed, grads = _step(method, _batch())
+    assert sorted(runs) == sorted(2 * method.cohort.labels)
+    torch.testing.assert_close(checkpointed["loss"], plain["loss"], rtol=1e-5, atol=1e-6)
+    assert grads.keys() == plain_grads.keys()
+    for name, g in plain_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+class _Stage(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = torch.nn.Conv2d(3, 3, 1), torch.nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        return self.second(self.first(x))
+
+
+class _RunsBlocksDirectlyWhenCheckpointing(torch.nn.Module):
+    """A model whose checkpointing path calls a stage's blocks, not the stage (as timm's checkpoint_seq can)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stage, self.checkpointing = _Stage(), False
+
+    def set_grad_checkpointing(self, enable=True):
+        self.checkpointing = enable
+
+    def forward(self, x):
+        return self.stage.second(self.stage.first(x)) if self.checkpointing else self.stage(x)
+
+
+def test_grad_checkpointing_that_cannot_apply_is_a_one_line_error(monkeypatch):
+    plan = probe.plan(TINY, 32, stem="small")
+    cohort = build_cohort(plan, num_classes=10, seed=0, with_mkb=False)
+    splice(cohort.networks[0], {plan.sites[0].taps[0].node: torch.nn.Identity()}, what="a test")
+    with pytest.raises(ClcliError, match="spliced into its graph"):
+        enable_grad_checkpointing(cohort)
+
+    cohort = build_cohort(plan, num_classes=10, seed=0, with_mkb=False)
+
+    def unsupported(enable=True):
+        raise AssertionError("gradient checkpointing not supported")  # what timm raises
+
+    monkeypatch.setattr(cohort.networks[0], "set_grad_checkpointing", unsupported)
+    with pytest.raises(ClcliError, match="test_resnet does not support train.grad_checkpointing"):
+        enable_grad_checkpointing(cohort)
+
+    model = _RunsBlocksDirectlyWhenCheckpointing()
+    model.stage.register_forward_hook(lambda module, inputs, output: output * 2)  # where an MKB would fuse
+    tiny_plan = SimpleNamespace(input_size=(4, 4), models=[SimpleNamespace(kwargs={})])
+    with pytest.raises(ClcliError, match="no longer runs stage, where clcli hooks in"):
+        enable_grad_checkpointing(Cohort([model], ["blocky"], plan=tiny_plan))
+    assert not model.checkpointing  # left as it was

@@ -232,7 +232,15 @@ def safetensors_header(path: str | Path) -> dict:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for damaged files
+        _raise_if_out_of_memory(path, e)
         raise ClcliError(f"{path} is not a readable safetensors file ({one_line(e)})") from None
+
+
+def _raise_if_out_of_memory(path: Path, error: Exception) -> None:
+    # safetensors maps the whole file: under a memory limit that fails like damage would, but the file is fine.
+    if isinstance(error, MemoryError) or "Cannot allocate memory" in str(error):
+        raise ClcliError(f"not enough memory to read {path} ({path.stat().st_size / 2**30:.1f} GiB; "
+                         f"{one_line(error)})") from None
 
 
 def manifest_from_header(path: Path, meta: dict) -> dict:
@@ -266,6 +274,7 @@ def load(path: str | Path, *, device: str = "cpu"):
     try:
         state = load_file(str(path))
     except Exception as e:  # noqa: BLE001
+        _raise_if_out_of_memory(Path(path), e)
         raise ClcliError(f"{path} is damaged ({one_line(e)})") from None
     models.check_finite(state, str(path))
     try:

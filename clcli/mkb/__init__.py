@@ -69,7 +69,7 @@ def attach(model, halves: list[HalfPlan], transfers: dict | None = None) -> list
     SpaceTransfer; missing ones are created (a single network, e.g. in an export). Returns the hook handles."""
     import torch.nn as nn
 
-    from clcli.features import FeatureRecorder
+    from clcli.features import FeatureRecorder, output_module
     from clcli.tracing import splice
 
     from ._modules import MKBHalf, SpaceTransfer
@@ -101,7 +101,7 @@ def attach(model, halves: list[HalfPlan], transfers: dict | None = None) -> list
             target = model.get_submodule(hp.module)
         except AttributeError:
             raise ClcliError(f"{type(model).__name__} has no module '{hp.module}' for MKB {hp.site}") from None
-        handles.append(target.register_forward_hook(_fusion_hook(container[hp.site])))
+        handles.append(output_module(target).register_forward_hook(_fusion_hook(container[hp.site])))
     return handles
 
 

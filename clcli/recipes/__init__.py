@@ -117,6 +117,7 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False               # torch.compile each network after its MKB halves are hooked in
     accumulate: int = _within(1, 1, 1 << 16)  # micro-batches per step (per process): the same batch in less memory
+    grad_checkpointing: bool = False    # timm's: blocks re-run in the backward pass, less activation memory
     # under torchrun: DDP, or per-network (one network per process)
     placement: str = _one_of("replicated", ("replicated", "per-network"))
     log_every: int = _within(20, 1, 1 << 20)

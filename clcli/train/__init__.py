@@ -11,7 +11,8 @@ from pathlib import Path
 
 from clcli import files
 from clcli import run as run_folder
-from clcli.cohort import Cohort, build_cohort, check_networks_run, compile_networks
+from clcli.cohort import (Cohort, build_cohort, check_networks_run, compile_networks,
+                          enable_grad_checkpointing)
 from clcli.data import Data, LoadedData, load_data, streamed_skips
 from clcli.errors import ClcliError
 from clcli.evaluation import evaluate
@@ -222,6 +223,8 @@ def _train_one(method_name, recipe, plan, data, run_dir: Path, device, state, sh
         if recipe.train.channels_last:
             cohort.to(memory_format=torch.channels_last)
         method = methods.create(method_name, cohort, recipe)
+        if recipe.train.grad_checkpointing:  # after the method has hooked in what it records
+            enable_grad_checkpointing(cohort, device)
         if recipe.train.compile:
             compile_networks(cohort)
         summary = fit(method, data, recipe, run_dir, start_state=state, show_progress=show_progress,
