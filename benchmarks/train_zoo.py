@@ -87,8 +87,9 @@ def _random_image_folder(root: Path, size: int, train_images: int) -> Path:
 
 
 def run_setting(model: str, partner: str, size: int, stem: str, work: Path, batch: int = BATCH,
-                grad_checkpointing: bool = False, accumulate: int = 1) -> None:
-    """train -> export --split -> clcli.load -> outputs equal. Raises on any failure."""
+                memory_options: dict | None = None) -> None:
+    """train -> export --split -> clcli.load -> outputs equal. Raises on any failure. `memory_options`: recipe
+    `train` keys for the largest models (grad_checkpointing, accumulate)."""
     import torch
 
     import clcli
@@ -102,8 +103,7 @@ def run_setting(model: str, partner: str, size: int, stem: str, work: Path, batc
         "name": "train_zoo", "models": [model, partner], "methods": ["cl"], "input_size": size, "stem": stem,
         "data": {"source": str(data), "augment": "none", "normalize": "none"},
         "train": {"epochs": 1, "batch_size": batch, "lr": 0.01, "schedule": "constant", "log_every": 1,
-                  "threads": 1, "device": "cpu", "grad_checkpointing": grad_checkpointing,
-                  "accumulate": accumulate},
+                  "threads": 1, "device": "cpu", **(memory_options or {})},
     })
     run_dir = work / "run"
     train(recipe, run_dir, show_progress=False)
@@ -160,7 +160,7 @@ def _find_representative(args) -> dict:
 
 
 def _run_setting(args) -> tuple[str, str, dict]:
-    family, key, model, own_size, timeout, batch, grad_checkpointing, accumulate = args
+    family, key, model, own_size, timeout, batch, memory_options = args
     import torch
 
     from clcli.errors import ClcliError, one_line
@@ -172,7 +172,7 @@ def _run_setting(args) -> tuple[str, str, dict]:
     with tempfile.TemporaryDirectory(prefix="train_zoo_") as tmp:
         try:
             _alarm(timeout)
-            run_setting(model, PARTNER, size, stem, Path(tmp), batch, grad_checkpointing, accumulate)
+            run_setting(model, PARTNER, size, stem, Path(tmp), batch, memory_options)
             result = {"status": "ok"}
         except ClcliError as e:
             result = {"status": "refused", "error": str(e)}
@@ -182,11 +182,8 @@ def _run_setting(args) -> tuple[str, str, dict]:
             result = {"status": "bug", "error": one_line(e, 300) + _where(e)}
         finally:
             signal.alarm(0)
-    result.update(setting=label, input_size=size, batch=batch, seconds=round(time.perf_counter() - start, 1))
-    if grad_checkpointing:
-        result["grad_checkpointing"] = True
-    if accumulate > 1:
-        result["accumulate"] = accumulate
+    result.update(setting=label, input_size=size, batch=batch, seconds=round(time.perf_counter() - start, 1),
+                  **memory_options)
     return family, key, result
 
 
@@ -283,8 +280,9 @@ def main() -> None:
         for entry in pool.imap_unordered(_find_representative, [(f, args.timeout) for f in search]):
             done[entry["family"]] = {**done.get(entry["family"], {}), **entry}
             save()
-        tasks = [(f, k, done[f]["model"], done[f]["own_size"], args.timeout, args.batch, args.grad_checkpointing,
-                  args.accumulate)
+        memory_options = {**({"grad_checkpointing": True} if args.grad_checkpointing else {}),
+                          **({"accumulate": args.accumulate} if args.accumulate > 1 else {})}
+        tasks = [(f, k, done[f]["model"], done[f]["own_size"], args.timeout, args.batch, memory_options)
                  for f in families if "model" in done[f] for k in args.settings if wanted(f, k)]
         print(f"{len(tasks)} settings to run", file=sys.stderr, flush=True)
         for i, (family, key, result) in enumerate(pool.imap_unordered(_run_setting, tasks), 1):

@@ -53,30 +53,40 @@ class Cohort(nn.Module):
         return {site: [e[site] for e in per_net] for site in (per_net[0] if per_net else {})}
 
 
+def _blank_image(cohort: Cohort, i: int, device) -> torch.Tensor:
+    """One all-zero image of network i's input size and channels."""
+    return torch.zeros(1, cohort.plan.models[i].kwargs.get("in_chans", 3), *cohort.plan.input_size, device=device)
+
+
+def _eval_forward(net: nn.Module, x: torch.Tensor) -> None:
+    """One forward in eval mode without gradients, the network's mode restored: no statistics or random state
+    change."""
+    was_training = net.training
+    try:
+        with torch.no_grad():
+            net.eval()(x)
+    finally:
+        net.train(was_training)
+
+
 def check_networks_run(cohort: Cohort, device) -> None:
-    """Each network once, in eval mode, on one blank image, before any training: a model that fails at this input size
-    (a position table indexed past its end, which the meta-device probe cannot see) is a one-line error, not a
-    traceback from inside the first step. Eval mode and no gradients: no statistics or random state change."""
+    """Each network once on a blank image before any training: a model that fails at this input size (a position
+    table indexed past its end, which the meta-device probe cannot see) is a one-line error, not a traceback from
+    inside the first step."""
     import traceback
     from pathlib import Path
 
     clcli_root = Path(__file__).resolve().parent
     input_size, stem = tuple(cohort.plan.input_size), cohort.plan.stem
     for i in cohort.indices:
-        net = cohort.networks[i]
-        x = torch.zeros(1, cohort.plan.models[i].kwargs.get("in_chans", 3), *input_size, device=device)
-        was_training = net.training
         try:
-            with torch.no_grad():
-                net.eval()(x)
+            _eval_forward(cohort.networks[i], _blank_image(cohort, i, device))
         except Exception as e:  # noqa: BLE001 - the model's own failure, quoted; clcli's own bugs are re-raised
             where = traceback.extract_tb(e.__traceback__)[-1]
             if Path(where.filename).resolve().is_relative_to(clcli_root):
                 raise
             raise models.input_size_error(cohort.names[i], input_size, e, stem=stem,
                                           where=f"{Path(where.filename).name}:{where.lineno}") from None
-        finally:
-            net.train(was_training)
 
 
 def enable_grad_checkpointing(cohort: Cohort, device="cpu") -> None:
@@ -86,15 +96,15 @@ def enable_grad_checkpointing(cohort: Cohort, device="cpu") -> None:
     Called after the method has hooked in what it records: a model whose checkpointing would skip a hooked module
     (it calls blocks directly, not the module holding the hook) is refused, never trained without its MKB."""
     from clcli.errors import ClcliError, one_line
-    from clcli.tracing import RewrittenForward
+    from clcli.tracing import is_spliced
 
     for i in cohort.indices:
         name, net = cohort.names[i], cohort.networks[i]
-        if isinstance(net.forward, RewrittenForward):
+        if is_spliced(net):
             # The spliced graph was traced without checkpointing: the flag would change nothing.
             raise ClcliError(f"{name}: train.grad_checkpointing does not apply to a network whose MKBs are spliced "
                              "into its graph (fx); use train.accumulate to save memory instead")
-        x = torch.zeros(1, cohort.plan.models[i].kwargs.get("in_chans", 3), *cohort.plan.input_size, device=device)
+        x = _blank_image(cohort, i, device)
         before = _hooked_modules_run(net, x)
         try:
             net.set_grad_checkpointing(True)
@@ -113,12 +123,9 @@ def _hooked_modules_run(net: nn.Module, x: torch.Tensor) -> set[str]:
     ran: set[str] = set()
     handles = [m.register_forward_pre_hook(lambda *_, name=name: ran.add(name))
                for name, m in net.named_modules() if m._forward_hooks or m._forward_pre_hooks]
-    was_training = net.training
     try:
-        with torch.no_grad():
-            net.eval()(x)
+        _eval_forward(net, x)
     finally:
-        net.train(was_training)
         for h in handles:
             h.remove()
     return ran

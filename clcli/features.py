@@ -25,6 +25,13 @@ def output_module(module: nn.Module) -> nn.Module:
     return module
 
 
+def input_module(module: nn.Module) -> nn.Module:
+    """The innermost module whose input is `module`'s: a plain nn.Sequential's first child (see `output_module`)."""
+    while type(module) is nn.Sequential and len(module):
+        module = module[0]
+    return module
+
+
 class _PassThrough(nn.Module):
     """Spliced in after a graph node: records the node's output and returns it unchanged."""
 
@@ -54,7 +61,7 @@ class FeatureRecorder:
         def hook(module, inputs):
             self.values[key] = inputs[0]
 
-        self._handles.append(module.register_forward_pre_hook(hook))
+        self._handles.append(input_module(module).register_forward_pre_hook(hook))
 
     def at_nodes(self, model: nn.Module, keys_by_node: dict[str, Hashable], what: str) -> None:
         """Record the outputs of `model`'s graph nodes (fx node name -> key): for taps that no module outputs, such

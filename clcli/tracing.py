@@ -82,10 +82,15 @@ def _trace(model: nn.Module, training: bool) -> torch.fx.Graph:
         model.train(was_training)
 
 
+def is_spliced(model: nn.Module) -> bool:
+    """Whether `splice` has replaced the model's forward with a rewritten graph."""
+    return isinstance(model.forward, RewrittenForward)
+
+
 def splice(model: nn.Module, sites: dict[str, nn.Module], what: str) -> None:
     """Insert `sites` into `model` by fx rewriting: graph node name -> a module applied to that node's output, whose
     result replaces it for every later use. The modules are borrowed, not registered under the model."""
-    if isinstance(model.forward, RewrittenForward):
+    if is_spliced(model):
         raise ClcliError(f"{type(model).__name__}: graph nodes can be spliced into a model only once")
     graphs = {}
     for training in (True, False):
