@@ -167,6 +167,11 @@ def _print_results(console, results: dict) -> None:
         table.add_row(m, *[cell(summary, "test_acc", n) for n in names])
         if "test_top5" in summary:
             table.add_row(f"{m} (top-5)", *[cell(summary, "test_top5", n) for n in names])
+        if "ema_test_acc" in summary:  # train.ema_decay: the moving average of the weights
+            table.add_row(f"{m} (EMA)", *[f"{summary['ema_test_acc'][n]:.2f}" for n in names])
+        if "best" in summary:  # train.keep_best: each network's best epoch on the held-out validation images
+            table.add_row(f"{m} (best epoch)", *[f"{summary['best'][n]['test_acc']:.2f} (ep {summary['best'][n]['epoch']})"
+                                                 for n in names])
     console.print(table)
 
 
@@ -219,8 +224,11 @@ def export(
     hub_folder: bool = typer.Option(False, "--hub-folder", help="also write a Hugging Face Hub-style folder"),
     measure: bool = typer.Option(True, "--measure/--no-measure", help="measure test accuracy at export"),
     force: bool = typer.Option(False, "--force", help="replace existing exported files"),
+    ema: bool = typer.Option(False, "--ema", help="the moving average of each network's weights (train.ema_decay)"),
+    best: bool = typer.Option(False, "--best", help="each network's best epoch on the validation split "
+                                                    "(train.keep_best)"),
 ) -> None:
-    """Export each network of a run on its own, with its MKB half, as safetensors."""
+    """Export each network of a run on its own, with its MKB half, as safetensors (its last weights by default)."""
     from rich.table import Table
 
     from clcli.export import export_run
@@ -238,7 +246,10 @@ def export(
 
     with _reported_interrupt(), interrupt_signals():
         try:
-            index = export_run(run_dir, out, plain=plain, hub_folder=hub_folder, measure=measure, force=force)
+            if ema and best:
+                raise ClcliError("--ema and --best choose different weights: give one of them")
+            index = export_run(run_dir, out, plain=plain, hub_folder=hub_folder, measure=measure, force=force,
+                               weights="ema" if ema else "best" if best else "last")
         except Interrupted as e:  # the atomic writes left no half-written file behind
             e.hint = "each file is either written whole or not at all: run the same command again"
             raise
@@ -246,7 +257,9 @@ def export(
         console.print(f"[yellow]warning:[/] {run_dir} is not finished ({index['status']}, "
                       f"{index['epochs_trained']} of {index['epochs_planned']} epochs): exported its last checkpoint",
                       highlight=False, soft_wrap=True)
-    table = Table(title=f"exported from {run_dir} ({index['method']}) to {out}", title_justify="left")
+    chosen = {"ema": ", moving-average weights", "best": ", best-epoch weights"}.get(
+        index["networks"][0].get("weights", "last"), "") if index["networks"] else ""
+    table = Table(title=f"exported from {run_dir} ({index['method']}{chosen}) to {out}", title_justify="left")
     for col in ("network", "file", "test acc (%)"):
         table.add_column(col)
     if plain:

@@ -44,6 +44,18 @@ class _PassThrough(nn.Module):
         return x
 
 
+class _Store:
+    """A recording hook: a small object, not a closure, so that a deep copy of a hooked model (an EMA copy) records
+    into a copy of the recorder, never into the live one."""
+
+    def __init__(self, recorder: "FeatureRecorder", key: Hashable, what: str):
+        self.recorder, self.key, self.what = recorder, key, what
+
+    def __call__(self, module, *args):
+        # forward hook: (inputs, output); forward pre-hook: (inputs,)
+        self.recorder.values[self.key] = args[-1] if self.what == "output" else args[0][0]
+
+
 class FeatureRecorder:
     def __init__(self) -> None:
         self.values: dict[Hashable, Any] = {}
@@ -51,17 +63,11 @@ class FeatureRecorder:
 
     def output_of(self, key: Hashable, module: nn.Module) -> None:
         """Record `module`'s output under `key`."""
-        def hook(module, inputs, output):
-            self.values[key] = output
-
-        self._handles.append(output_module(module).register_forward_hook(hook))
+        self._handles.append(output_module(module).register_forward_hook(_Store(self, key, "output")))
 
     def input_of(self, key: Hashable, module: nn.Module) -> None:
         """Record `module`'s first positional input under `key`."""
-        def hook(module, inputs):
-            self.values[key] = inputs[0]
-
-        self._handles.append(input_module(module).register_forward_pre_hook(hook))
+        self._handles.append(input_module(module).register_forward_pre_hook(_Store(self, key, "input")))
 
     def at_nodes(self, model: nn.Module, keys_by_node: dict[str, Hashable], what: str) -> None:
         """Record the outputs of `model`'s graph nodes (fx node name -> key): for taps that no module outputs, such
@@ -78,6 +84,13 @@ class FeatureRecorder:
             self.at_nodes(model, {node: key}, what)
         else:
             raise ClcliError(f"{what}: the tap has neither a module nor a graph node")
+
+    def __deepcopy__(self, memo):
+        """A copy of a hooked model (an EMA copy) records into a fresh recorder: nothing of the last forward (whose
+        tensors may be part of an autograd graph, which deepcopy refuses), no handles to the original's hooks."""
+        copy = FeatureRecorder()
+        memo[id(self)] = copy
+        return copy
 
     def __getitem__(self, key: Hashable):
         try:

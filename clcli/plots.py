@@ -134,6 +134,9 @@ def _run_series(run_dir: Path) -> dict:
         elif record.get("type") == "epoch":
             epochs.append(record)
     acc = {n: [float(r["test_acc"][n]) for r in epochs] for n in names}
+    # train.ema_decay: the moving average's test accuracy beside the live weights' (epochs that recorded it)
+    ema = {n: [(int(r["epoch"]) + 1, float(r["ema_test_acc"][n])) for r in epochs if "ema_test_acc" in r]
+           for n in names}
     parts: dict[str, dict[str, list[tuple[int, float]]]] = {n: {} for n in names}
     for epoch, record in sorted(last_step.items()):
         for key, value in record.items():
@@ -141,7 +144,7 @@ def _run_series(run_dir: Path) -> dict:
             if sep and index.isdigit() and int(index) < len(names) and part != "train_acc":
                 parts[names[int(index)]].setdefault(part, []).append((epoch + 1, float(value)))
     return {"method": info.get("method", "?"), "networks": names, "acc_epochs": [int(r["epoch"]) + 1 for r in epochs],
-            "acc": acc, "parts": parts}
+            "acc": acc, "ema": ema, "parts": parts}
 
 
 def _run_labels(run_dirs: list[Path], series: list[dict]) -> list[str]:
@@ -160,7 +163,8 @@ def _run_labels(run_dirs: list[Path], series: list[dict]) -> list[str]:
 def run_curves_png(run_dirs: list[str | Path], path: str | Path) -> tuple[Path, tuple[int, int]]:
     """One row per network (of all the runs): its training loss parts per epoch (classification solid; CL's metric
     and verification terms dashed and dotted) on the left, its test accuracy per epoch on the right; one colour per
-    run, so several runs (IL and CL of one seed) sit in the same panels."""
+    run, so several runs (IL and CL of one seed) sit in the same panels; a run with EMA weights (train.ema_decay)
+    has their accuracy dashed beside the live weights'."""
     plt = _pyplot()
 
     run_dirs = [Path(r) for r in run_dirs]
@@ -183,6 +187,9 @@ def run_curves_png(run_dirs: list[str | Path], path: str | Path) -> tuple[Path, 
             if s["acc"][network]:
                 acc_ax.plot(s["acc_epochs"], s["acc"][network], "-", color=colour, marker="o", markersize=3,
                             label=label)
+            if s["ema"][network]:
+                xs, ys = zip(*s["ema"][network])
+                acc_ax.plot(xs, ys, "--", color=colour, marker="s", markersize=3, label=f"{label} (EMA)")
         loss_ax.set_title(f"{network}: training loss", fontsize=9, loc="left")
         acc_ax.set_title(f"{network}: test accuracy (%)", fontsize=9, loc="left")
         for ax in row:

@@ -16,7 +16,8 @@ from clcli.errors import ClcliError, one_line
 
 CHECKPOINT = "checkpoint.pt"
 RUN_FORMAT = 1
-COHORT_PREFIX = "cohort."  # the cohort's keys in a checkpoint's method state
+COHORT_PREFIX = "cohort."
+WEIGHTS = ("last", "ema", "best")  # which weights of a run `cohort()` and `clcli export` take  # the cohort's keys in a checkpoint's method state
 # What resuming and exporting read from run.json, and the kind of value each holds.
 _INFO_KEYS = {"method": "text", "models": "a list of model names", "class_names": "a list of class names",
               "mean": "a list of numbers", "std": "a list of numbers", "input_size": "a list of numbers"}
@@ -144,9 +145,14 @@ class Run:
     def with_mkb(self) -> bool:
         return self.method_class.uses_mkb
 
-    def cohort(self):
-        """The cohort as the last checkpoint left it, in eval mode."""
+    def cohort(self, weights: str = "last"):
+        """The cohort as the last checkpoint left it, in eval mode: each network's live weights (`last`), their
+        moving average (`ema`, train.ema_decay) or its best epoch's on the validation split (`best`,
+        train.keep_best)."""
         from clcli.cohort import build_cohort
+
+        if weights not in WEIGHTS:
+            raise ClcliError(f"unknown weights '{weights}' (choose from {', '.join(WEIGHTS)})")
 
         traits = self.method_class
         cohort = build_cohort(self.plan, num_classes=len(self.info["class_names"]), seed=self.recipe.train.seed,
@@ -155,7 +161,27 @@ class Run:
         # a diverged run is not a model to use (nor a teacher)
         models.check_finite(state, f"the checkpoint {self.path / CHECKPOINT}")
         cohort.load_state_dict({k[len(COHORT_PREFIX):]: v for k, v in state.items() if k.startswith(COHORT_PREFIX)})
+        if weights != "last":
+            for net, state in zip(cohort.networks, self.weights_of(weights, cohort.labels)):
+                models.check_finite(state, f"the {weights} weights in {self.path / CHECKPOINT}")
+                net.load_state_dict(state)
         return cohort.eval()
+
+    def weights_of(self, weights: str, labels: list[str]) -> list[dict]:
+        """Each network's `ema` or `best` state dict from the checkpoint; one line when the run kept none."""
+        state = self.state()
+        if weights == "ema":
+            if "ema" not in state:
+                raise ClcliError(f"{self.path} kept no moving average of its weights (train it with "
+                                 "train.ema_decay, e.g. --set train.ema_decay=0.999)")
+            return state["ema"]
+        if "best" not in state:
+            raise ClcliError(f"{self.path} kept no best-epoch weights (train it with --set train.keep_best=true)")
+        return [state["best"]["networks"][label] for label in labels]
+
+    def best_epochs(self) -> dict[str, int]:
+        """{network: its best epoch (1-based)} of a train.keep_best run."""
+        return {name: e + 1 for name, e in self.state().get("best", {}).get("epoch", {}).items()}
 
     def metrics(self) -> list[dict]:
         return read_metrics(self.path)

@@ -79,19 +79,31 @@ def test_ddp_on_two_processes_matches_one_process_with_the_same_global_batch(tmp
     assert json.loads((tmp_path / "ddp" / "run.json").read_text())["status"] == "finished"
 
 
-def test_per_network_placement_killed_and_resumed_matches_single_process_cl(tmp_path):
+# SGD keeps one state tensor per parameter; AdamW keeps three (two moments and a step) that rank 0's checkpoint must
+# hold for the other process's network too, and the EMA copy of that network must travel the same way.
+@pytest.mark.parametrize("optimiser", [[], ["train.opt=adamw", "train.lr=0.002", "train.ema_decay=0.5"]],
+                         ids=["sgd", "adamw-ema"])
+def test_per_network_placement_killed_and_resumed_matches_single_process_cl(tmp_path, optimiser):
     out = tmp_path / "per-network"
     # Both processes die in the middle of epoch 2 (global step 3); the checkpoint of epoch 1 holds both networks.
-    dead = torchrun(train_args(out, "train.placement=per-network"), env={"CLCLI_FAULT_KILL_AT_STEP": "3"})
+    dead = torchrun(train_args(out, "train.placement=per-network", *optimiser),
+                    env={"CLCLI_FAULT_KILL_AT_STEP": "3"})
     assert dead.returncode != 0
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
     resumed = torchrun(["train", "--resume", str(out), "--no-progress"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    reference = one_process(tmp_path / "one")
+    reference = one_process(tmp_path / "one", *optimiser)
     per_network = torch.load(out / "checkpoint.pt", weights_only=True)["method"]
     # The shared space transfer's BatchNorm statistics: one process updates them with each network's codes in
     # turn, per-network placement averages the processes' at the end of each epoch. Everything else is the same.
     assert_same_training(reference, per_network, skip=lambda k: ".transfer." in k and bn_statistics(k))
+    if optimiser:
+        ema_one = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)["ema"]
+        ema_two = torch.load(out / "checkpoint.pt", weights_only=True)["ema"]
+        for a, b in zip(ema_one, ema_two):
+            for k in a:
+                if not bn_statistics(k):
+                    torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
 
 

@@ -24,7 +24,7 @@ PLAIN_META_KEY = "clcli_plain"
 PLAIN_KEYS = ("model", "kwargs", "stem", "input_size", "mean", "std", "class_names")
 
 
-def _manifest(run, index: int, test_acc: float | None) -> dict:
+def _manifest(run, index: int, test_acc: float | None, weights: str = "last") -> dict:
     from clcli import mkb
 
     info, recipe, plan = run.info, run.recipe, run.plan
@@ -47,6 +47,8 @@ def _manifest(run, index: int, test_acc: float | None) -> dict:
         "recipe": recipe.to_dict(),
         "versions": info.get("versions", {}),
         "epochs_trained": int(run.state().get("epoch", 0)),
+        "weights": weights,  # last, ema (moving average) or best (best epoch on the validation split)
+        **({"best_epoch": run.best_epochs()[network_labels(plan.names)[index]]} if weights == "best" else {}),
         "test_acc": test_acc,
     }
 
@@ -92,8 +94,9 @@ def _earlier_entries(out_dir: Path) -> list[dict]:
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, plain: bool = False, hub_folder: bool = False,
-               measure: bool = True, force: bool = False) -> dict:
-    """Write one safetensors file per network of the run (and optionally timm-only files / Hub folders).
+               measure: bool = True, force: bool = False, weights: str = "last") -> dict:
+    """Write one safetensors file per network of the run (and optionally timm-only files / Hub folders): its last
+    weights, their moving average (`weights="ema"`) or its best epoch's (`"best"`).
 
     Nothing is written when any target exists and `force` is off. The folder's manifest.json lists every export
     in it (earlier exports of other networks stay listed). Returns this export's {run, method, networks, status,
@@ -108,7 +111,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, plain: bool = False,
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     files.check_output_dir(out_dir, "export folder")
     run = Run.open(run_dir)
-    info, cohort = run.info, run.cohort()
+    info, cohort = run.info, run.cohort(weights)
     for target in [*_targets(cohort.labels, out_dir, plain, hub_folder), out_dir / "manifest.json"]:
         folder = target.name.endswith("-hub")
         if target.exists() and target.is_dir() != folder:
@@ -121,12 +124,12 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, plain: bool = False,
     for i, (name, net) in enumerate(zip(cohort.labels, cohort.networks)):
         target = out_dir / f"{name}.safetensors"
         acc = _measure(net, data) if data is not None else info.get("test_acc", {}).get(name)
-        manifest = _manifest(run, i, acc)
+        manifest = _manifest(run, i, acc, weights)
         manifest["clcli_version"] = __version__
         with files.atomic_path(target) as tmp:
             save_file(_tensors(net.state_dict()), str(tmp), metadata={META_KEY: json.dumps(manifest)})
         entry = {"network": name, "model": cohort.names[i], "file": target.name, "sha256": _sha256(target),
-                 "test_acc": acc, "run": str(run_dir), "method": info["method"]}
+                 "test_acc": acc, "run": str(run_dir), "method": info["method"], "weights": weights}
         if plain:
             entry.update(_export_plain(net, name, manifest, out_dir, data))
         if hub_folder:

@@ -101,15 +101,9 @@ def attach(model, halves: list[HalfPlan], transfers: dict | None = None) -> list
             target = model.get_submodule(hp.module)
         except AttributeError:
             raise ClcliError(f"{type(model).__name__} has no module '{hp.module}' for MKB {hp.site}") from None
-        handles.append(output_module(target).register_forward_hook(_fusion_hook(container[hp.site])))
+        # A bound method, not a closure: a deep copy of the model (an EMA copy) gets hooks bound to its own halves.
+        handles.append(output_module(target).register_forward_hook(container[hp.site].fusion_hook))
     return handles
-
-
-def _fusion_hook(half):
-    def hook(module, inputs, output):
-        return half(output)
-
-    return hook
 
 
 def init_gates(model, scale: float) -> None:

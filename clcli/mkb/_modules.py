@@ -80,6 +80,10 @@ class MKBHalf(nn.Module):
         # The embedding passes through this identity so that a FeatureRecorder can record it (`mkb.embeddings`).
         self.embedding_point = nn.Identity()
 
+    def fusion_hook(self, module, inputs, output):
+        """The forward hook on the tap module: its output replaced by the fused features."""
+        return self(output)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The tap's features fused with the MKB's output, in the tap's layout."""
         return self.fuse_and_embed(x)[0]

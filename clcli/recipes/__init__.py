@@ -101,16 +101,51 @@ class CLConfig:
     temperature: float = _within(3.0, 0.05, 100.0)  # T of the soft-target term
 
 
+def _optimizer_names() -> tuple[str, ...]:
+    from timm.optim import list_optimizers
+
+    return tuple(list_optimizers())
+
+
 @dataclass
 class TrainConfig:
     epochs: int = _within(200, 1, 100000)
     batch_size: int = _within(128, 1, 1 << 16)
+    # The optimiser: any name timm.optim.create_optimizer_v2 knows (sgd, momentum, adamw, lamb, lion, ...)
+    opt: str = _one_of("sgd", _optimizer_names)
     lr: float = _within(0.1, 0.0, 100.0)
-    momentum: float = _within(0.9, 0.0, 1.0)
+    momentum: float = _within(0.9, 0.0, 1.0)    # optimisers with momentum (SGD family, ...)
+    nesterov: bool = False                      # SGD family only: this key decides, whatever timm's default
+    opt_eps: float | None = None                # adam-like optimisers (None: the optimiser's default)
+    opt_betas: list[float] | None = None
     weight_decay: float = _within(1e-4, 0.0, 1.0)
-    nesterov: bool = False
-    schedule: str = _one_of("plateau", ("plateau", "cosine", "step", "constant"))
+    filter_bias_and_bn: bool = False            # no weight decay on norm layers and biases (timm's)
+    layer_decay: float | None = _within(None, 0.0, 1.0)  # layer-wise lr decay, models with a group matcher
+    # The schedule (timm.scheduler.create_scheduler_v2), stepped per update; plateau watches evaluation accuracy
+    schedule: str = _one_of("plateau", ("plateau", "cosine", "step", "multistep", "poly", "constant"))
+    min_lr: float = _within(0.0, 0.0, 100.0)
+    warmup_epochs: int = _within(0, 0, 100000)
+    warmup_lr: float = _within(1e-5, 0.0, 100.0)
+    cooldown_epochs: int = _within(0, 0, 100000)
+    decay_rate: float = _within(0.1, 0.0, 1.0)  # step, multistep, plateau
+    decay_epochs: float | None = _within(None, 0.0, 100000.0)  # step: every so many epochs (None: a third)
+    decay_milestones: list[int] = field(default_factory=list)  # multistep: epochs (empty: 50 % and 75 %)
     plateau_patience: int = 5
+    # Regularisation: soft targets through the batch (label smoothing, timm.data.Mixup)
+    label_smoothing: float = _within(0.0, 0.0, 1.0)
+    mixup: float = _within(0.0, 0.0, 100.0)     # mixup alpha (0: off)
+    cutmix: float = _within(0.0, 0.0, 100.0)    # cutmix alpha (0: off)
+    mixup_prob: float = _within(1.0, 0.0, 1.0)
+    mixup_switch_prob: float = _within(0.5, 0.0, 1.0)
+    mixup_mode: str = _one_of("batch", ("batch", "pair", "elem"))
+    # An exponential moving average of each network's weights, its MKB half included (timm.utils.ModelEmaV3)
+    ema_decay: float = _within(0.0, 0.0, 1.0)   # 0: off
+    ema_warmup: bool = False
+    clip_grad: float | None = _within(None, 0.0, 1e9)  # timm.utils.dispatch_clip_grad
+    clip_mode: str = _one_of("norm", ("norm", "value", "agc"))
+    # Per network, the weights of its best epoch on data.val_fraction of the training split (never the test split)
+    keep_best: bool = False
+    patience: int | None = _within(None, 1, 100000)  # with keep_best: stop when no network improved for so long
     seed: int = 0
     device: str = _one_of("auto", ("auto", "cpu", "cuda", "mps"))
     amp: bool = True                    # CUDA only
@@ -124,6 +159,11 @@ class TrainConfig:
     threads: int | None = None
     network_lr: dict[str, float] = field(default_factory=dict)           # per-network overrides, by network label
     network_weight_decay: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def mixing(self) -> bool:
+        """Whether timm's Mixup mixes the training batches."""
+        return (self.mixup > 0 or self.cutmix > 0) and self.mixup_prob > 0
 
 
 @dataclass
@@ -164,6 +204,8 @@ class Recipe:
     stem: str = _one_of("small", _stems)
     pretrained: bool = False            # start from timm's pretrained weights (the Hub), except models in `weights`
     weights: dict[str, str] = field(default_factory=dict)   # model name -> local safetensors / timm checkpoint
+    # timm.create_model keyword arguments for every network (drop_path_rate, drop_rate, ...): in plan.json and exports
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     cl: CLConfig = field(default_factory=CLConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -310,7 +352,7 @@ def _merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
         out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) and k not in (
-            "network_lr", "network_weight_decay") else v
+            "network_lr", "network_weight_decay", "model_kwargs") else v
     return out
 
 
@@ -338,13 +380,43 @@ def load(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
         raise ClcliError(f"{where}: 'models' must name at least one model")
     if recipe.data.fold is not None and not recipe.data.folds:
         raise ClcliError(f"{where}: 'data.fold' needs 'data.folds' (the fold-indices file)")
+    _check_train(recipe, where)
     if recipe.data.augment == "rrc_flip" and not recipe.data.stream:
         raise ClcliError(f"{where}: 'data.augment' rrc_flip (random-resized crop) needs 'data.stream: true'")
     return recipe
 
 
+def _check_train(recipe: Recipe, where: str) -> None:
+    """Combinations of training options that cannot work, refused before any work."""
+    cfg = recipe.train
+    if cfg.opt_betas is not None and len(cfg.opt_betas) not in (2, 3):
+        raise ClcliError(f"{where}: 'train.opt_betas' needs 2 (or 3) values, got {cfg.opt_betas}")
+    if cfg.mixing:
+        # the pairs' W2 targets are distances between the unmixed images a network would no longer see
+        if "wel" in recipe.methods:
+            raise ClcliError(f"{where}: train.mixup/cutmix cannot train wel: its W2 targets are distances between "
+                             "unmixed images; set train.mixup=0 and train.cutmix=0 for wel")
+        if recipe.cl.input == "different" and any(m in recipe.methods for m in ("cl", "mkb-solo")):
+            raise ClcliError(f"{where}: train.mixup/cutmix with cl.input=different is not defined (each network sees "
+                             "its own partner image, so one mix cannot serve the cohort); use cl.input=siamese")
+        if cfg.batch_size % 2:
+            raise ClcliError(f"{where}: train.mixup/cutmix mix each batch with its mirror and need an even "
+                             f"train.batch_size, got {cfg.batch_size}")
+    if cfg.patience is not None and not cfg.keep_best:
+        raise ClcliError(f"{where}: train.patience (early stopping) watches the validation split that "
+                         "train.keep_best holds out; set train.keep_best=true")
+    for key, value in recipe.model_kwargs.items():
+        if key in ("num_classes", "in_chans", "img_size", "pretrained"):
+            raise ClcliError(f"{where}: model_kwargs.{key} is set by clcli (from the data, input_size and "
+                             "--pretrained); remove it")
+        if not isinstance(value, (int, float, str, bool)) and value is not None:
+            raise ClcliError(f"{where}: model_kwargs.{key} must be a number, string or boolean, got {value!r}")
+
+
 def from_dict(raw: dict, where: str = "recipe") -> Recipe:
-    return _build(Recipe, raw, where)
+    recipe = _build(Recipe, raw, where)
+    _check_train(recipe, where)
+    return recipe
 
 
 # What `pretrained=True` changes before the user's overrides (which still win): the weights expect their own input

@@ -169,6 +169,8 @@ def _train_prepared(recipe, runs, plan, notes, main: bool, show_progress: bool, 
     device = _dist.setup(recipe)  # joins the torchrun process group, if any
     data = load_data(recipe, device)
     plan = plan if plan is not None else _plan_for(recipe, len(data.class_names))
+    for model in plan.models:  # timm.create_model's options (drop_path_rate, ...): in plan.json, and so in exports
+        model.kwargs.update(recipe.model_kwargs)
     starting = _starting_weights(recipe)
     if recipe.pretrained or recipe.weights:
         notes.append("starting weights: " + "; ".join(f"{name}: {src}" for name, src in starting.items()))
@@ -234,7 +236,8 @@ def _train_one(method_name, recipe, plan, data, run_dir: Path, device, state, sh
         if main:
             files.write_json(run_dir / "run.json", info)
         raise
-    info.update(status="finished", epochs=summary["epochs"], test_acc=summary["test_acc"])
+    info.update(status="finished", epochs=summary["epochs"], test_acc=summary["test_acc"],
+                **{k: summary[k] for k in ("ema_test_acc", "best", "stopped_early") if k in summary})
     met = streamed_skips(data)  # met while streaming: added to what loading found
     if met and main:
         known = {s["image"] for s in info["data"]["skipped_images"]}

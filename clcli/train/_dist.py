@@ -13,7 +13,7 @@ Two placements (`train.placement`):
   processes exchange only what the losses and the shared space transfer need: the MKB embeddings (an all_gather that
   back-propagates to each owner, `Cohort.embeddings`) and the gradients of what the networks share (space
   transfers, verification heads), summed as one process sums them. At the end of each epoch every network's weights,
-  buffers and momentum go from its process to all, so each process (and rank 0's checkpoint) holds the whole cohort.
+  buffers, optimiser state and EMA copy go from its process to all, so each process (and rank 0's checkpoint) holds the whole cohort.
 
 Rank 0 alone writes the run folder (run.json, metrics.jsonl, checkpoints), shows progress and evaluates.
 """
@@ -163,8 +163,9 @@ def sum_shared_grads(params: list[torch.Tensor], d: Dist) -> None:
 
 
 @torch.no_grad()
-def sync_networks(method: nn.Module, optimizer: torch.optim.Optimizer, d: Dist) -> None:
-    """Per-network placement, end of an epoch: network j's weights, buffers and momentum from process j to all;
+def sync_networks(method: nn.Module, optimizer: torch.optim.Optimizer, d: Dist, ema_networks=()) -> None:
+    """Per-network placement, end of an epoch: network j's weights, buffers, optimiser state (whatever the
+    optimiser keeps per parameter: SGD's momentum, Adam's moments and step, ...) and EMA copy from process j to all;
     the shared transfers' BatchNorm statistics (each process updated them with its own network's codes; one process
     updates them with every network's in turn) averaged."""
     if not d.per_network:
@@ -172,18 +173,23 @@ def sync_networks(method: nn.Module, optimizer: torch.optim.Optimizer, d: Dist) 
     import torch.distributed as dist
 
     for j, net in enumerate(method.cohort.networks):
-        for name, p in net.named_parameters():
-            if mkb.is_shared(name):
-                continue
+        own = [p for name, p in net.named_parameters() if not mkb.is_shared(name)]
+        for p in own:
             dist.broadcast(p.data, src=j)
-            if optimizer.defaults.get("momentum"):  # SGD's one state tensor; the other processes may lack it
-                state = optimizer.state[p]
-                if state.get("momentum_buffer") is None:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                dist.broadcast(state["momentum_buffer"], src=j)
+        # The other processes never stepped these parameters, so they may lack the state: it travels as objects.
+        box = [[{k: v.cpu() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()} for p in own]
+               if d.rank == j else None]
+        dist.broadcast_object_list(box, src=j)
+        if d.rank != j:
+            for p, state in zip(own, box[0]):
+                optimizer.state[p] = {k: v.to(p.device) if torch.is_tensor(v) and v.dim() > 0 else v
+                                      for k, v in state.items()}
         for name, b in net.named_buffers():
             if not mkb.is_shared(name):
                 dist.broadcast(b, src=j)
+        if ema_networks:
+            for t in ema_networks[j].state_dict().values():
+                dist.broadcast(t, src=j)
     for name, b in method.named_buffers():
         if mkb.is_shared(name) and b.is_floating_point():
             dist.all_reduce(b)

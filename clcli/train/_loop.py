@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import signal
 import time
 from contextlib import nullcontext
@@ -19,44 +20,10 @@ from clcli.errors import ClcliError
 from clcli.evaluation import evaluate
 
 from . import _dist
+from ._ema import CohortEma
 from ._interrupt import as_interrupted
-
-
-def param_groups(method: nn.Module, recipe) -> list[dict]:
-    """One group per network (its own weights and MKB encoder/decoder) plus one for everything else the method
-    trains (shared space transfers, verification heads, FitNets regressors, WEL heads), so that lr and weight decay
-    can be set per network."""
-    cfg = recipe.train
-    cohort: Cohort = method.cohort
-    seen: set[int] = set()
-    groups = []
-    unknown = sorted((set(cfg.network_lr) | set(cfg.network_weight_decay)) - set(cohort.labels))
-    if unknown:
-        raise ClcliError(f"train.network_lr / train.network_weight_decay name '{unknown[0]}', which is not a network "
-                         f"of this cohort ({', '.join(cohort.labels)})")
-    for net, name in zip(cohort.networks, cohort.labels):
-        own = [p for n, p in net.named_parameters() if not mkb.is_shared(n)]
-        seen.update(id(p) for p in own)
-        groups.append({"params": own, "lr": cfg.network_lr.get(name, cfg.lr),
-                       "weight_decay": cfg.network_weight_decay.get(name, cfg.weight_decay), "name": name})
-    shared = [p for p in method.parameters() if id(p) not in seen]
-    if shared:
-        groups.append({"params": shared, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "shared"})
-    return groups
-
-
-def _scheduler(optimizer, recipe, steps_per_epoch: int):
-    cfg = recipe.train
-    total = max(cfg.epochs * steps_per_epoch, 1)
-    if cfg.schedule == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=cfg.plateau_patience)
-    if cfg.schedule == "cosine":
-        fn = lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))  # noqa: E731
-    elif cfg.schedule == "step":
-        fn = lambda step: 0.1 ** sum(step >= m * total for m in (0.5, 0.75))  # noqa: E731
-    else:
-        fn = lambda step: 1.0  # noqa: E731
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+from ._optim import Optimisation, mixed_precision, param_groups  # noqa: F401 (re-exported by clcli.train)
+from ._targets import TargetMixer, hard_labels
 
 
 def _partners(n: int, n_nets: int, seed: int) -> list[torch.Tensor]:
@@ -121,14 +88,6 @@ def images_per_second(rate: float) -> str:
     return f"{rate:,.0f}" if rate >= 100 else f"{rate:.1f}" if rate >= 10 else f"{rate:.3g}"
 
 
-def mixed_precision(device: torch.device, enabled: bool):
-    """(autocast on?, its dtype, GradScaler or None): bf16 autocast on CUDA where the GPU has it, else fp16 with a
-    gradient scaler; nothing on other devices."""
-    amp = device.type == "cuda" and enabled
-    dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
-    return amp, dtype, torch.amp.GradScaler("cuda") if amp and dtype == torch.float16 else None
-
-
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor on `device`; to CUDA from pinned memory, without blocking the host."""
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
@@ -160,12 +119,13 @@ class _NoLog:
 
 def train_step(model: nn.Module, batch, optimizer: torch.optim.Optimizer, *, accumulate: int = 1,
                autocast: tuple[bool, torch.dtype] = (False, torch.float16), scaler=None, shared=(), dist=None,
-               sums: dict | None = None, correct: torch.Tensor | None = None) -> dict:
+               sums: dict | None = None, correct: torch.Tensor | None = None, clip=None) -> dict:
     """One optimiser step of `clcli train` (and `clcli bench`) on `batch`: forward and backward over `accumulate`
     equal micro-batches (under DDP the gradients are all-reduced once, after the last), the `shared` parameters'
     gradients summed over the processes (per-network placement), then the optimiser step (through the fp16 gradient
-    scaler when there is one). `model` is the method, or DDP around it; `autocast` is (on?, dtype) from
-    `mixed_precision`. The loss parts (detached, on the device: no host sync) are added into `sums` and the right
+    scaler when there is one), after `clip()` (gradient clipping) when given. `model` is the method, or DDP around
+    it; `autocast` is (on?, dtype) from `mixed_precision`. Targets are class indices or soft targets [B, C] (label
+    smoothing, mixup), whose argmax training accuracy counts. The loss parts (detached, on the device: no host sync) are added into `sums` and the right
     top-1 answers per network into `correct`, when given. Returns the last micro-batch's output."""
     amp, amp_dtype = autocast
     device_type = batch.images[0].device.type
@@ -185,9 +145,11 @@ def train_step(model: nn.Module, batch, optimizer: torch.optim.Optimizer, *, acc
             if correct is not None:
                 for i, logits in enumerate(out["logits"]):
                     if logits is not None:  # None: another process's network (per-network placement)
-                        correct[i] += (logits.argmax(1) == micro.targets[i]).sum()
+                        correct[i] += (logits.argmax(1) == hard_labels(micro.targets[i])).sum()
     if dist is not None:
         _dist.sum_shared_grads(shared, dist)
+    if clip is not None:
+        clip()
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -215,6 +177,9 @@ class _Feed:
         self.streamed = hasattr(data.train_images, "epoch_feed")  # decoded and augmented in DataLoader workers
         self.augment = None if self.streamed else BatchAugment(recipe.data.augment, recipe.data.padding)
         self.siamese = method.input == "siamese"
+        self.mixer = TargetMixer(self.cfg, len(data.class_names))
+        if self.mixer.mixup is not None and not self.siamese:  # recipes.load refuses it first; a plan may not
+            raise ClcliError("train.mixup/cutmix needs one batch shared by the cohort (siamese input)")
         if self.streamed and not self.siamese:
             raise ClcliError("cl.input=different pairs images across the whole training set; it needs in-memory "
                              "data (data.stream=false)")
@@ -236,9 +201,9 @@ class _Feed:
                 for j in range(len(orders))]
         # The epoch's indices go to the device once (no copy per step); the CPU copy keys the W2 cache.
         dev_orders = [_to_device(torch.stack(order[:self.steps]), device) for order in orders]
-        return (self._batch(step, orders, dev_orders, gens, feed) for step in range(self.steps))
+        return (self._batch(epoch, step, orders, dev_orders, gens, feed) for step in range(self.steps))
 
-    def _batch(self, step: int, orders, dev_orders, gens, feed):
+    def _batch(self, epoch: int, step: int, orders, dev_orders, gens, feed):
         from clcli.methods import Batch
 
         data, d = self.data, self.d
@@ -253,45 +218,13 @@ class _Feed:
             raw = [self.augment(data.train_images[i], g, d.part) for i, g in zip(dev_idx, gens)]
         inputs = [to_input(r, data.mean, data.std, self.cfg.channels_last) for r in raw]
         targets = [data.train_labels[i] for i in dev_idx]
+        if self.mixer.active:  # soft targets; one mix for the cohort (siamese: one batch)
+            mixed = [self.mixer(x, t, epoch=epoch, step=step) for x, t in zip(inputs, targets)]
+            inputs, targets = [x for x, _ in mixed], [t for _, t in mixed]
         if self.siamese:
             n = self.n_nets
             idx, raw, inputs, targets = idx * n, raw * n, inputs * n, targets * n
         return Batch(inputs, targets, idx, raw)
-
-
-class _Optimisation:
-    """SGD over the method's parameter groups, the learning-rate schedule, mixed precision; restored from a
-    checkpoint on resume."""
-
-    def __init__(self, method, recipe, steps_per_epoch: int, device: torch.device):
-        cfg = recipe.train
-        groups = param_groups(method, recipe)
-        self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
-                                         nesterov=cfg.nesterov and cfg.momentum > 0)
-        self.scheduler = _scheduler(self.optimizer, recipe, steps_per_epoch)
-        self.per_step = not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-        amp, amp_dtype, self.scaler = mixed_precision(device, cfg.amp)
-        self.autocast = (amp, amp_dtype)
-        self.shared = [p for g in groups if g["name"] == "shared" for p in g["params"]]
-
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
-
-    def restore(self, method, state: dict | None) -> int:
-        """Load a checkpoint into the method and the optimiser; returns the epoch to start from."""
-        if state is None:
-            return 0
-        method.load_state_dict(state["method"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        method.load_task_state(state)
-        return int(state["epoch"])
-
-    def state(self, method, epoch: int) -> dict:
-        return {"version": run_folder.RUN_FORMAT, "epoch": epoch, "method": method.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                **method.task_state()}
 
 
 class _EpochTally:
@@ -332,12 +265,15 @@ class _Report:
         self.reported_skips = 0
         self.saved_epoch = start_epoch  # the epoch of the checkpoint on disk (0: none yet)
 
-    def scores(self) -> dict[str, dict[str, float]]:
-        """Each network's test accuracy with its own MKB halves (as deployed), measured by rank 0."""
+    def scores(self, networks=None, images=None, labels=None) -> dict[str, dict[str, float]]:
+        """Each network's accuracy with its own MKB halves (as deployed), measured by rank 0: the live networks (or
+        `networks`: the EMA ones) on the test split (or `images`, `labels`: the validation split)."""
         data, d = self.data, self.d
-        return _dist.from_main(d, {name: evaluate(net, data.test_images, data.test_labels, data.mean, data.std,
-                                                  topk=self.topk, channels_last=self.cfg.channels_last)
-                                   for name, net in zip(self.cohort.labels, self.cohort.networks)} if d.main else None)
+        networks = self.cohort.networks if networks is None else networks
+        images, labels = (data.test_images, data.test_labels) if images is None else (images, labels)
+        return _dist.from_main(d, {name: evaluate(net, images, labels, data.mean, data.std, topk=self.topk,
+                                                  channels_last=self.cfg.channels_last)
+                                   for name, net in zip(self.cohort.labels, networks)} if d.main else None)
 
     def window(self, tally: _EpochTally, epoch: int, step: int, lr: float) -> None:
         """A log step: the epoch's mean loss parts and training accuracy so far (one host sync), images/s."""
@@ -358,14 +294,14 @@ class _Report:
         self.progress.update((epoch - self.start_epoch) * self.steps + step + 1,
                              f"epoch {epoch + 1}/{self.cfg.epochs}  {images_per_second(rate)} img/s", networks)
 
-    def epoch(self, epoch: int, tally: _EpochTally, optimisation: _Optimisation) -> dict:
-        """The end of an epoch: the plateau schedule, the networks gathered (per-network placement), evaluation,
-        the epoch's record and the checkpoint. Returns the summary so far."""
-        method, d = self.method, self.d
+    def epoch(self, epoch: int, tally: _EpochTally, optimisation: Optimisation, ema: CohortEma | None,
+              best: "_Best | None") -> dict:
+        """The end of an epoch: the networks gathered (per-network placement), evaluation (live, EMA, validation),
+        the plateau schedule, the best epochs, the epoch's record and the checkpoint. Returns the summary so far."""
+        method, d, data = self.method, self.d, self.data
         train_loss = sum(tally.means[f"{i}/cls"] for i in range(len(self.cohort.networks)))  # the epoch's mean
-        if not optimisation.per_step:
-            optimisation.scheduler.step(train_loss)
-        _dist.sync_networks(method, optimisation.optimizer, d)  # per-network placement: every process, every network
+        # per-network placement: every process, every network (and its EMA and optimiser state)
+        _dist.sync_networks(method, optimisation.optimizer, d, ema.networks if ema is not None else ())
         epoch_scores = self.scores()
         accs = {name: s["top1"] for name, s in epoch_scores.items()}
         top5 = {name: s["top5"] for name, s in epoch_scores.items() if "top5" in s}  # more than 5 classes
@@ -373,9 +309,25 @@ class _Report:
                   "train_loss": round(train_loss, 5), "test_acc": {k: round(v, 3) for k, v in accs.items()}}
         if top5:
             record["test_top5"] = {k: round(v, 3) for k, v in top5.items()}
+        summary = {"epochs": epoch + 1, "test_acc": accs, **({"test_top5": top5} if top5 else {})}
+        if ema is not None:
+            ema_accs = {name: s["top1"] for name, s in self.scores(ema.networks).items()}
+            record["ema_test_acc"] = {k: round(v, 3) for k, v in ema_accs.items()}
+            summary["ema_test_acc"] = ema_accs
+        watched = accs  # what the plateau schedule watches: validation accuracy where there is a validation split
+        if best is not None:
+            val = {name: s["top1"] for name, s in self.scores(None, data.val_images, data.val_labels).items()}
+            record["val_acc"] = {k: round(v, 3) for k, v in val.items()}
+            best.update(epoch, val, accs, self.cohort.networks)
+            record["best_epoch"] = {name: e + 1 for name, e in best.epoch.items()}
+            summary["best"] = best.summary()
+            watched = val
+        optimisation.end_epoch(epoch, sum(watched.values()) / len(watched))
         self.log.write(record)
         self.progress.log(f"epoch {epoch + 1}/{self.cfg.epochs}  "
-                          + "  ".join(f"{k} {v:.2f}%" for k, v in accs.items()))
+                          + "  ".join(f"{k} {v:.2f}%" for k, v in accs.items())
+                          + ("  (EMA " + "  ".join(f"{v:.2f}%" for v in summary["ema_test_acc"].values()) + ")"
+                             if ema is not None else ""))
         skips = streamed_skips(self.data)
         if len(skips) > self.reported_skips:
             first = skips[self.reported_skips]
@@ -383,11 +335,15 @@ class _Report:
                               f"{first['image']}: {first['reason']})")
             self.reported_skips = len(skips)
         state = optimisation.state(method, epoch + 1)
+        if ema is not None:
+            state["ema"] = ema.state_dict()
+        if best is not None:
+            state["best"] = best.state_dict()
         self._check_finite(state["method"], epoch)
         if d.main:
             run_folder.save_checkpoint(self.run_dir / run_folder.CHECKPOINT, state)
         self.saved_epoch = epoch + 1
-        return {"epochs": epoch + 1, "test_acc": accs, **({"test_top5": top5} if top5 else {})}
+        return summary
 
     def _check_finite(self, state: dict, epoch: int) -> None:
         """Stop before a checkpoint with NaN or inf in a weight or buffer is written (a BatchNorm running_var that
@@ -403,23 +359,73 @@ class _Report:
         self.log.close()
 
 
+class _Best:
+    """train.keep_best: per network, the epoch of its best validation accuracy, that epoch's test accuracy and
+    weights (its MKB halves included); train.patience: whether every network has gone that many epochs without a
+    better one."""
+
+    def __init__(self, labels: list[str], patience: int | None):
+        self.labels, self.patience = labels, patience
+        self.epoch: dict[str, int] = {}
+        self.val_acc: dict[str, float] = {}
+        self.test_acc: dict[str, float] = {}
+        self.weights: dict[str, dict] = {}
+
+    def update(self, epoch: int, val: dict[str, float], test: dict[str, float], networks) -> None:
+        for name, net in zip(self.labels, networks):
+            if name not in self.val_acc or val[name] > self.val_acc[name]:
+                self.epoch[name], self.val_acc[name], self.test_acc[name] = epoch, val[name], test[name]
+                self.weights[name] = {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+    def exhausted(self, epoch: int) -> bool:
+        return (self.patience is not None and len(self.epoch) == len(self.labels)
+                and all(epoch - self.epoch[name] >= self.patience for name in self.labels))
+
+    def summary(self) -> dict[str, dict]:
+        return {name: {"epoch": self.epoch[name] + 1, "val_acc": self.val_acc[name],
+                       "test_acc": self.test_acc[name]} for name in self.labels}
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "val_acc": self.val_acc, "test_acc": self.test_acc, "networks": self.weights}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.val_acc, self.test_acc = dict(state["epoch"]), dict(state["val_acc"]), dict(state["test_acc"])
+        self.weights = dict(state["networks"])
+
+
 def fit(method, data: Data, recipe, run_dir: Path, *, start_state: dict | None = None, show_progress: bool = True,
         console=None) -> dict:
     """Train `method` (which owns the cohort) on `data`; checkpoint after every epoch. Returns the final summary."""
     cfg, cohort, d = recipe.train, method.cohort, _dist.current()
     # Under torchrun: this process's slice of each batch (DDP), or its own network (per-network placement).
     feed = _Feed(data, recipe, method, d)
-    optimisation = _Optimisation(method, recipe, feed.steps, feed.device)
+    optimisation = Optimisation(method, recipe, feed.steps, feed.device)
+    ema = CohortEma(cohort.networks, cfg) if cfg.ema_decay > 0 else None  # before the checkpoint's weights load
+    best = _Best(cohort.labels, cfg.patience) if cfg.keep_best else None
+    if best is not None and getattr(data, "val_images", None) is None:
+        raise ClcliError("train.keep_best needs a validation split held out of the training images (in-memory data)")
     start_epoch = optimisation.restore(method, start_state)
+    if start_state is not None:
+        if ema is not None:
+            ema.load_state_dict(start_state["ema"])
+        if best is not None and "best" in start_state:
+            best.load_state_dict(start_state["best"])
     _dist.check(d, method, recipe, len(cohort.networks), feed.batch_size, optimisation.scaler)
     cohort.local = d.rank if d.per_network else None
     model = _dist.wrap(method, d, find_unused=method.iterative or not method.per_network)
     report = _Report(method, data, recipe, run_dir, d, start_epoch, feed.steps, show_progress, console)
+    clip = optimisation.clip if cfg.clip_grad is not None else None
     summary: dict = {}
     epoch, step = start_epoch, -1  # where an interruption stopped
     try:
         for epoch in range(start_epoch, cfg.epochs):
-            torch.manual_seed(cfg.seed * 100003 + epoch)  # a resumed run repeats an epoch exactly
+            if best is not None and best.exhausted(epoch - 1):
+                summary["stopped_early"] = epoch  # a resumed run that had stopped: nothing more to train
+                break
+            # A resumed run repeats an epoch exactly: every generator a transform may draw from starts the epoch
+            # from (seed, epoch) (timm's random erasing draws from Python's and torch's).
+            torch.manual_seed(cfg.seed * 100003 + epoch)
+            random.seed(cfg.seed * 100003 + epoch)
             batches = feed.epoch(epoch)
             method.train()
             method.set_epoch(epoch)
@@ -428,17 +434,27 @@ def fit(method, data: Data, recipe, run_dir: Path, *, start_state: dict | None =
                 global_step = epoch * feed.steps + step
                 _fault_injection(global_step)
                 batch.active = method.active_network(global_step)
+                optimisation.before_step(global_step)
                 train_step(model, batch, optimisation.optimizer, accumulate=cfg.accumulate,
                            autocast=optimisation.autocast, scaler=optimisation.scaler, shared=optimisation.shared,
-                           dist=d, sums=tally.sums, correct=tally.correct)
-                if optimisation.per_step:
-                    optimisation.scheduler.step()
+                           dist=d, sums=tally.sums, correct=tally.correct, clip=clip)
+                if ema is not None:
+                    ema.update(cohort.networks, cohort.indices, global_step + 1)
                 tally.add(feed.batch_size)
                 if (step + 1) % cfg.log_every == 0 or step + 1 == feed.steps:
                     report.window(tally, epoch, step, optimisation.lr)
-            summary = report.epoch(epoch, tally, optimisation)
-        if not summary:  # resumed after the last epoch's checkpoint: nothing left to train
-            summary = {"epochs": cfg.epochs, "test_acc": {name: s["top1"] for name, s in report.scores().items()}}
+            summary = report.epoch(epoch, tally, optimisation, ema, best)
+            if best is not None and best.exhausted(epoch):
+                summary["stopped_early"] = epoch + 1
+                report.progress.log(f"no network has improved on the validation split for {cfg.patience} epochs: "
+                                    f"stopped after epoch {epoch + 1} (train.patience)")
+                break
+        if "test_acc" not in summary:  # resumed after the last epoch's checkpoint: nothing left to train
+            summary.update(epochs=start_epoch, test_acc={name: s["top1"] for name, s in report.scores().items()})
+            if ema is not None:
+                summary["ema_test_acc"] = {name: s["top1"] for name, s in report.scores(ema.networks).items()}
+            if best is not None:
+                summary["best"] = best.summary()
     except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM or SIGHUP: say where; the caller adds how to continue
         stopped = as_interrupted(e)
         stopped.where = f"epoch {epoch + 1} step {step + 1} of {feed.steps}"
