@@ -233,3 +233,15 @@ def test_a_streamed_epoch_with_auto_augment_is_repeatable_from_seed_and_epoch(tm
     a = epoch(0)
     assert a.dtype == torch.uint8 and a.shape == (12, 3, 16, 16)
     assert torch.equal(a, epoch(0)) and not torch.equal(a, epoch(1))
+
+
+def test_the_benchmark_pipeline_augments_normalises_then_erases():
+    from clcli.bench import pipeline_batches
+
+    x, labels = images(b=16, h=32, w=32), torch.arange(16)
+    plain = pipeline_batches(x, labels, batch_size=8)()[0]
+    augmented = pipeline_batches(x, labels, batch_size=8, auto_augment="original")()[0]
+    erased = pipeline_batches(x, labels, batch_size=8, auto_augment="original", re_prob=1.0)()[0]
+    assert plain.dtype == torch.float32 and plain.shape == (8, 3, 32, 32)
+    assert not torch.equal(plain, augmented)
+    assert bool(((erased == 0).all(1) & (augmented != 0).any(1)).flatten(1).any(1).all())
