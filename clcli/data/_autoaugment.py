@@ -153,39 +153,44 @@ class Policy:
                              f"for in-memory batches; it runs on streamed data only (data.stream: true)")
         if self.slots < 1:
             raise ClcliError(f"data.auto_augment '{spec}' draws no op (n0); use null to turn it off")
-        self.prob = torch.tensor([float(op.prob) for op in self.ops])
-        self.level = torch.tensor([float(op.magnitude) for op in self.ops])
-        self.std = torch.tensor([float(op.magnitude_std) for op in self.ops])
-        self.upper = torch.tensor([float(op.magnitude_max or timm_aa._LEVEL_DENOM) for op in self.ops])
+        self.prob = torch.tensor([float(op.prob) for op in self.ops], dtype=torch.float64)
+        self.level = torch.tensor([float(op.magnitude) for op in self.ops], dtype=torch.float64)
+        self.std = torch.tensor([float(op.magnitude_std) for op in self.ops], dtype=torch.float64)
+        self.upper = torch.tensor([float(op.magnitude_max or timm_aa._LEVEL_DENOM) for op in self.ops],
+                                  dtype=torch.float64)
 
     def __repr__(self) -> str:
         return f"Policy({self.spec!r})"
 
     def draw(self, b: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Every image's draws, [b, slots] each, on the CPU: the op (an index into `ops`, -1 none), whether it
-        applies, its magnitude level and its sign. Always the same numbers of draws in the same order."""
+        applies, its magnitude level and its sign. Always the same numbers of draws in the same order, made on the
+        generator's device and brought to the CPU in one copy (grouping the images is done there)."""
         dev = generator.device
         shape = (b, self.slots)
         if self.kind == "trivial":
             op = torch.randint(len(self.ops), shape, generator=generator, device=dev)
-            level = torch.randint(_TRIVIAL_BINS, shape, generator=generator, device=dev).float()
-            negative = torch.rand(shape, generator=generator, device=dev) < 0.5
-            return {"op": op.cpu(), "apply": torch.ones(shape, dtype=torch.bool), "level": level.cpu(),
-                    "negative": negative.cpu()}
+            bins = torch.randint(_TRIVIAL_BINS, shape, generator=generator, device=dev)
+            u_sign = torch.rand(shape, generator=generator, device=dev)
+            op, level, u_sign = torch.stack([op.double(), bins.double(), u_sign.double()]).cpu().unbind(0)
+            return {"op": op.long(), "apply": torch.ones(shape, dtype=torch.bool), "level": level,
+                    "negative": u_sign < 0.5}
         if self.kind == "rand" and self.weights is not None:
-            op = torch.multinomial(self.weights.to(dev).expand(b, -1), self.slots, replacement=False,
-                                   generator=generator)
+            choice = torch.multinomial(self.weights.to(dev).expand(b, -1), self.slots, replacement=False,
+                                       generator=generator)
         elif self.kind == "rand":
-            op = torch.randint(len(self.ops), shape, generator=generator, device=dev)
+            choice = torch.randint(len(self.ops), shape, generator=generator, device=dev)
         else:  # one sub-policy per image, its ops in order
-            sub = torch.randint(len(self.lengths), (b,), generator=generator, device=dev).cpu()
+            choice = torch.randint(len(self.lengths), (b, 1), generator=generator, device=dev).expand(shape)
+        drawn = [choice] + [sample(shape, generator=generator, device=dev)
+                            for sample in (torch.rand, torch.randn, torch.rand, torch.rand)]
+        choice, u_apply, gauss, uniform, u_sign = torch.stack([d.double() for d in drawn]).cpu().unbind(0)
+        choice = choice.long()
+        if self.kind == "auto":
             slot = torch.arange(self.slots)
-            op = torch.where(slot < self.lengths[sub, None], self.starts[sub, None] + slot, -1)
-        u_apply = torch.rand(shape, generator=generator, device=dev).cpu()
-        gauss = torch.randn(shape, generator=generator, device=dev).cpu()
-        uniform = torch.rand(shape, generator=generator, device=dev).cpu()
-        negative = (torch.rand(shape, generator=generator, device=dev) > 0.5).cpu()  # timm: -v if random() > 0.5
-        op = op.cpu()
+            op = torch.where(slot < self.lengths[choice], self.starts[choice] + slot, -1)
+        else:
+            op = choice
         known = op >= 0
         at = op.clamp(min=0)
         std, level = self.std[at], self.level[at]
@@ -194,7 +199,8 @@ class Policy:
         noisy = torch.where(torch.isinf(std), uniform * level, level + torch.nan_to_num(std, posinf=0.0) * gauss)
         noisy = torch.where(std > 0, noisy, level)
         level = torch.minimum(noisy.clamp(min=0.0), self.upper[at])
-        return {"op": op, "apply": known & (u_apply <= self.prob[at]), "level": level, "negative": negative}
+        # timm: apply unless random() > p; negate when random() > 0.5
+        return {"op": op, "apply": known & (u_apply <= self.prob[at]), "level": level, "negative": u_sign > 0.5}
 
     def torchvision_op(self, op: int, level: float, negative: bool, h: int, w: int) -> tuple[str, float] | None:
         """(torchvision op, magnitude) of one draw on h x w images, or None where it leaves the image as it is."""
