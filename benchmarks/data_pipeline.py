@@ -138,11 +138,12 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def augmentations(images, labels, bs: int, device, args, source: str) -> dict:
-    """The pipeline's images/s for each of AUGMENTATIONS, timed in alternating rounds (one machine state for all)."""
-
+    """The pipeline's images/s for each of AUGMENTATIONS, timed in alternating rounds (one machine state for all),
+    and the batched torchvision calls an auto-augment makes per batch (over 50 batches)."""
     import torch
 
     from clcli.bench import pipeline_batches, time_steps
+    from clcli.data import BatchAugment
 
     def rounds_of(next_batch):
         def one_round():
@@ -155,20 +156,29 @@ def augmentations(images, labels, bs: int, device, args, source: str) -> dict:
              for name, augment, policy, re_prob in AUGMENTATIONS}
     times = time_steps(steps, device, min_rounds=args.rounds, min_seconds=args.seconds, warmup=1)
     rate = {name: bs * args.pipeline_batches / statistics.median(t["wall"]) for name, t in times.items()}
+    calls = {}  # batched torchvision calls per batch: one per distinct (op, magnitude) an op slot drew
+    for name, augment, policy, _ in AUGMENTATIONS:
+        if policy:
+            aug, gen = BatchAugment(augment, auto_augment=policy), torch.Generator(device=device).manual_seed(0)
+            for _ in range(50):
+                aug(images[torch.randint(len(images), (bs,), generator=gen, device=device)], gen)
+            calls[name] = aug.policy.calls / 50
     n, c, h, w = images.shape
     result = {"device": str(device), "threads": torch.get_num_threads(), "data": source, "images": n,
               "shape": [c, h, w], "batch_size": bs, "rounds": len(times["none"]["wall"]),
               "pipeline_batches_per_round": args.pipeline_batches,
               "images_per_s": {name: round(r, 1) for name, r in rate.items()},
-              "vs_crop_flip": {name: round(r / rate["crop_flip"], 3) for name, r in rate.items()}}
+              "vs_crop_flip": {name: round(r / rate["crop_flip"], 3) for name, r in rate.items()},
+              "calls_per_batch": calls}
     if args.json:
         print(json.dumps(result))
     else:
         print(f"data      {source}  {n} x {c}x{h}x{w}, batch {bs}, {device}, {result['threads']} threads, "
               f"{result['rounds']} rounds of {args.pipeline_batches} batches")
-        print(f"{'augmentation':24s} {'images/s':>12s} {'ms/batch':>10s} {'vs crop_flip':>13s}")
+        print(f"{'augmentation':24s} {'images/s':>12s} {'ms/batch':>10s} {'vs crop_flip':>13s} {'calls/batch':>12s}")
         for name, r in rate.items():
-            print(f"{name:24s} {r:12,.0f} {bs / r * 1e3:10.2f} {r / rate['crop_flip']:13.3f}")
+            print(f"{name:24s} {r:12,.0f} {bs / r * 1e3:10.2f} {r / rate['crop_flip']:13.3f} "
+                  f"{calls[name] if name in calls else '':>12}")
     return result
 
 

@@ -120,6 +120,7 @@ class Policy:
     def __init__(self, spec: str):
         self.spec = spec
         self.weights = None
+        self.calls = 0  # batched op calls made so far: the cost of a batch (benchmarks/data_pipeline.py reports it)
         if spec == TRIVIAL:
             from torchvision.transforms.v2 import TrivialAugmentWide
 
@@ -243,6 +244,7 @@ class Policy:
             rows, call = rows[call >= 0], call[call >= 0]
             if len(rows) == 0:
                 continue
+            self.calls += len(calls)
             order = torch.argsort(call, stable=True)
             rows, counts = rows[order], torch.bincount(call, minlength=len(calls)).tolist()
             at = rows.to(images.device)
