@@ -113,16 +113,20 @@ def count_ops(fn) -> int:
     return Count.n
 
 
-def pipeline_batches(images, labels, *, batch_size: int, augment: str = "crop_flip", seed: int = 0):
+def pipeline_batches(images, labels, *, batch_size: int, augment: str = "crop_flip", seed: int = 0,
+                     auto_augment: str | None = None, re_prob: float = 0.0):
     """A callable giving the next normalised (x, y) batch exactly as the training loop makes it from in-memory uint8
-    images: seeded epoch order, uint8 gather on the images' device, batch augmentation, normalisation."""
+    images: seeded epoch order, uint8 gather on the images' device, batch augmentation (crop/flip, then
+    `auto_augment`), normalisation, then random erasing (`re_prob`)."""
     import torch
 
-    from clcli.data import BatchAugment, channel_stats, epoch_batches, to_input
+    from clcli.data import BatchAugment, batch_erasing, channel_stats, epoch_batches, to_input
+    from clcli.recipes import DataConfig
 
     dev = images.device
     mean, std = channel_stats(images.cpu())
-    aug = BatchAugment(augment)
+    aug = BatchAugment(augment, auto_augment=auto_augment, fill=mean)
+    erase = batch_erasing(DataConfig(re_prob=re_prob), dev)
     gen = torch.Generator(device=dev).manual_seed(seed)
     state = {"epoch": 0, "step": 0, "order": epoch_batches(len(images), batch_size, seed=seed, epoch=0)}
 
@@ -133,7 +137,8 @@ def pipeline_batches(images, labels, *, batch_size: int, augment: str = "crop_fl
             state["order"] = epoch_batches(len(images), batch_size, seed=seed, epoch=state["epoch"])
         idx = state["order"][state["step"]].to(dev)
         state["step"] += 1
-        return to_input(aug(images[idx], gen), mean, std), labels[idx]
+        x = to_input(aug(images[idx], gen), mean, std)
+        return (x if erase is None else erase(x)), labels[idx]
 
     return next_batch
 

@@ -161,3 +161,16 @@ def test_ddp_over_nccl_with_one_process_computes_the_plain_step():
         assert compared > 20
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("spec", ["rand-m9-n2-mstd0.5", "trivialaugment", "original"])
+def test_auto_augment_runs_on_a_cuda_batch_with_a_cuda_generator(spec):
+    from clcli.data import BatchAugment
+
+    x = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    aug = BatchAugment("crop_flip", auto_augment=spec, fill=(0.5, 0.5, 0.5))
+    whole = aug(x, torch.Generator(device="cuda").manual_seed(0))
+    assert whole.device.type == "cuda" and whole.dtype == torch.uint8 and not torch.equal(whole, x)
+    assert torch.equal(whole, aug(x, torch.Generator(device="cuda").manual_seed(0)))
+    parts = [aug(x[k * 8:(k + 1) * 8], torch.Generator(device="cuda").manual_seed(0), (k, 4)) for k in range(4)]
+    assert torch.equal(torch.cat(parts), whole)

@@ -12,7 +12,9 @@ Public API:
     streamed_skips(data)                                     images a streamed split could not decode so far
     load_image_tensors(source, split, ...) -> ImageTensors   decode (or load from cache) one split
     channel_stats(images)                                    per-channel mean/std in [0, 1]
-    BatchAugment(kind, padding)(images, generator)           'none' | 'flip' | 'crop_flip', vectorised
+    BatchAugment(kind, padding, auto_augment=, fill=)(images, generator)   'none' | 'flip' | 'crop_flip', then
+                                                             timm's auto-augment per image, batched by draw
+    batch_erasing(data_cfg, device)                          timm's RandomErasing for normalised batches, or None
     normalize(images, mean, std, channels=3)                 uint8 -> float32, grayscale repeated to RGB
     epoch_batches(n, batch_size, seed=, epoch=)              index tensors that depend only on (seed, epoch)
     stratified_holdout(labels, fraction, seed)               (train, held-out) indices, per class, seeded
@@ -21,7 +23,7 @@ Public API:
 
 It imports torch.
 """
-from ._batch import AUGMENTS, BatchAugment, channel_stats, epoch_batches, normalize
+from ._batch import AUGMENTS, BatchAugment, batch_erasing, channel_stats, epoch_batches, normalize
 from ._load import CACHE_FORMAT_VERSION, DECODE_ERRORS, ImageTensors, SplitNotFound, image_pixels, load_image_tensors
 from ._folds import fold_file, read_folds
 from ._prepare import (QUICKSTART_DIR, Data, LoadedData, eval_batches, evaluation_split, load_data, normalization,
@@ -33,4 +35,4 @@ ImageTensors.__module__ = __name__
 __all__ = ["ImageTensors", "load_image_tensors", "channel_stats", "BatchAugment", "normalize", "epoch_batches",
            "stratified_holdout", "SplitNotFound", "image_pixels", "DECODE_ERRORS", "QUICKSTART_DIR", "AUGMENTS",
            "CACHE_FORMAT_VERSION", "Data", "LoadedData", "load_data", "normalization", "evaluation_split", "on_classes",
-           "source_path", "fold_file", "read_folds", "to_input", "eval_batches", "streamed_skips"]
+           "source_path", "fold_file", "read_folds", "to_input", "eval_batches", "streamed_skips", "batch_erasing"]

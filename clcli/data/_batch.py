@@ -1,13 +1,14 @@
 """Whole-batch tensor ops for the training loop: augmentation, normalisation, epoch order, channel statistics.
 
 Everything here works on uint8 batches [B, C, H, W] on whatever device they live on, with torch ops only
-(no per-sample Python loop), and draws its randomness from an explicit `torch.Generator`.
+(no per-sample Python loop; auto-augment loops over the distinct draws of a batch), and draws its randomness from an
+explicit `torch.Generator`; random erasing (timm's, on the normalised batch) draws from the global generators.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,32 +30,56 @@ class BatchAugment:
     kind: 'none' (identity) | 'flip' (random horizontal flip, p=0.5) | 'crop_flip' (zero-pad `padding` px, random
     crop back to HxW, random horizontal flip: the CIFAR recipe). Per batch the generator is drawn in a fixed order
     (row offsets, column offsets, flips), so one seed gives one augmentation whatever the batch's device.
+    auto_augment: after the crop and flip, a timm auto-augment string (`rand-m9-n2-mstd0.5`, `original`, ...) or
+    `trivialaugment`: each image draws its own ops and magnitudes from the generator (after the crop/flip draws) and
+    the images that drew the same op and magnitude go through one batched torchvision call (see `_autoaugment`);
+    `fill` (the normalisation mean, in [0, 1]) colours what rotations and shears uncover.
     `part=(k, n)`: `images` is the k-th of n equal contiguous slices of a batch (one process's share in
     distributed training); the draws are made for the whole batch and the k-th slice's are used, so the slice is
     augmented exactly as it would be inside the whole batch.
     """
 
-    def __init__(self, kind: str = "none", padding: int = 4):
+    def __init__(self, kind: str = "none", padding: int = 4, *, auto_augment: str | None = None,
+                 fill: Sequence[float] | None = None):
+        from ._autoaugment import Policy, check
+
         if kind not in AUGMENTS:
             raise ClcliError(f"unknown augment '{kind}' (choose from {', '.join(AUGMENTS)})")
         if int(padding) != padding or padding < 0:
             raise ClcliError(f"augment padding must be a whole number >= 0, got {padding}")
+        check(auto_augment, stream=False)
         self.kind = kind
         self.padding = int(padding)
+        self.policy = Policy(auto_augment) if auto_augment else None
+        self.fill = None if fill is None else tuple(float(v) for v in fill)
 
     def __repr__(self) -> str:
-        return f"BatchAugment(kind={self.kind!r}, padding={self.padding})"
+        policy = f", auto_augment={self.policy.spec!r}" if self.policy else ""
+        return f"BatchAugment(kind={self.kind!r}, padding={self.padding}{policy})"
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator,
                  part: tuple[int, int] = (0, 1)) -> torch.Tensor:
         _check_batch(images)
         b = images.shape[0]
-        if self.kind == "none" or b == 0:
+        if (self.kind == "none" and self.policy is None) or b == 0:
             return images
+        k, n = part
+        if self.kind != "none":
+            images = self._crop_flip(images, generator, k, n)
+        if self.policy is not None:
+            from ._autoaugment import fill_colour
+
+            draws = self.policy.draw(b * n, generator)
+            if n > 1:
+                draws = {key: value[k * b:(k + 1) * b] for key, value in draws.items()}
+            images = self.policy.apply(images, draws, fill_colour(self.fill, images.shape[1]))
+        return images
+
+    def _crop_flip(self, images: torch.Tensor, generator: torch.Generator, k: int, n: int) -> torch.Tensor:
+        b = images.shape[0]
         pad = self.padding if self.kind == "crop_flip" else 0
         # Draw on the generator's own device (a CPU generator can drive a CUDA batch), then move the few numbers.
         gdev = generator.device
-        k, n = part
         rows = torch.randint(0, 2 * pad + 1, (b * n,), generator=generator, device=gdev)
         cols = torch.randint(0, 2 * pad + 1, (b * n,), generator=generator, device=gdev)
         flip = torch.rand(b * n, generator=generator, device=gdev) < 0.5
@@ -78,6 +103,17 @@ def _crop_flip(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, fli
     flat = (src_rows.view(b, h, 1) * wp + src_cols.view(b, 1, w)).view(b, 1, h * w)
     out = src.reshape(b, c, hp * wp).gather(2, flat.expand(b, c, h * w))
     return out.view(b, c, h, w)
+
+
+def batch_erasing(cfg, device) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """timm's RandomErasing for the normalised float batch (where timm applies it: `data.re_prob`, `re_mode`,
+    `re_count`), erasing in place; None when `data.re_prob` is 0. timm draws from Python's `random` and torch's
+    global generator (on `device`), so a caller that wants each epoch repeatable seeds both per epoch."""
+    if not cfg.re_prob:
+        return None
+    from timm.data.random_erasing import RandomErasing
+
+    return RandomErasing(probability=cfg.re_prob, mode=cfg.re_mode, max_count=cfg.re_count, device=device)
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], *, channels: int = 3) -> torch.Tensor:

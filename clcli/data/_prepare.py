@@ -59,7 +59,10 @@ def load_data(recipe, device) -> LoadedData:
     training device. Evaluation images: `data.val_source` if set, else the `test_split`, else a 'validation' split,
     else a stratified part of the training split held out with `data.val_seed`. Class names come from the training
     split; the evaluation labels are mapped onto them by name."""
+    from ._autoaugment import check
+
     cfg = recipe.data
+    check(cfg.auto_augment, stream=cfg.stream)  # before any image is decoded
     if not cfg.source:
         raise ClcliError(f"recipe '{recipe.name}' names no dataset; pass --data FOLDER (an image folder "
                          f"class_name/*.jpg, a folder of parquet/arrow files, or a hub id)")
@@ -206,17 +209,17 @@ def load_stream(recipe, source: str, device) -> "LoadedData":
     size = recipe.input_size
     if size is None:
         raise ClcliError("data.stream needs input_size")
+    mean, std = normalization(recipe, channels=3)  # streamed images are always RGB
     common = dict(size=size, padding=cfg.padding, test_resize=cfg.test_resize, config=cfg.config,
                   image_column=cfg.image_column, label_column=cfg.label_column, workers=cfg.workers, device=device)
-    train = StreamSplit(source, cfg.train_split, train=True, augment=cfg.augment, limit=cfg.train_limit, **common)
+    train = StreamSplit(source, cfg.train_split, train=True, augment=cfg.augment, auto_augment=cfg.auto_augment,
+                        fill=mean, limit=cfg.train_limit, **common)
     test = StreamSplit(source, cfg.test_split, train=False, limit=cfg.test_limit, **common)
     # StreamSplit.batches reads its labels from `labels`: re-numbered there, evaluation uses the training classes
     test.labels = on_classes(test.labels, test.class_names, train.class_names,
                              what=f"the evaluation images (split '{cfg.test_split}')",
                              lacking="the training images lack")
     test.class_names = list(train.class_names)
-
-    mean, std = normalization(recipe, channels=3)  # streamed images are always RGB
     return LoadedData(train, train.labels, test, test.labels, list(train.class_names), tuple(mean), tuple(std))
 
 

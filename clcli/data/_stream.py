@@ -10,7 +10,11 @@ streamed batch exactly like an in-memory one.
            crop_flip resize shorter side to S, center crop S, pad + random crop S, flip
            flip      resize shorter side to S, center crop S, flip
            none      resize shorter side to S, center crop S
+    then, with data.auto_augment: timm's auto-augment stage as timm's create_transform builds it (or torchvision's
+           TrivialAugmentWide), on the PIL image
     test:  resize shorter side to test_resize (default S), center crop S
+Random erasing is not done here: it works on normalised images, so the training loop erases a streamed batch on the
+device exactly as an in-memory one (`batch_erasing`).
 
 An image that cannot be decoded is skipped, as on the in-memory path: in a training batch its slot gets a copy of
 another image of the same batch (with that image's label), so batch shapes never change; in evaluation it is left
@@ -31,8 +35,12 @@ from . import _load
 STREAM_AUGMENTS = ("none", "flip", "crop_flip", "rrc_flip")
 
 
-def _transform(train: bool, size: int, augment: str, padding: int, test_resize: int | None):
+def _transform(train: bool, size: int, augment: str, padding: int, test_resize: int | None,
+               auto_augment: str | None = None, fill: Sequence[float] | None = None):
+    """The PIL -> uint8 [3, S, S] transform of a split; `fill`: the normalisation mean (what auto-augment fills)."""
     from torchvision import transforms as T
+
+    from ._autoaugment import stream_transform
 
     if augment not in STREAM_AUGMENTS:
         raise ClcliError(f"unknown augment '{augment}' (choose from {', '.join(STREAM_AUGMENTS)})")
@@ -46,6 +54,8 @@ def _transform(train: bool, size: int, augment: str, padding: int, test_resize: 
             steps.append(T.RandomCrop(size, padding=padding))
         if augment in ("crop_flip", "flip"):
             steps.append(T.RandomHorizontalFlip())
+    if auto_augment:
+        steps.append(stream_transform(auto_augment, size, fill))
     return T.Compose([*steps, T.PILToTensor()])
 
 
@@ -86,7 +96,8 @@ class StreamSplit:
     `batches` yields test batches in order, `epoch_feed` yields training batches in a given index order."""
 
     def __init__(self, source: str, split: str | None, *, train: bool, size: int, augment: str = "none",
-                 padding: int = 4, test_resize: int | None = None, config: str | None = None,
+                 padding: int = 4, test_resize: int | None = None, auto_augment: str | None = None,
+                 fill: Sequence[float] | None = None, config: str | None = None,
                  image_column: str | None = None, label_column: str | None = None, limit: int | None = None,
                  workers: int | None = None, device: torch.device | str = "cpu", cache_dir: str | None = None):
         import datasets
@@ -122,7 +133,8 @@ class StreamSplit:
         self.train = train
         self.workers = default_workers() if workers is None else int(workers)
         self.dataset = _Decoded(dataset.select_columns([image_col]).with_format("arrow"), image_col,
-                                _transform(train, self.size, augment, padding, test_resize), self.size)
+                                _transform(train, self.size, augment, padding, test_resize, auto_augment, fill),
+                                self.size)
         self.skipped: dict[str, str] = {}  # image -> reason, in the order met; filled as batches are decoded
 
     def __len__(self) -> int:

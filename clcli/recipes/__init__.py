@@ -73,6 +73,13 @@ class DataConfig:
     workers: int | None = _within(None, 0, 256)  # DataLoader workers when streaming (None: up to 8, by CPU count)
     # streaming test images: shorter side to this, then center crop input_size
     test_resize: int | None = _within(None, 8, 8192)
+    # after the crop and flip: timm's auto_augment string (rand-m9-n2-mstd0.5, original, v0, ...) or trivialaugment;
+    # checked with the data (clcli.data), before any image is decoded
+    auto_augment: str | None = None
+    # random erasing of the normalised batch (timm's RandomErasing): probability per image (0: off), fill, boxes
+    re_prob: float = _within(0.0, 0.0, 1.0)
+    re_mode: str = _one_of("const", ("const", "rand", "pixel"))
+    re_count: int = _within(1, 1, 64)
 
 
 @dataclass

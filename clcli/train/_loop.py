@@ -175,7 +175,8 @@ class _Feed:
             raise ClcliError(f"the training split has {len(data.train_labels)} images, fewer than one batch")
         self.device = data.train_images.device
         self.streamed = hasattr(data.train_images, "epoch_feed")  # decoded and augmented in DataLoader workers
-        self.augment = None if self.streamed else BatchAugment(recipe.data.augment, recipe.data.padding)
+        self.augment = None if self.streamed else BatchAugment(
+            recipe.data.augment, recipe.data.padding, auto_augment=recipe.data.auto_augment, fill=data.mean)
         self.siamese = method.input == "siamese"
         self.mixer = TargetMixer(self.cfg, len(data.class_names))
         if self.mixer.mixup is not None and not self.siamese:  # recipes.load refuses it first; a plan may not
