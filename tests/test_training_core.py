@@ -25,7 +25,7 @@ EVERYTHING = ["train.opt=adamw", "train.lr=0.002", "train.weight_decay=0.05", "t
               "train.warmup_epochs=1", "train.warmup_lr=0.0001", "train.min_lr=0.00001", "train.label_smoothing=0.1",
               "train.mixup=0.8", "train.cutmix=1.0", "train.mixup_switch_prob=0.5", "train.ema_decay=0.9",
               "train.ema_warmup=true", "train.clip_grad=1.0", "train.keep_best=true", "train.patience=5",
-              "model_kwargs.drop_path_rate=0.1"]
+              "model_kwargs.drop_path_rate=0.1", "data.auto_augment=rand-m9-n2-mstd0.5", "data.re_prob=0.25"]
 
 
 def _cli(args, env=None):

@@ -165,7 +165,7 @@ class _Feed:
     (different inputs)."""
 
     def __init__(self, data: Data, recipe, method, d: _dist.Dist):
-        from clcli.data import BatchAugment
+        from clcli.data import BatchAugment, batch_erasing
 
         self.data, self.d, self.cfg = data, d, recipe.train
         self.n_nets = len(method.cohort.networks)
@@ -178,6 +178,7 @@ class _Feed:
         self.augment = None if self.streamed else BatchAugment(
             recipe.data.augment, recipe.data.padding, auto_augment=recipe.data.auto_augment, fill=data.mean)
         self.siamese = method.input == "siamese"
+        self.erase = batch_erasing(recipe.data, self.device)  # timm's RandomErasing on the normalised batch, or None
         self.mixer = TargetMixer(self.cfg, len(data.class_names))
         if self.mixer.mixup is not None and not self.siamese:  # recipes.load refuses it first; a plan may not
             raise ClcliError("train.mixup/cutmix needs one batch shared by the cohort (siamese input)")
@@ -219,6 +220,8 @@ class _Feed:
             raw = [self.augment(data.train_images[i], g, d.part) for i, g in zip(dev_idx, gens)]
         inputs = [to_input(r, data.mean, data.std, self.cfg.channels_last) for r in raw]
         targets = [data.train_labels[i] for i in dev_idx]
+        if self.erase is not None:  # where timm erases: after normalisation, before mixing
+            inputs = [self.erase(x) for x in inputs]
         if self.mixer.active:  # soft targets; one mix for the cohort (siamese: one batch)
             mixed = [self.mixer(x, t, epoch=epoch, step=step) for x, t in zip(inputs, targets)]
             inputs, targets = [x for x, _ in mixed], [t for _, t in mixed]
