@@ -214,6 +214,30 @@ def test_adamw_with_layer_decay_gives_timms_groups_plus_the_mkb_group():
     assert type(opt).__name__ == "AdamW"
 
 
+def test_gradient_clipping_is_per_network():
+    from clcli.train._optim import Optimisation
+
+    recipe = tiny_recipe(epochs=1)
+    recipe.train.clip_grad = 1.0
+    method, _ = _cl_method(recipe)
+    optimisation = Optimisation(method, recipe, 4, torch.device("cpu"))
+    small, large = method.cohort.networks
+    for p in method.parameters():
+        p.grad = torch.full_like(p, 1e-6)
+    for p in large.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    before = [p.grad.clone() for p in small.parameters() if not _is_mkb(small, p)]
+    optimisation.clip()
+    after = [p.grad for p in small.parameters() if not _is_mkb(small, p)]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))  # untouched by the other network's norm
+    own = [p for n, p in large.named_parameters() if not n.startswith("mkb.")]
+    assert torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in own])) <= 1.0 + 1e-4
+
+
+def _is_mkb(net, param):
+    return any(param is p for n, p in net.named_parameters() if n.startswith("mkb."))
+
+
 def test_schedules_come_from_timm_and_plateau_watches_accuracy():
     from clcli.train._optim import create_scheduler
 

@@ -129,7 +129,11 @@ class Optimisation:
         amp, amp_dtype, self.scaler = mixed_precision(device, cfg.amp)
         self.autocast = (amp, amp_dtype)
         self.shared = [p for g in self.optimizer.param_groups if g.get("name") == MKB_GROUP for p in g["params"]]
-        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        # Clipping is per network (and once for the shared group), as timm clips one model: one network's large
+        # gradients never shrink another's, and per-network placement clips exactly what one process would.
+        self.clip_sets: dict[str, list] = {}
+        for g in self.optimizer.param_groups:
+            self.clip_sets.setdefault(g.get("name", MKB_GROUP), []).extend(g["params"])
 
     @property
     def lr(self) -> float:
@@ -142,14 +146,17 @@ class Optimisation:
             self.scheduler.step_update(num_updates=global_step)
 
     def clip(self) -> None:
-        """timm's gradient clipping (train.clip_grad, train.clip_mode), on unscaled gradients under fp16."""
+        """timm's gradient clipping (train.clip_grad, train.clip_mode) of each network's parameters and of the shared
+        group, on unscaled gradients under fp16."""
         if self.cfg.clip_grad is None:
             return
         from timm.utils import dispatch_clip_grad
 
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        dispatch_clip_grad(self.params, value=self.cfg.clip_grad, mode=self.cfg.clip_mode)
+        for params in self.clip_sets.values():
+            dispatch_clip_grad([p for p in params if p.grad is not None], value=self.cfg.clip_grad,
+                               mode=self.cfg.clip_mode)
 
     def end_epoch(self, epoch: int, accuracy: float) -> None:
         """The plateau schedule watches the evaluation accuracy (mean over the networks)."""
