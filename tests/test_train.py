@@ -11,7 +11,7 @@ from clcli import train as train_lib
 from clcli.cli import app
 from clcli.errors import ClcliError
 
-from _helpers import tiny_args, tiny_recipe
+from _helpers import straight_and_killed, tiny_args, tiny_recipe
 
 runner = CliRunner()
 
@@ -117,16 +117,8 @@ def _cli(args, env=None):
 
 def test_sigkill_and_resume_ends_with_the_same_weights(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    done = _cli(tiny_args(straight))
-    assert done.returncode == 0, done.stderr
     # 256 images / batch 32 = 8 steps an epoch: die in the middle of the second epoch
-    dead = _cli(tiny_args(killed), env={"CLCLI_FAULT_KILL_AT_STEP": "11"})
-    assert dead.returncode == -9
-    assert torch.load(killed / "checkpoint.pt", weights_only=True)["epoch"] == 1
-    resumed = _cli(["train", "--resume", str(killed), "--no-progress"])
-    assert resumed.returncode == 0, resumed.stderr
-    a = torch.load(straight / "checkpoint.pt", weights_only=True)["method"]
-    b = torch.load(killed / "checkpoint.pt", weights_only=True)["method"]
+    a, b = (c["method"] for c in straight_and_killed(tiny_args, straight, killed, kill_at_step=11))
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k

@@ -3,10 +3,6 @@ layer-decay groups, schedules, label smoothing and mixup/cutmix as soft targets,
 halves), gradient clipping, best epoch and early stopping, model_kwargs; resumed bit-exactly."""
 import copy
 import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -16,7 +12,7 @@ from clcli import train as train_lib
 from clcli.cli import app
 from clcli.errors import ClcliError
 
-from _helpers import tiny_args, tiny_recipe
+from _helpers import cli, straight_and_killed, tiny_args, tiny_recipe
 
 runner = CliRunner()
 
@@ -26,11 +22,6 @@ EVERYTHING = ["train.opt=adamw", "train.lr=0.002", "train.weight_decay=0.05", "t
               "train.mixup=0.8", "train.cutmix=1.0", "train.mixup_switch_prob=0.5", "train.ema_decay=0.9",
               "train.ema_warmup=true", "train.clip_grad=1.0", "train.keep_best=true", "train.patience=5",
               "model_kwargs.drop_path_rate=0.1", "data.auto_augment=rand-m9-n2-mstd0.5", "data.re_prob=0.25"]
-
-
-def _cli(args, env=None):
-    return subprocess.run([sys.executable, "-m", "clcli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=600)
 
 
 def _sets(pairs):
@@ -47,16 +38,8 @@ def _recipe(**train):
 def test_every_option_at_once_resumes_bit_exactly_after_sigkill(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     args = lambda out: tiny_args(out, epochs=3) + _sets(EVERYTHING)  # noqa: E731
-    done = _cli(args(straight))
-    assert done.returncode == 0, done.stderr
     # 256 images less the 10 % held out for keep_best / batch 32 = 7 steps an epoch: die inside the second epoch
-    dead = _cli(args(killed), env={"CLCLI_FAULT_KILL_AT_STEP": "10"})
-    assert dead.returncode == -9
-    assert torch.load(killed / "checkpoint.pt", weights_only=True)["epoch"] == 1
-    resumed = _cli(["train", "--resume", str(killed), "--no-progress"])
-    assert resumed.returncode == 0, resumed.stderr
-    a = torch.load(straight / "checkpoint.pt", weights_only=True)
-    b = torch.load(killed / "checkpoint.pt", weights_only=True)
+    a, b = straight_and_killed(args, straight, killed, kill_at_step=10)
     for part in ("method", "optimizer", "scheduler", "ema", "best"):
         assert part in a, part
     flat = lambda state: dict(_flatten(state))  # noqa: E731
@@ -293,7 +276,7 @@ def test_cli_and_python_api_take_the_options(tmp_path):
                                    "train.decay_milestones=[1]", "model_kwargs.drop_rate=0.2"])
     assert (r.train.opt, r.train.opt_betas, r.train.decay_milestones, r.model_kwargs) == (
         "lion", [0.9, 0.99], [1], {"drop_rate": 0.2})
-    bad = _cli(["train", "--set", "train.opt=nosuchopt", "--out", str(tmp_path / "x")])
+    bad = cli(["train", "--set", "train.opt=nosuchopt", "--out", str(tmp_path / "x")])
     assert bad.returncode == 2 and "train.opt" in bad.stderr and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()

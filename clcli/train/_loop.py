@@ -12,9 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from clcli import mkb, models
+from clcli import models
 from clcli import run as run_folder
-from clcli.cohort import Cohort
 from clcli.data import Data, streamed_skips, to_input
 from clcli.errors import ClcliError
 from clcli.evaluation import evaluate
