@@ -1,5 +1,6 @@
 """Test accuracy of networks as deployed (each with its own MKB halves; a PyTorch module or an ONNX export run by
-ONNX Runtime), on uint8 images in memory or streamed: one network (`evaluate`), or an ensemble of them averaging their probabilities (`ensemble_accuracy`, the EL row)."""
+ONNX Runtime), on uint8 images in memory or streamed: one network (`evaluate`), or an ensemble of them averaging
+their probabilities (`ensemble_accuracy`, the EL row)."""
 from __future__ import annotations
 
 import torch

@@ -156,14 +156,14 @@ def unsupported(error: BaseException) -> str:
     return line
 
 
-def _session(path, threads: int | None = None):
+def _session(path, threads: int | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",)):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: ORT's optimiser notes are not the user's concern
     if threads:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=list(providers))
 
 
 def _check(path: Path, batch, expected, model: str) -> dict:
@@ -256,8 +256,8 @@ def read_onnx_manifest(path: str | Path) -> dict:
 
 
 def load_onnx(path: str | Path, *, device: str = "cpu"):
-    """An ONNX export as a torch module running ONNX Runtime (no parameters; CPU tensors in and out), with
-    `clcli_manifest` like `clcli.load`'s networks."""
+    """An ONNX export as a torch module running ONNX Runtime (no parameters; CPU tensors in and out, on the CPU or,
+    with device cuda, ONNX Runtime's CUDA provider where installed), with `clcli_manifest` like `clcli.load`'s."""
     require("onnxruntime")
     manifest = read_onnx_manifest(path)
     return _runtime_module(path, manifest, device)
@@ -267,13 +267,15 @@ def _runtime_module(path, manifest: dict, device: str):
     import onnxruntime as ort
     import torch
 
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
     if str(device) != "cpu":
         wanted = {"cuda": "CUDAExecutionProvider"}.get(str(device).split(":")[0])
         if wanted is None or wanted not in ort.get_available_providers():
             raise ClcliError(f"ONNX Runtime here runs on {', '.join(ort.get_available_providers())} only; use "
                              f"--device cpu for {path}")
+        providers = (wanted, *providers)
     try:
-        session = _session(path)
+        session = _session(path, providers=providers)
     except Exception as e:  # noqa: BLE001
         raise ClcliError(f"ONNX Runtime cannot open {path} ({one_line(e)})") from None
 
