@@ -222,13 +222,16 @@ def export(
     out: Path = typer.Option(Path("exported"), "--out", "-o", help="output folder"),
     plain: bool = typer.Option(False, "--plain", help="also write timm-only files (without the MKB halves)"),
     hub_folder: bool = typer.Option(False, "--hub-folder", help="also write a Hugging Face Hub-style folder"),
+    onnx: bool = typer.Option(False, "--onnx", help="also write one .onnx file per network, its MKB half inside the "
+                              "graph, checked against ONNX Runtime (needs clcli[onnx])"),
     measure: bool = typer.Option(True, "--measure/--no-measure", help="measure test accuracy at export"),
     force: bool = typer.Option(False, "--force", help="replace existing exported files"),
     ema: bool = typer.Option(False, "--ema", help="the moving average of each network's weights (train.ema_decay)"),
     best: bool = typer.Option(False, "--best", help="each network's best epoch on the validation split "
                                                     "(train.keep_best)"),
 ) -> None:
-    """Export each network of a run on its own, with its MKB half, as safetensors (its last weights by default)."""
+    """Export each network of a run on its own, with its MKB half, as safetensors (and, with --onnx, as ONNX): its
+    last weights, or with --ema / --best the moving average or the best epoch's."""
     from rich.table import Table
 
     from clcli.export import export_run
@@ -248,8 +251,8 @@ def export(
         try:
             if ema and best:
                 raise ClcliError("--ema and --best choose different weights: give one of them")
-            index = export_run(run_dir, out, plain=plain, hub_folder=hub_folder, measure=measure, force=force,
-                               weights="ema" if ema else "best" if best else "last")
+            index = export_run(run_dir, out, plain=plain, hub_folder=hub_folder, onnx=onnx, measure=measure,
+                               force=force, weights="ema" if ema else "best" if best else "last")
         except Interrupted as e:  # the atomic writes left no half-written file behind
             e.hint = "each file is either written whole or not at all: run the same command again"
             raise
@@ -264,13 +267,24 @@ def export(
         table.add_column(col)
     if plain:
         table.add_column("timm-only acc (%)")
+    if onnx:
+        for col in ("ONNX file", "ORT vs PyTorch max abs / rel error", "s"):
+            table.add_column(col)
     for e in index["networks"]:
         acc = f"{e['test_acc']:.2f}" if e["test_acc"] is not None else "-"
         row = [e["network"], e["file"], acc]
         if plain:
             row.append(f"{e['plain_test_acc']:.2f}" if e.get("plain_test_acc") is not None else "-")
+        if onnx:
+            row += [e["onnx_file"], f"{e['onnx_max_abs_error']:.1e} / {e['onnx_max_rel_error']:.1e}",
+                    f"{e['onnx_seconds']:.1f}"]
         table.add_row(*row)
     console.print(table)
+    if onnx:
+        from clcli.export import onnx_tolerance
+
+        console.print(f"each ONNX file passed onnx.checker and matched PyTorch in ONNX Runtime on a fixed batch "
+                      f"(tolerance {onnx_tolerance()})", highlight=False)
     if plain:
         changes = [f"{e['network']} {e['plain_test_acc'] - e['test_acc']:+.2f}" for e in index["networks"]
                    if e.get("plain_test_acc") is not None and e["test_acc"] is not None]
@@ -281,7 +295,8 @@ def export(
 
 @app.command("eval")
 def evaluate_cmd(
-    file: Path = typer.Argument(..., help="a file written by `clcli export --split`"),
+    file: Path = typer.Argument(..., help="a file written by `clcli export`: NAME.safetensors, or NAME.onnx (run by "
+                                "ONNX Runtime)"),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="recipe for the test data (default: the "
                                          "recipe stored in the file)"),
     data: Optional[str] = typer.Option(None, "--data", help="local dataset folder replacing the recipe's"),
@@ -303,7 +318,8 @@ def evaluate_cmd(
 
 @app.command()
 def predict(
-    file: Path = typer.Argument(..., help="a file written by `clcli export --split` (or timm weights with --model)"),
+    file: Path = typer.Argument(..., help="a file written by `clcli export` (.safetensors, or .onnx run by ONNX "
+                                "Runtime), or timm weights with --model"),
     inputs: List[Path] = typer.Argument(..., help="image files and folders of images"),
     top: int = typer.Option(1, "--top", help="classes shown per image, most probable first"),
     model: Optional[str] = typer.Option(None, "--model", help="timm model name, for a plain timm weights file"),

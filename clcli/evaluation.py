@@ -1,5 +1,6 @@
-"""Test accuracy of networks as deployed (each with its own MKB halves), on uint8 images in memory or streamed: one
-network (`evaluate`), or an ensemble of them averaging their probabilities (`ensemble_accuracy`, the EL row)."""
+"""Test accuracy of networks as deployed (each with its own MKB halves; a PyTorch module or an ONNX export run by
+ONNX Runtime), on uint8 images in memory or streamed: one network (`evaluate`), or an ensemble of them averaging
+their probabilities (`ensemble_accuracy`, the EL row)."""
 from __future__ import annotations
 
 import torch
@@ -8,13 +9,20 @@ from torch import nn
 from clcli.data import eval_batches, to_input
 
 
+def device_of(net: nn.Module) -> torch.device:
+    """Where a network's inputs go: its parameters' device; the CPU for one without parameters (an ONNX export run
+    by ONNX Runtime, which takes CPU tensors)."""
+    param = next(net.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
 @torch.no_grad()
 def evaluate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean, std, *, batch_size: int = 500,
              topk: tuple[int, ...] = (1,), channels_last: bool = False) -> dict[str, float]:
     """Accuracy (%) of one network (with its own MKB halves, as deployed) on uint8 images."""
     was_training = net.training
     net.eval()
-    device = next(net.parameters()).device
+    device = device_of(net)
     correct = {k: torch.zeros((), dtype=torch.int64, device=device) for k in topk}  # on the device: no sync per batch
     n = 0  # counted per batch: a streamed split leaves out images it cannot decode
     for xb, yb in eval_batches(images, labels, batch_size):
@@ -51,4 +59,4 @@ def ensemble_accuracy(networks: list[nn.Module], images: torch.Tensor, labels: t
     return 100.0 * correct / max(seen, 1)
 
 
-__all__ = ["evaluate", "ensemble_probabilities", "ensemble_accuracy"]
+__all__ = ["evaluate", "device_of", "ensemble_probabilities", "ensemble_accuracy"]

@@ -1,5 +1,6 @@
-"""Classify image files with a trained network: a clcli export (with the preprocessing stored in its manifest) or a
-plain timm weights file (with timm's own evaluation transform).
+"""Classify image files with a trained network: a clcli export (with the preprocessing stored in its manifest; a split
+export in PyTorch, an ONNX export through ONNX Runtime) or a plain timm weights file (with timm's own evaluation
+transform).
 
     classifier = load_classifier("exported/resnet18.safetensors")
     for result in predict(classifier, image_files(["img1.jpg", "photos/"]), top=3):
@@ -27,12 +28,18 @@ class Classifier:
 
 
 def load_classifier(path: str | Path, *, model: str | None = None, device: str = "cpu") -> Classifier:
-    """A clcli export (`clcli.load`), or with `model` a plain timm weights file (safetensors or checkpoint)."""
+    """A clcli export (`clcli.load`, or an ONNX export run by ONNX Runtime), or with `model` a plain timm weights
+    file (safetensors or checkpoint)."""
     from clcli import export
 
     path = Path(path)
     if not path.is_file():
         raise ClcliError(f"no such file: {path}")
+    if export.is_onnx(path):
+        if model is not None:
+            raise ClcliError(f"{path} is an ONNX export that names its own model; drop --model")
+        net = export.load_onnx(path, device=device)
+        return _export_classifier(net, net.clcli_manifest)
     if model is None:
         try:
             manifest = export.read_manifest(path)
@@ -160,10 +167,12 @@ def predict(classifier: Classifier, files: list[Path], *, top: int = 1, batch_si
     """One result per file, in order: {"file", "top": [{"class", "index", "prob"}]} or {"file", "error"}."""
     import torch
 
+    from clcli.evaluation import device_of
+
     if top < 1 or batch_size < 1:
         raise ClcliError(f"--top and --batch-size must be at least 1 (got {top}, {batch_size})")
     k = min(top, len(classifier.class_names))
-    device = next(classifier.net.parameters()).device
+    device = device_of(classifier.net)
     for start in range(0, len(files), batch_size):
         chunk = files[start:start + batch_size]
         inputs, errors = [], {}

@@ -4,6 +4,7 @@ One file per network holds the timm weights under timm's own keys and, under `mk
 shared space transfer and its decoder at every site: nothing of the other networks. The safetensors header carries
 a JSON manifest (key `clcli`) with everything `load()` needs to rebuild the network without the run folder.
 No pickle anywhere: checkpoints are read with weights_only=True, exports are safetensors only.
+`--onnx` adds one ONNX file per network, its MKB halves inside the graph, checked against ONNX Runtime (`_onnx`).
 """
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ from pathlib import Path
 from clcli import files
 from clcli.errors import ClcliError, one_line
 from clcli.models import network_labels
+
+from . import _onnx
+from ._onnx import export_onnx, load_onnx, read_onnx_manifest
+from ._onnx import tolerance as onnx_tolerance
 
 FORMAT = "clcli.split"
 FORMAT_VERSION = 1
@@ -72,10 +77,12 @@ def _measure(net, data) -> float:
     return evaluate(net, data.test_images, data.test_labels, data.mean, data.std)["top1"]
 
 
-def _targets(names: list[str], out_dir: Path, plain: bool, hub_folder: bool) -> list[Path]:
+def _targets(names: list[str], out_dir: Path, plain: bool, hub_folder: bool, onnx: bool) -> list[Path]:
     paths = [out_dir / f"{n}.safetensors" for n in names]
     if plain:
         paths += [out_dir / f"{n}.timm.safetensors" for n in names]
+    if onnx:
+        paths += [out_dir / f"{n}.onnx" for n in names]
     if hub_folder:
         paths += [out_dir / f"{n}-hub" for n in names]
     return paths
@@ -94,13 +101,14 @@ def _earlier_entries(out_dir: Path) -> list[dict]:
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, plain: bool = False, hub_folder: bool = False,
-               measure: bool = True, force: bool = False, weights: str = "last") -> dict:
-    """Write one safetensors file per network of the run (and optionally timm-only files / Hub folders): its last
-    weights, their moving average (`weights="ema"`) or its best epoch's (`"best"`).
+               onnx: bool = False, measure: bool = True, force: bool = False, weights: str = "last") -> dict:
+    """Write one safetensors file per network of the run (and optionally timm-only files, Hub folders, ONNX files
+    checked against ONNX Runtime): its last weights, their moving average (`weights="ema"`) or its best epoch's
+    (`"best"`).
 
     Nothing is written when any target exists and `force` is off. The folder's manifest.json lists every export
-    in it (earlier exports of other networks stay listed). Returns this export's {run, method, networks, status,
-    epochs_trained, epochs_planned}."""
+    in it (earlier exports of other networks stay listed), also the files written before a network failed to
+    export. Returns this export's {run, method, networks, status, epochs_trained, epochs_planned}."""
     import torch
     from safetensors.torch import save_file
 
@@ -109,10 +117,12 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, plain: bool = False,
     from clcli.run import Run
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if onnx:
+        _onnx.require("onnx", "onnxruntime", "onnxscript")
     files.check_output_dir(out_dir, "export folder")
     run = Run.open(run_dir)
     info, cohort = run.info, run.cohort(weights)
-    for target in [*_targets(cohort.labels, out_dir, plain, hub_folder), out_dir / "manifest.json"]:
+    for target in [*_targets(cohort.labels, out_dir, plain, hub_folder, onnx), out_dir / "manifest.json"]:
         folder = target.name.endswith("-hub")
         if target.exists() and target.is_dir() != folder:
             raise ClcliError(f"{target} is a {'file' if folder else 'folder'}; move it away to export here")
@@ -121,24 +131,29 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, plain: bool = False,
     earlier = _earlier_entries(out_dir)
     data = load_data(run.recipe, torch.device("cpu")) if measure else None
     entries = []
-    for i, (name, net) in enumerate(zip(cohort.labels, cohort.networks)):
-        target = out_dir / f"{name}.safetensors"
-        acc = _measure(net, data) if data is not None else info.get("test_acc", {}).get(name)
-        manifest = _manifest(run, i, acc, weights)
-        manifest["clcli_version"] = __version__
-        with files.atomic_path(target) as tmp:
-            save_file(_tensors(net.state_dict()), str(tmp), metadata={META_KEY: json.dumps(manifest)})
-        entry = {"network": name, "model": cohort.names[i], "file": target.name, "sha256": _sha256(target),
-                 "test_acc": acc, "run": str(run_dir), "method": info["method"], "weights": weights}
-        if plain:
-            entry.update(_export_plain(net, name, manifest, out_dir, data))
-        if hub_folder:
-            entry["hub_folder"] = _export_hub_folder(net, name, manifest, out_dir)
-        entries.append(entry)
-    written = {e["file"] for e in entries}
-    kept = [e for e in earlier if e.get("file") not in written and (out_dir / str(e.get("file"))).is_file()]
-    files.write_json(out_dir / "manifest.json", {"format": FORMAT, "format_version": FORMAT_VERSION,
-                                               "networks": kept + entries})
+    try:
+        for i, (name, net) in enumerate(zip(cohort.labels, cohort.networks)):
+            target = out_dir / f"{name}.safetensors"
+            acc = _measure(net, data) if data is not None else info.get("test_acc", {}).get(name)
+            manifest = _manifest(run, i, acc, weights)
+            manifest["clcli_version"] = __version__
+            with files.atomic_path(target) as tmp:
+                save_file(_tensors(net.state_dict()), str(tmp), metadata={META_KEY: json.dumps(manifest)})
+            entry = {"network": name, "model": cohort.names[i], "file": target.name, "sha256": _sha256(target),
+                     "test_acc": acc, "run": str(run_dir), "method": info["method"], "weights": weights}
+            entries.append(entry)
+            if plain:
+                entry.update(_export_plain(net, name, manifest, out_dir, data))
+            if hub_folder:
+                entry["hub_folder"] = _export_hub_folder(net, name, manifest, out_dir)
+            if onnx:
+                entry.update(_onnx.export_onnx(net, manifest, out_dir / f"{name}.onnx"))
+    finally:  # what was written is listed, also when a later network fails to export
+        if entries:
+            written = {e["file"] for e in entries}
+            kept = [e for e in earlier if e.get("file") not in written and (out_dir / str(e.get("file"))).is_file()]
+            files.write_json(out_dir / "manifest.json", {"format": FORMAT, "format_version": FORMAT_VERSION,
+                                                       "networks": kept + entries})
     return {"run": str(run_dir), "method": info["method"], "networks": entries, "status": info.get("status"),
             "epochs_trained": int(run.state().get("epoch", 0)), "epochs_planned": run.recipe.train.epochs}
 
@@ -288,9 +303,20 @@ def load(path: str | Path, *, device: str = "cpu"):
     return net.to(device).eval()
 
 
+def is_onnx(path: str | Path) -> bool:
+    return Path(path).suffix.lower() == ".onnx"
+
+
+def load_any(path: str | Path, *, device: str = "cpu"):
+    """An export of either kind: a split export rebuilt in PyTorch (`load`), or an ONNX export run by ONNX Runtime
+    (`load_onnx`); both carry their manifest as `clcli_manifest`."""
+    return load_onnx(path, device=device) if is_onnx(path) else load(path, device=device)
+
+
 def evaluate_export(path: str | Path, *, recipe: str | None = None, data: str | None = None) -> dict:
-    """Test accuracy of an exported network on its own, labels matched to the export's classes by name, images
-    decoded at the export's input size and normalised with its mean/std.
+    """Test accuracy of an exported network on its own (a split export, or an ONNX export run by ONNX Runtime),
+    labels matched to the export's classes by name, images decoded at the export's input size and normalised with
+    its mean/std.
 
     Without `data`: the evaluation images of the recipe stored in the file (or `recipe`), chosen as training chose
     them (so a held-out part of the training images is the same part). With `data` (a folder or hub id): its test
@@ -302,7 +328,7 @@ def evaluate_export(path: str | Path, *, recipe: str | None = None, data: str | 
     from clcli.data import SplitNotFound, evaluation_split, load_data, load_image_tensors, on_classes
     from clcli.evaluation import evaluate
 
-    net = load(path)
+    net = load_any(path)
     manifest = net.clcli_manifest
     rec = recipes.load(recipe) if recipe else recipes.from_dict(manifest["recipe"], str(path))
     height, width = manifest["input_size"]
@@ -338,4 +364,5 @@ def evaluate_export(path: str | Path, *, recipe: str | None = None, data: str | 
             "recorded": manifest.get("test_acc")}
 
 
-__all__ = ["export_run", "evaluate_export", "load", "read_manifest", "FORMAT_VERSION"]
+__all__ = ["export_run", "evaluate_export", "load", "load_any", "is_onnx", "read_manifest", "export_onnx",
+           "load_onnx", "read_onnx_manifest", "onnx_tolerance", "FORMAT_VERSION"]
