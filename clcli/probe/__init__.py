@@ -13,7 +13,10 @@ from clcli.models import STEMS, StemChange
 
 from ._taps import MIN_SIDE, Tap, has_site
 
-PLAN_VERSION = 1
+# 2: a model's taps may hold several of one size (an isotropic trunk's depths), any spatial size is a tap, and a
+# site's score is its worse-placed network's (docs/probe.md). A version-1 plan reads the same and trains as written.
+PLAN_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass
@@ -25,7 +28,7 @@ class ModelProbe:
     params: int
     macs: int
     taps: list[Tap]              # every spatial cut point
-    stage_taps: list[Tap]        # one per size: the stage outputs
+    stage_taps: list[Tap]        # what sites may use: a stage output per size, several depths of an isotropic trunk
     notes: list[str] = field(default_factory=list)  # what the user should know about this model at this input
 
     def to_dict(self) -> dict:
@@ -105,8 +108,9 @@ class Plan:
     def from_dict(cls, d: dict) -> "Plan":
         if not isinstance(d, dict) or "version" not in d:
             raise ClcliError("not a clcli plan (no 'version' field)")
-        if d["version"] != PLAN_VERSION:
-            raise ClcliError(f"unsupported plan version {d['version']} (this clcli reads version {PLAN_VERSION})")
+        if d["version"] not in READABLE_VERSIONS:
+            raise ClcliError(f"unsupported plan version {d['version']} (this clcli reads versions "
+                             f"{', '.join(map(str, READABLE_VERSIONS))})")
         try:
             models = [
                 ModelProbe(m["name"], m["kwargs"], StemChange(**m["stem"]) if m["stem"] else None, m["tracer"],
@@ -195,7 +199,7 @@ def analyse(
     from clcli import models
 
     from ._stem import find_small_stem
-    from ._taps import find_taps_in_graph, stage_taps
+    from ._taps import stage_taps
 
     if stem not in STEMS:
         raise ClcliError(f"unknown stem '{stem}': use one of {', '.join(STEMS)}")
@@ -214,10 +218,17 @@ def analyse(
             graph = _traced(model, in_chans, hw, export=graph.tracer == "export")
         except ClcliError as e:
             raise ClcliError(f"{name}: --stem small breaks the model ({e}); use --stem imagenet") from None
-    prefix = getattr(model, "num_prefix_tokens", None)
-    taps = _hookable(model, find_taps_in_graph(graph, hw, prefix if isinstance(prefix, int) else None), in_chans, hw)
+    taps = _module_taps(model, graph, in_chans, hw)
     return ModelProbe(name, kwargs, change, graph.tracer, models.count_params(model), graph.macs,
                       taps, stage_taps(taps), _patch_notes(name, model, hw))
+
+
+def _module_taps(model, graph, in_chans: int, hw: tuple[int, int]) -> list[Tap]:
+    """The taps of a traced model, each hooked at its module where a hook sees exactly the tap."""
+    from ._taps import find_taps_in_graph
+
+    prefix = getattr(model, "num_prefix_tokens", None)
+    return _hookable(model, find_taps_in_graph(graph, hw, prefix if isinstance(prefix, int) else None), in_chans, hw)
 
 
 def _patch_notes(name: str, model, hw: tuple[int, int]) -> list[str]:
@@ -246,7 +257,7 @@ def plan(
     """Probe every model and choose `mkbs` MKB sites common to all of them."""
     from clcli.models import check_model_name
 
-    from ._pairing import candidate_sites, nearest_sizes, spread
+    from ._pairing import candidate_sites, nearest_sizes, shown, spread
 
     if len(names) < 2:
         raise ClcliError("collaborative learning needs at least 2 models")
@@ -256,7 +267,7 @@ def plan(
         check_model_name(n)
     hw = _as_hw(input_size)
     probes = [analyse(n, hw, stem=stem, num_classes=num_classes, in_chans=in_chans) for n in names]
-    raw, resized = candidate_sites([p.stage_taps for p in probes])
+    raw = candidate_sites([p.stage_taps for p in probes])
     if not raw:
         bare = [p.name for p in probes if not has_site(p.stage_taps)]
         raise ClcliError(
@@ -264,18 +275,16 @@ def plan(
             f"larger (stage sizes: {nearest_sizes([p.stage_taps for p in probes])}); try a larger --input-size"
             + (" or --stem small" if stem != "small" else "")
         )
-    params = [p.params for p in probes]
-    candidates = [
-        Site(tuple(s["size"]), s["taps"], s["score"], s["resized"],
-             size_mkb([(t.channels, t.height, t.width) for t in s["taps"]], params,
-                      embedding=embedding, budget=budget), s["pairing"])
-        for s in raw
-    ]
     chosen_raw = spread(raw, mkbs)
-    chosen = [c for c in candidates if any(c.taps is r["taps"] for r in chosen_raw)]
-    if len(chosen) < mkbs:
-        raise ClcliError(f"asked for {mkbs} MKBs but only {len(chosen)} distinct stages are shared")
-    return Plan(probes, hw, stem, chosen, candidates, resized)
+    if len(chosen_raw) < mkbs:
+        raise ClcliError(f"asked for {mkbs} MKBs but only {len(chosen_raw)} sites share no tap")
+    params = [p.params for p in probes]
+    sites = {id(s): Site(tuple(s["size"]), s["taps"], s["score"], s["resized"],
+                         size_mkb([(t.channels, t.height, t.width) for t in s["taps"]], params,
+                                  embedding=embedding, budget=budget), s["pairing"])
+             for s in shown(raw, chosen_raw)}
+    chosen = [sites[id(s)] for s in chosen_raw]
+    return Plan(probes, hw, stem, chosen, list(sites.values()), any(s.resized for s in chosen))
 
 
 __all__ = ["Plan", "Site", "ModelProbe", "Tap", "analyse", "plan", "PLAN_VERSION", "has_site"]

@@ -40,15 +40,17 @@ class Tap:
         return asdict(self)
 
 
-def cut_points(nodes: list[GNode]) -> list[int]:
-    """Indices of nodes over which no edge jumps (reach of all earlier nodes ends at or before them)."""
+def cut_points(nodes: list[GNode], tensors_only: bool = False) -> list[int]:
+    """Indices of nodes over which no edge jumps (reach of all earlier nodes ends at or before them). With
+    `tensors_only`, values that hold no tensor may jump: a `B, H, W` read from a shape at a network's start and used
+    in every stage's reshape (Twins, PVT) carries no features, and rewriting a map keeps its shape."""
     cuts = []
     reach = -1
     for i, n in enumerate(nodes):
         if reach <= i and n.op not in ("placeholder", "output"):
             cuts.append(i)
-        last_use = max(n.users) if n.users else i
-        reach = max(reach, last_use)
+        if n.tensor or not tensors_only:
+            reach = max(reach, max(n.users) if n.users else i)
     return cuts
 
 
@@ -86,30 +88,22 @@ def _scale_level(size: int, full: int) -> int | None:
     return None
 
 
-def _any_level(size: int, full: int) -> int | None:
-    """Level k with size nearest full / 2**k, for any size up to the input's (PiT's 27 = (224 - 16) / 8 + 1,
-    Sequencer's 32 = 224 / 7)."""
-    return round(math.log2(full / size)) if 2 <= size <= full else None
-
-
-def _same_level(level, h: int, w: int, input_hw: tuple[int, int], strict: bool) -> bool:
+def _spatial(h: int, w: int, input_hw: tuple[int, int]) -> bool:
+    """Whether (h, w) can be a feature map of the input: any size up to the input's (valid convolutions, odd strides,
+    7-pixel patches: Inception's 147, 71, 35, 17, 8 at 299 px, ConvMixer's 32 at 224) with the input's aspect ratio,
+    to a pixel of the input."""
     H, W = input_hw
-    k = level(h, H)
-    if k is None or k != level(w, W):
-        return False
-    return strict or abs(h * W - w * H) <= max(H, W)  # any size: the input's aspect ratio, to a pixel
+    return 1 <= h <= H and 1 <= w <= W and abs(h * W - w * H) <= max(H, W)
 
 
 def _layout(shape: tuple[int, ...], input_hw: tuple[int, int], prefix_hint: int | None, prefer: str | None,
-            strict: bool = True):
-    """(layout, C, H, W, prefix) for a spatial feature map, or None. Spatial dims must look like input / 2**k
-    (`strict`), or be any size up to the input's with its aspect ratio."""
-    level = _scale_level if strict else _any_level
+            stream: bool = False):
+    """(layout, C, H, W, prefix) for a spatial feature map, or None. At a stream cut (`stream`) a token grid whose
+    prefix is 0 must not have a last dim that is itself a patch grid (a (B, C, H*W) flatten)."""
     if len(shape) == 4:
         _, a, b, c = shape
-        # Both spatial dims must come from the same number of downsamplings (a square input stays square).
-        nchw = _same_level(level, b, c, input_hw, strict)
-        nhwc = _same_level(level, a, b, input_hw, strict)
+        nchw = _spatial(b, c, input_hw)
+        nhwc = _spatial(a, b, input_hw)
         if nchw and nhwc:
             use = prefer or "NCHW"  # C == H == W: a model keeps one layout, so follow its other taps
         elif nchw:
@@ -126,7 +120,7 @@ def _layout(shape: tuple[int, ...], input_hw: tuple[int, int], prefix_hint: int 
             grid = _patch_grid(length - p, input_hw)
             if grid is None:
                 continue
-            if (prefix_hint is None and p > 0 or not strict) and _patch_grid(channels, input_hw) is not None:
+            if (prefix_hint is None and p > 0 or stream) and _patch_grid(channels, input_hw) is not None:
                 # A guessed prefix (or any stream cut) while the last dim is itself a patch grid: channels-first
                 # tokens (B, C, H*W), e.g. LeViT's or PiT's flatten, not a token grid.
                 return None
@@ -165,13 +159,19 @@ def _module_output(nodes: list[GNode], i: int, last_in_scope: dict[str, int]) ->
 
 
 def find_taps_in_graph(graph: Graph, input_hw: tuple[int, int], prefix_hint: int | None = None) -> list[Tap]:
-    """Taps at plain cut points with sizes input / 2**k; for a model with none of 2 x 2 or more (token streams beside
-    a class token, multi-scale streams, maps of other sizes), taps at stream cut points of any size (`stream_cuts`)."""
-    strict = _find_taps(graph, input_hw, prefix_hint, strict=True)
-    if has_site(strict):
-        return strict
-    # Only pooled maps at input / 2**k sizes, e.g. ConvMixer's 7-pixel patches: 32 x 32 maps at 224 px.
-    return _without_channels_first_tokens(_find_taps(graph, input_hw, prefix_hint, strict=False)) or strict
+    """Taps at cut points (`cut_points`, shapes read as ints may jump) of any spatial size with the input's aspect
+    ratio; then, for every size no cut point has, taps at stream cut points (`stream_cuts`): stages that meet only
+    through parallel branches (HRNet's 28 and 14 px streams), a class token carried beside the grid (PiT, CoaT),
+    multi-scale streams (CrossViT)."""
+    taps = _find_taps(graph, input_hw, prefix_hint, cut_points(graph.nodes, tensors_only=True))
+    have = {t.size for t in taps}
+    streams = _without_channels_first_tokens(_find_taps(graph, input_hw, prefix_hint, stream_cuts(graph.nodes),
+                                                        stream=True))
+    taps = sorted(taps + [t for t in streams if t.size not in have], key=lambda t: t.depth)
+    stages = _stage_labels({t.height for t in taps}, input_hw[0])
+    for t in taps:
+        t.stage = stages[t.height]
+    return taps
 
 
 def _without_channels_first_tokens(taps: list[Tap]) -> list[Tap]:
@@ -183,17 +183,25 @@ def _without_channels_first_tokens(taps: list[Tap]) -> list[Tap]:
 
 
 def _flattened_channels_first(n: GNode, nodes: list[GNode]) -> bool:
-    """Whether a 3-d node is a feature map flattened channels first, (B, C, H, W) -> (B, C, H*W), as its input shows:
-    the flatten before the transpose to tokens (LeViT, PiT, class-token models), not a token grid. Read from the
+    """Whether a 3-d node is a feature map flattened channels first, (B, C, H*W), as a neighbour shows: made from a
+    (B, C, H, W) map (the flatten before the transpose to tokens: LeViT, PiT, class-token models) or made into one
+    (Twins' and PVT's transpose of (B, N, C) tokens before the view back to a map), not a token grid. Read from the
     shapes alone it can pass for one (C = 32 tokens as 7 class tokens + a 5 x 5 grid of H*W = 49 channels)."""
     if n.shape is None or len(n.shape) != 3:
         return False
     _, length, last = n.shape
-    return any(s is not None and len(s) == 4 and s[1] == length and s[2] * s[3] == last
-               for s in (nodes[j].shape for j in n.inputs))
+    if any(s is not None and len(s) == 4 and s[1] == length and s[2] * s[3] == last
+           for s in (nodes[j].shape for j in (*n.inputs, *n.users))):
+        return True
+    # a concat of such flattens along the channels (B, C1 + C2, H*W), one step back
+    return n.target == "cat" and any(
+        nodes[j].shape is not None and len(nodes[j].shape) == 3 and nodes[j].shape[2] == last and any(
+            s is not None and len(s) == 4 and s[1] == nodes[j].shape[1] and s[2] * s[3] == last
+            for s in (nodes[k].shape for k in nodes[j].inputs)) for j in n.inputs)
 
 
-def _find_taps(graph: Graph, input_hw: tuple[int, int], prefix_hint: int | None, strict: bool) -> list[Tap]:
+def _find_taps(graph: Graph, input_hw: tuple[int, int], prefix_hint: int | None, at: list[int],
+               stream: bool = False) -> list[Tap]:
     nodes = graph.nodes
     last_in_scope: dict[str, int] = {}
     for i, n in enumerate(nodes):
@@ -204,11 +212,11 @@ def _find_taps(graph: Graph, input_hw: tuple[int, int], prefix_hint: int | None,
     output_pos = max(len(nodes) - 1, 1)
     taps: list[Tap] = []
     prefer = None
-    for i in (cut_points(nodes) if strict else stream_cuts(nodes)):
+    for i in at:
         n = nodes[i]
         if n.shape is None or _flattened_channels_first(n, nodes):
             continue
-        found = _layout(n.shape, input_hw, prefix_hint, prefer, strict)
+        found = _layout(n.shape, input_hw, prefix_hint, prefer, stream)
         if found is None:
             continue
         layout, c, h, w, prefix = found
@@ -224,14 +232,11 @@ def _find_taps(graph: Graph, input_hw: tuple[int, int], prefix_hint: int | None,
                 height=h,
                 width=w,
                 prefix_tokens=prefix,
-                stage=0,  # set below, once every size is known
+                stage=0,  # set by the caller, once every size is known
                 depth=round(i / output_pos, 4),
                 is_module_output=module is not None,
             )
         )
-    stages = _stage_labels({t.height for t in taps}, input_hw[0])
-    for t in taps:
-        t.stage = stages[t.height]
     return taps
 
 
@@ -250,6 +255,7 @@ def _stage_labels(heights: set[int], input_height: int) -> dict[int, int]:
 
 TARGET_DEPTH = 0.65   # middle-to-late: Table 5's best site sits about two thirds of the way to the head
 ISOTROPIC_SPAN = 0.3  # a size that spans this much of the depth is an isotropic trunk (ViT), not one stage
+TRUNK_DEPTHS = (0.5, TARGET_DEPTH, 0.8)  # an isotropic trunk offers its block outputs nearest these depths
 
 
 def _path_depth(t: Tap) -> int:
@@ -257,9 +263,10 @@ def _path_depth(t: Tap) -> int:
 
 
 def stage_taps(taps: list[Tap]) -> list[Tap]:
-    """One tap per spatial size. In a CNN stage: the stage output, i.e. the outermost module (fewest path parts)
-    and, among those, the deepest. In an isotropic trunk (ViT, one size for most of the depth): the block output
-    nearest the paper's middle-to-late target depth."""
+    """The taps a site may use. In a CNN stage (one size over a short stretch of the depth): the stage output, i.e.
+    the outermost module (fewest path parts) and, among those, the deepest. In an isotropic trunk (ViT, one size
+    for most of the depth): the block outputs nearest each of `TRUNK_DEPTHS`, so that pairing can place the MKB at
+    a depth of its own rather than at the one output a stage would give."""
     by_size: dict[tuple[int, int], list[Tap]] = {}
     for t in taps:
         by_size.setdefault(t.size, []).append(t)
@@ -268,7 +275,10 @@ def stage_taps(taps: list[Tap]) -> list[Tap]:
         candidates = [t for t in group if t.is_module_output] or group
         span = max(t.depth for t in candidates) - min(t.depth for t in candidates)
         if span > ISOTROPIC_SPAN:
-            chosen.append(min(candidates, key=lambda t: abs(t.depth - TARGET_DEPTH)))
+            # block outputs: modules of a container (`blocks.7`), not a layer inside a block (`blocks.4.0.bn2`)
+            blocks = [t for t in candidates if t.module and t.module.rsplit(".", 1)[-1].isdigit()] or candidates
+            nearest = {min(blocks, key=lambda t: abs(t.depth - d)).node: d for d in TRUNK_DEPTHS}
+            chosen += [t for t in candidates if t.node in nearest]
         else:
             chosen.append(min(candidates, key=lambda t: (_path_depth(t), -t.depth)))
     return sorted(chosen, key=lambda t: t.depth)
