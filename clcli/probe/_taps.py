@@ -40,26 +40,39 @@ class Tap:
         return asdict(self)
 
 
-def cut_points(nodes: list[GNode], tensors_only: bool = False) -> list[int]:
+def image_features(nodes: list[GNode]) -> list[bool]:
+    """Per node, whether its value carries features of the image: a tensor computed from the input through tensors.
+    A `B, C, H, W = x.shape` read, and whatever is computed from it alone (a rotary position table, an attention
+    mask), does not: it is the same for every image of that size."""
+    carries: list[bool] = []
+    for n in nodes:
+        carries.append(n.tensor and (n.op == "placeholder" or any(carries[j] for j in n.inputs)))
+    return carries
+
+
+def cut_points(nodes: list[GNode], features_only: bool = False) -> list[int]:
     """Indices of nodes over which no edge jumps (reach of all earlier nodes ends at or before them). With
-    `tensors_only`, values that hold no tensor may jump: a `B, H, W` read from a shape at a network's start and used
-    in every stage's reshape (Twins, PVT) carries no features, and rewriting a map keeps its shape."""
+    `features_only`, values that carry no image features (`image_features`) may jump: a `B, H, W` read from a shape
+    at a network's start and used in every stage's reshape (Twins, PVT), a rotary position table used by every block
+    (EVA); rewriting a map keeps its shape and changes none of them."""
+    carries = image_features(nodes) if features_only else [True] * len(nodes)
     cuts = []
     reach = -1
     for i, n in enumerate(nodes):
         if reach <= i and n.op not in ("placeholder", "output"):
             cuts.append(i)
-        if n.tensor or not tensors_only:
+        if carries[i]:
             reach = max(reach, max(n.users) if n.users else i)
     return cuts
 
 
 def stream_cuts(nodes: list[GNode]) -> list[int]:
-    """Cut points of one stream, for models with no plain cut point at a feature map: nodes over which only values
-    jump that are not their own features: values that hold no tensor (a `B, C, H, W = x.shape` read at a block's
-    start and used at its end) and values that are not ancestors of the node (a class token carried beside the
-    patch grid, as in PiT and CoaT; the other scale's tokens in CrossViT). A residual skip is an ancestor of every
-    node inside its block, so block interiors stay excluded."""
+    """Cut points of one stream: nodes over which only values jump that are not their own features: values that
+    carry no image features (`image_features`: a `B, C, H, W = x.shape` read at a block's start and used at its end,
+    a rotary position table) and values that are not ancestors of the node (a class token carried beside the patch
+    grid, as in PiT and CoaT; the other scale's tokens in CrossViT; a parallel branch, as in HRNet). A residual skip
+    is an ancestor of every node inside its block, so block interiors stay excluded."""
+    carries = image_features(nodes)
     ancestors: list[int] = []   # bit j set: node j is an ancestor
     live: dict[int, int] = {}   # node -> index of its last use
     learned = [n.op == "call_module" for n in nodes]  # a layer ran on the way here: features, not the image
@@ -72,7 +85,7 @@ def stream_cuts(nodes: list[GNode]) -> list[int]:
         ancestors.append(mine)
         live = {j: last for j, last in live.items() if last > i}
         if learned[i] and n.op not in ("placeholder", "output") and all(
-                not nodes[j].tensor or not (mine >> j) & 1 for j in live):
+                not carries[j] or not (mine >> j) & 1 for j in live):
             cuts.append(i)
         if n.users:
             live[i] = max(n.users)
@@ -159,15 +172,15 @@ def _module_output(nodes: list[GNode], i: int, last_in_scope: dict[str, int]) ->
 
 
 def find_taps_in_graph(graph: Graph, input_hw: tuple[int, int], prefix_hint: int | None = None) -> list[Tap]:
-    """Taps at cut points (`cut_points`, shapes read as ints may jump) of any spatial size with the input's aspect
-    ratio; then, for every size no cut point has, taps at stream cut points (`stream_cuts`): stages that meet only
-    through parallel branches (HRNet's 28 and 14 px streams), a class token carried beside the grid (PiT, CoaT),
-    multi-scale streams (CrossViT)."""
-    taps = _find_taps(graph, input_hw, prefix_hint, cut_points(graph.nodes, tensors_only=True))
-    have = {t.size for t in taps}
-    streams = _without_channels_first_tokens(_find_taps(graph, input_hw, prefix_hint, stream_cuts(graph.nodes),
-                                                        stream=True))
-    taps = sorted(taps + [t for t in streams if t.size not in have], key=lambda t: t.depth)
+    """Taps at cut points (`cut_points`; values with no image features may jump) and at stream cut points (`stream_cuts`:
+    stages that meet only through parallel branches, as HRNet's 28 and 14 px streams; a class token carried beside
+    the grid, as in PiT and CoaT; multi-scale streams, as in CrossViT), of any spatial size with the input's aspect
+    ratio."""
+    cuts = cut_points(graph.nodes, features_only=True)
+    taps = _find_taps(graph, input_hw, prefix_hint, cuts)
+    streams = _without_channels_first_tokens(_find_taps(
+        graph, input_hw, prefix_hint, sorted(set(stream_cuts(graph.nodes)) - set(cuts)), stream=True))
+    taps = sorted(taps + streams, key=lambda t: t.depth)
     stages = _stage_labels({t.height for t in taps}, input_hw[0])
     for t in taps:
         t.stage = stages[t.height]
@@ -210,12 +223,13 @@ def _find_taps(graph: Graph, input_hw: tuple[int, int], prefix_hint: int | None,
         if n.op == "call_module":
             last_in_scope[n.target] = i
     output_pos = max(len(nodes) - 1, 1)
+    carries = image_features(nodes)
     taps: list[Tap] = []
     prefer = None
     for i in at:
         n = nodes[i]
-        if n.shape is None or _flattened_channels_first(n, nodes):
-            continue
+        if n.shape is None or not carries[i] or _flattened_channels_first(n, nodes):
+            continue  # a position grid built from the input's size is no feature map
         found = _layout(n.shape, input_hw, prefix_hint, prefer, stream)
         if found is None:
             continue
@@ -275,8 +289,10 @@ def stage_taps(taps: list[Tap]) -> list[Tap]:
         candidates = [t for t in group if t.is_module_output] or group
         span = max(t.depth for t in candidates) - min(t.depth for t in candidates)
         if span > ISOTROPIC_SPAN:
-            # block outputs: modules of a container (`blocks.7`), not a layer inside a block (`blocks.4.0.bn2`)
-            blocks = [t for t in candidates if t.module and t.module.rsplit(".", 1)[-1].isdigit()] or candidates
+            # block outputs: modules of a container (`blocks.7`), not a layer inside a block (`blocks.4.0.bn2`);
+            # else the outermost modules (Inception's `Mixed_6c`, not `Mixed_6c.branch_pool.conv`)
+            blocks = [t for t in candidates if t.module and t.module.rsplit(".", 1)[-1].isdigit()] or \
+                [t for t in candidates if _path_depth(t) == min(map(_path_depth, candidates))]
             nearest = {min(blocks, key=lambda t: abs(t.depth - d)).node: d for d in TRUNK_DEPTHS}
             chosen += [t for t in candidates if t.node in nearest]
         else:
