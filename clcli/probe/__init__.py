@@ -206,21 +206,51 @@ def analyse(
     hw = _as_hw(input_size)
     kwargs = models.model_kwargs(name, num_classes=num_classes, in_chans=in_chans, input_size=hw)
     model = models.create(name, kwargs, meta=True)
-    graph = _traced(model, in_chans, hw)
     change = None
     if stem == "small":
+        graph = _stem_graph(model, in_chans, hw)
         change = find_small_stem(model, graph)
-        if change.conv is None:
-            raise ClcliError(f"{name}: no strided conv found for --stem small")
+        if change.conv is None and change.pool is None:
+            raise ClcliError(f"{name}: no strided conv or pooling found for --stem small ({_no_stem_reason(model)}); "
+                             f"use --stem imagenet")
         models.apply_stem(model, change)
         try:
             # torch.export only where fx needed it before the change: it takes minutes to fail on a broken model
             graph = _traced(model, in_chans, hw, export=graph.tracer == "export")
         except ClcliError as e:
             raise ClcliError(f"{name}: --stem small breaks the model ({e}); use --stem imagenet") from None
+    else:
+        graph = _traced(model, in_chans, hw)
     taps = _module_taps(model, graph, in_chans, hw)
     return ModelProbe(name, kwargs, change, graph.tracer, models.count_params(model), graph.macs,
                       taps, stage_taps(taps), _patch_notes(name, model, hw))
+
+
+def _stem_graph(model, in_chans: int, hw: tuple[int, int]):
+    """The graph the stem is found in: at `hw`, or where the model fails there as built (Inception's valid
+    convolutions leave nothing of a 32 px input before the small stem keeps it large), at its own input size."""
+    try:
+        return _traced(model, in_chans, hw)
+    except ClcliError as at_size:
+        own = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size") or ())[-2:]
+        if len(own) != 2 or own == tuple(hw):
+            raise
+        try:
+            return _traced(model, in_chans, own, export=False)
+        except ClcliError:
+            raise at_size from None
+
+
+def _no_stem_reason(model) -> str:
+    """Why a model has nothing for --stem small to change, as far as its modules show."""
+    from torch import nn
+
+    kinds = {type(m).__name__ for m in model.modules()}
+    if "SpaceToDepth" in kinds:
+        return "its stem folds 4x4 pixels into channels (space-to-depth), so a stride cannot change"
+    if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        return "it embeds patches with a linear layer, not a strided conv"
+    return "its downsampling is not a strided conv or pooling"
 
 
 def _module_taps(model, graph, in_chans: int, hw: tuple[int, int]) -> list[Tap]:

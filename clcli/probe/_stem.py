@@ -1,5 +1,6 @@
 """Find the small-stem change from the traced graph, for any family: the first strided conv with every strided layer
-of the branches beside it, and the first pooling that runs before the next strided layer (the stem's max-pool)."""
+of the branches beside it, and the first pooling the whole stream passes through before the next strided layer (the
+stem's max-pool); for a stem that downsamples by pooling alone (VGG), that pooling."""
 from __future__ import annotations
 
 from torch import nn
@@ -31,12 +32,19 @@ def find_small_stem(model: nn.Module, graph: Graph) -> StemChange:
     modules = dict(model.named_modules())
     nodes = graph.nodes
     change = StemChange()
+    # only where the whole stream passes: a pooling beside a strided conv (DLA's and Xception's downsampled
+    # shortcut, CoAtNet's pooled shortcut) belongs to a block, whose two paths must keep the same stride
+    cuts = cut_points(nodes, features_only=True)
     first = next((i for i, n in enumerate(nodes) if n.op == "call_module"
                   and _strided(modules.get(n.target), nn.Conv2d)), None)
+    first_pool = next((i for i in cuts if nodes[i].op == "call_module"
+                       and _strided(modules.get(nodes[i].target), _POOLS)), None)
+    if first_pool is not None and (first is None or first_pool < first):
+        change.pool = nodes[first_pool].target  # a stem that downsamples by pooling alone (VGG)
+        return change
     if first is None:
         return change
     change.conv = nodes[first].target
-    cuts = cut_points(nodes)
     # Branches beside the first strided conv (RepVGG / MobileOne stems, a block's strided shortcut) run until the
     # next cut point, where they merge: every strided layer among them changes with it, so that they still add up.
     # A branch reads a map of the first conv's input size; later downsamplings before the merge are the body's.
@@ -46,13 +54,14 @@ def find_small_stem(model: nn.Module, graph: Graph) -> StemChange:
         if n.op == "call_module" and _strided(modules.get(n.target), (nn.Conv2d, *_POOLS)) \
                 and _input_size(nodes, nodes.index(n)) == size and n.target not in change.convs:
             change.branches.append(n.target)
-    for n in nodes[merge + 1:]:
+    for i in range(merge + 1, len(nodes)):
+        n = nodes[i]
         if n.op != "call_module":
             continue
         m = modules.get(n.target)
-        if _strided(m, _POOLS):
+        if _strided(m, _POOLS) and i in cuts:
             change.pool = n.target
             break
-        if _strided(m, nn.Conv2d):
+        if _strided(m, (nn.Conv2d, *_POOLS)):
             break  # past the stem: the next downsampling belongs to the body
     return change
