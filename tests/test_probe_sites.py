@@ -151,3 +151,84 @@ def test_an_unknown_plan_version_is_one_line():
     raw["version"] = 99
     with pytest.raises(ClcliError, match="unsupported plan version 99"):
         probe.Plan.from_dict(raw)
+
+
+# --- --stem small changes strides consistently ---------------------------------------------------------------------
+
+def _register(name: str, cls, input_size=None) -> str:
+    import timm
+    from timm.models import register_model
+
+    if not timm.is_model(name):
+        def build(pretrained=False, **kwargs):
+            net = cls(**kwargs)
+            net.pretrained_cfg = {"input_size": (3, *input_size)} if input_size else {}
+            return net
+
+        build.__name__ = name
+        register_model(build)
+    return name
+
+
+class PooledShortcut(nn.Module):
+    """A stride-2 stem conv, then a block whose strided conv runs beside a pooled shortcut (DLA's tree, Xception's
+    block): the pooling belongs to the block, not to the stem."""
+
+    def __init__(self, num_classes=10, in_chans=3, **kwargs):
+        super().__init__()
+        self.stem = _stage(in_chans, 8, 3, 2, pad=1)
+        self.body = _stage(8, 8, 3, 2, pad=1)
+        self.shortcut = nn.MaxPool2d(2, 2)
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.body(x) + self.shortcut(x)
+        return self.head(x.mean((2, 3)))
+
+
+class PoolingStem(nn.Module):
+    """VGG's kind: stride-1 convs, downsampling by max-pooling alone."""
+
+    def __init__(self, num_classes=10, in_chans=3, **kwargs):
+        super().__init__()
+        self.features = nn.Sequential(_stage(in_chans, 8, 3, 1, 1), nn.MaxPool2d(2, 2), _stage(8, 8, 3, 1, 1),
+                                      nn.MaxPool2d(2, 2))
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+class ValidStem(nn.Module):
+    """Inception's kind: valid convolutions that leave nothing of a 16 px input (16 -> 7 -> 3 -> 1, then a 3x3 fails),
+    made for 64 px; with the first conv at stride 1 and 'same' padding, 16 px is enough."""
+
+    def __init__(self, num_classes=10, in_chans=3, **kwargs):
+        super().__init__()
+        self.stem = _stage(in_chans, 8, 3, 2)
+        self.body = nn.Sequential(_stage(8, 8, 3, 2), _stage(8, 8, 3, 2), _stage(8, 8, 3, 1))
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.head(self.body(self.stem(x)).mean((2, 3)))
+
+
+def test_a_pooled_shortcut_is_not_taken_for_the_stem_pooling():
+    m = probe.analyse(_register("clcli_test_pooled_shortcut", PooledShortcut), 32, stem="small")
+    assert m.stem.conv == "stem.0" and m.stem.pool is None  # was `shortcut`: 16 + 32 px no longer added up
+    assert [t.size for t in m.stage_taps] == [(32, 32), (16, 16)]  # the block's sum
+
+
+def test_a_stem_that_downsamples_by_pooling_alone_loses_its_first_pooling():
+    m = probe.analyse(_register("clcli_test_pooling_stem", PoolingStem), 32, stem="small")
+    assert m.stem.conv is None and m.stem.pool == "features.1"
+    assert {t.size for t in m.stage_taps} >= {(32, 32), (16, 16)}
+
+
+def test_a_model_too_small_as_built_finds_its_stem_at_its_own_size():
+    name = _register("clcli_test_valid_stem", ValidStem, input_size=(64, 64))
+    with pytest.raises(ClcliError, match="fails on a 16x16 input"):
+        probe.analyse(name, 16)
+    m = probe.analyse(name, 16, stem="small")
+    assert m.stem.conv == "stem.0" and [t.size for t in m.stage_taps][:2] == [(16, 16), (7, 7)]

@@ -96,12 +96,13 @@ class Plan:
         pairings = {s.pairing for s in self.sites}
         notes = []
         if "x2" in pairings:
-            notes.append("no equal spatial size: sites pair sizes in a ratio of 2, bridged by a resize")
+            notes.append("no equal spatial size sits mid-to-late in every network: sites pair sizes in a ratio of 2, "
+                         "bridged by a resize")
         if "nearest" in pairings:
             sizes = "; ".join(" / ".join(f"{t.height}x{t.width}" for t in s.taps) for s in self.sites
                               if s.pairing == "nearest")
-            notes.append(f"no equal spatial size and none in a ratio of 2: sites pair each model's nearest size "
-                         f"({sizes}), every encoder resampling to the one code size")
+            notes.append(f"no equal spatial size or one in a ratio of 2 sits mid-to-late in every network: sites "
+                         f"pair each model's nearest size ({sizes}), every encoder resampling to the one code size")
         return notes
 
     @classmethod
