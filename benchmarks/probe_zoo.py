@@ -1,5 +1,6 @@
 """Probe every model in timm.list_models() on the meta device and report how many fx analyses, how many need the
-torch.export fallback, and which fail.
+torch.export fallback, and which fail; and, for each model, whether the probe finds a tap at every stage size that
+timm's own `feature_info` lists (the sizes a meta-device forward of the `features_only` model gives, 2x2 or more).
 
     python benchmarks/probe_zoo.py --out docs/results/probe_zoo.json            # the whole zoo (about half an hour)
     python benchmarks/probe_zoo.py --every 10 --out /tmp/zoo_sample.json        # every 10th name
@@ -46,6 +47,7 @@ def _probe_one(args) -> dict:
         result = {"name": name, "status": m.tracer, "taps": len(m.stage_taps),
                   "usable_site": probe.has_site(m.stage_taps),
                   "layouts": sorted({t.layout for t in m.stage_taps}), "input_size": list(size)}
+        result["stages"] = _stage_coverage(name, size, {t.size for t in m.taps})
     except BaseException as e:  # noqa: BLE001 - a sweep records every failure and goes on
         text = str(e).strip().splitlines()
         result = {"name": name, "status": "failed", "error": f"{type(e).__name__}: {text[0][:200] if text else ''}"}
@@ -55,11 +57,62 @@ def _probe_one(args) -> dict:
     return result
 
 
+def feature_sizes(name: str, size: tuple[int, int]) -> list[tuple[int, int]]:
+    """The spatial size of each stage timm's `features_only` model returns, from a forward on the meta device."""
+    import torch
+    import timm
+
+    from clcli import models
+
+    kwargs = models.model_kwargs(name, num_classes=0, input_size=size)
+    kwargs.pop("num_classes")
+    with torch.device("meta"):
+        net = timm.create_model(name, pretrained=False, features_only=True, **kwargs).eval()
+    with torch.no_grad():
+        outputs = net(torch.empty(1, 3, *size, device="meta"))
+    sizes = []
+    for out, channels in zip(outputs, net.feature_info.channels()):
+        shape = tuple(out.shape)
+        if len(shape) == 4:  # NCHW, or NHWC where the last dim holds the channels
+            sizes.append(shape[1:3] if shape[-1] == channels and shape[1] != channels else shape[2:])
+        elif len(shape) == 3:  # tokens: a square grid after any prefix the model declares
+            prefix = getattr(net, "num_prefix_tokens", 0) or 0
+            side = round((shape[1] - prefix) ** 0.5)
+            sizes.append((side, side))
+    return sizes
+
+
+def _stage_coverage(name: str, size: tuple[int, int], tap_sizes: set) -> dict:
+    """timm's stage sizes of 2x2 or more, and those the probe has a tap of: {"sizes", "found"} or {"error"}."""
+    try:
+        sizes = feature_sizes(name, size)
+    except Exception as e:  # noqa: BLE001 - no features_only for this model: recorded, not a probe failure
+        text = str(e).strip().splitlines()
+        return {"error": f"{type(e).__name__}: {text[0][:160] if text else ''}"}
+    stages = [tuple(s) for s in sizes if min(s) >= 2]
+    return {"sizes": [list(s) for s in stages], "found": sum(s in tap_sizes for s in stages),
+            "missing": [list(s) for s in dict.fromkeys(s for s in stages if s not in tap_sizes)]}
+
+
 def _init(gib: float) -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
     _limit_memory(gib)
+
+
+def _coverage_summary(results: list[dict]) -> dict:
+    """Over every model: timm's stages of 2x2 or more, how many the probe finds at the same size, the models with a
+    stage not found, and the models timm cannot build `features_only`."""
+    covered = [r for r in results if "sizes" in r.get("stages", {})]
+    return {
+        "models_with_feature_info": len(covered),
+        "stages": sum(len(r["stages"]["sizes"]) for r in covered),
+        "found": sum(r["stages"]["found"] for r in covered),
+        "models_all_found": sum(r["stages"]["found"] == len(r["stages"]["sizes"]) for r in covered),
+        "models_missing": sorted(r["name"] for r in covered if r["stages"]["found"] < len(r["stages"]["sizes"])),
+        "no_feature_info": sorted(r["name"] for r in results if "error" in r.get("stages", {})),
+    }
 
 
 def main() -> None:
@@ -102,6 +155,7 @@ def main() -> None:
         "no_taps": sorted(r["name"] for r in results if r["status"] != "failed" and r["taps"] == 0),
         # a stage tap of 2x2 or more: somewhere an MKB can go (models probed before this field: any tap counts)
         "usable_site": sum(r["status"] != "failed" and r.get("usable_site", r["taps"] > 0) for r in results),
+        "stage_coverage": _coverage_summary(results),
         "failures": sorted(({"name": r["name"], "error": r["error"]} for r in results if r["status"] == "failed"),
                            key=lambda r: r["name"]),
         # the whole-zoo time stays that of the last whole run
@@ -111,7 +165,12 @@ def main() -> None:
     }
     with open(args.out, "w") as f:
         json.dump({"summary": summary, "results": sorted(results, key=lambda r: r["name"])}, f, indent=1)
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("failures", "no_taps")}, indent=1))
+    coverage = summary["stage_coverage"]
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("failures", "no_taps", "stage_coverage")},
+                     indent=1))
+    print(f"stages of timm's feature_info found: {coverage['found']}/{coverage['stages']} in "
+          f"{coverage['models_with_feature_info']} models ({coverage['models_all_found']} with every stage); "
+          f"no features_only model: {len(coverage['no_feature_info'])}")
     print(f"failures: {len(summary['failures'])}, analysed without any spatial tap: {len(summary['no_taps'])}")
 
 

@@ -17,7 +17,9 @@ def print_plan(console, plan) -> None:
     for m in plan.models:
         stem = ""
         if m.stem:
-            stem = f", small stem: stride 1 at {', '.join(m.stem.convs)}" + (f", {m.stem.pool} removed" if m.stem.pool else "")
+            changed = ([f"stride 1 at {', '.join(m.stem.convs)}"] if m.stem.convs else []) + \
+                ([f"{m.stem.pool} removed"] if m.stem.pool else [])
+            stem = f", small stem: {', '.join(changed)}"
         table = Table(title=f"{m.name}  ({_fmt_int(m.params)} params, {_fmt_int(m.macs)} MACs, traced with "
                             f"{m.tracer}{stem})", title_justify="left")
         for col in ("tap", "layout", "C", "H x W", "stage", "depth", "module output"):

@@ -234,12 +234,24 @@ def apply_stem(model, stem: StemChange) -> None:
             model.set_submodule(path, nn.Identity())
             continue
         k = conv.kernel_size
+        _patch_size_follows(model, path, tuple(conv.stride))
         conv.stride = (1, 1)
         if not (all(x % 2 == 1 for x in k) and tuple(conv.padding) == tuple(x // 2 for x in k)) \
                 and type(conv) is nn.Conv2d:
             conv.padding = "same"  # keep H x W: a patchify conv (k=4, pad 0) would otherwise shrink the map
     if stem.pool:
         model.set_submodule(stem.pool, nn.Identity())
+
+
+def _patch_size_follows(model, conv_path: str, stride: tuple) -> None:
+    """A patch embedding that computes its output grid from a recorded patch size (Twins: `H // patch_size`) records
+    the new stride of its conv, so that the grid it reports is the map the conv makes."""
+    parent = model.get_submodule(conv_path.rpartition(".")[0]) if "." in conv_path else model
+    size = getattr(parent, "patch_size", None)
+    if isinstance(size, int):
+        size = (size, size)
+    if isinstance(size, (tuple, list)) and tuple(size) == stride:
+        parent.patch_size = 1 if isinstance(getattr(parent, "patch_size"), int) else (1, 1)
 
 
 def count_params(model) -> int:

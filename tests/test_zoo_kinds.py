@@ -192,11 +192,11 @@ def test_nearest_sizes_pair_when_no_equal_or_double_size_exists():
 
     vit = [_tap(16, 0.65, "vit16", 32)]                        # a patch-14 ViT at 224 px: one 16 x 16 grid
     cnn = [_tap(56, 0.2, "cnn56"), _tap(28, 0.4, "cnn28"), _tap(14, 0.6, "cnn14", 24), _tap(7, 0.8, "cnn7")]
-    sites, resized = candidate_sites([vit, cnn])
-    assert resized and sites[0]["pairing"] == "nearest"
+    sites = candidate_sites([vit, cnn])
+    assert sites[0]["resized"] and sites[0]["pairing"] == "nearest"
     assert [t.module for t in sites[0]["taps"]] == ["vit16", "cnn14"] and sites[0]["size"] == [14, 14]
     assert all(s["pairing"] == "nearest" for s in sites)
-    assert candidate_sites([cnn, cnn])[0][0]["pairing"] == "equal"
+    assert candidate_sites([cnn, cnn])[0]["pairing"] == "equal"
 
     spec = size_mkb_for(sites[0]["taps"])
     assert [h.resample for h in spec.halves] == ["adaptive", "adaptive"] and spec.code_height == 4

@@ -13,7 +13,10 @@ from clcli.models import STEMS, StemChange
 
 from ._taps import MIN_SIDE, Tap, has_site
 
-PLAN_VERSION = 1
+# 2: a model's taps may hold several of one size (an isotropic trunk's depths), any spatial size is a tap, and a
+# site's score is its worse-placed network's (docs/probe.md). A version-1 plan reads the same and trains as written.
+PLAN_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass
@@ -25,7 +28,7 @@ class ModelProbe:
     params: int
     macs: int
     taps: list[Tap]              # every spatial cut point
-    stage_taps: list[Tap]        # one per size: the stage outputs
+    stage_taps: list[Tap]        # what sites may use: a stage output per size, several depths of an isotropic trunk
     notes: list[str] = field(default_factory=list)  # what the user should know about this model at this input
 
     def to_dict(self) -> dict:
@@ -93,20 +96,22 @@ class Plan:
         pairings = {s.pairing for s in self.sites}
         notes = []
         if "x2" in pairings:
-            notes.append("no equal spatial size: sites pair sizes in a ratio of 2, bridged by a resize")
+            notes.append("no equal spatial size sits mid-to-late in every network: sites pair sizes in a ratio of 2, "
+                         "bridged by a resize")
         if "nearest" in pairings:
             sizes = "; ".join(" / ".join(f"{t.height}x{t.width}" for t in s.taps) for s in self.sites
                               if s.pairing == "nearest")
-            notes.append(f"no equal spatial size and none in a ratio of 2: sites pair each model's nearest size "
-                         f"({sizes}), every encoder resampling to the one code size")
+            notes.append(f"no equal spatial size or one in a ratio of 2 sits mid-to-late in every network: sites "
+                         f"pair each model's nearest size ({sizes}), every encoder resampling to the one code size")
         return notes
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
         if not isinstance(d, dict) or "version" not in d:
             raise ClcliError("not a clcli plan (no 'version' field)")
-        if d["version"] != PLAN_VERSION:
-            raise ClcliError(f"unsupported plan version {d['version']} (this clcli reads version {PLAN_VERSION})")
+        if d["version"] not in READABLE_VERSIONS:
+            raise ClcliError(f"unsupported plan version {d['version']} (this clcli reads versions "
+                             f"{', '.join(map(str, READABLE_VERSIONS))})")
         try:
             models = [
                 ModelProbe(m["name"], m["kwargs"], StemChange(**m["stem"]) if m["stem"] else None, m["tracer"],
@@ -195,29 +200,66 @@ def analyse(
     from clcli import models
 
     from ._stem import find_small_stem
-    from ._taps import find_taps_in_graph, stage_taps
+    from ._taps import stage_taps
 
     if stem not in STEMS:
         raise ClcliError(f"unknown stem '{stem}': use one of {', '.join(STEMS)}")
     hw = _as_hw(input_size)
     kwargs = models.model_kwargs(name, num_classes=num_classes, in_chans=in_chans, input_size=hw)
     model = models.create(name, kwargs, meta=True)
-    graph = _traced(model, in_chans, hw)
     change = None
     if stem == "small":
+        graph = _stem_graph(model, in_chans, hw)
         change = find_small_stem(model, graph)
-        if change.conv is None:
-            raise ClcliError(f"{name}: no strided conv found for --stem small")
+        if change.conv is None and change.pool is None:
+            raise ClcliError(f"{name}: no strided conv or pooling found for --stem small ({_no_stem_reason(model)}); "
+                             f"use --stem imagenet")
         models.apply_stem(model, change)
         try:
             # torch.export only where fx needed it before the change: it takes minutes to fail on a broken model
             graph = _traced(model, in_chans, hw, export=graph.tracer == "export")
         except ClcliError as e:
             raise ClcliError(f"{name}: --stem small breaks the model ({e}); use --stem imagenet") from None
-    prefix = getattr(model, "num_prefix_tokens", None)
-    taps = _hookable(model, find_taps_in_graph(graph, hw, prefix if isinstance(prefix, int) else None), in_chans, hw)
+    else:
+        graph = _traced(model, in_chans, hw)
+    taps = _module_taps(model, graph, in_chans, hw)
     return ModelProbe(name, kwargs, change, graph.tracer, models.count_params(model), graph.macs,
                       taps, stage_taps(taps), _patch_notes(name, model, hw))
+
+
+def _stem_graph(model, in_chans: int, hw: tuple[int, int]):
+    """The graph the stem is found in: at `hw`, or where the model fails there as built (Inception's valid
+    convolutions leave nothing of a 32 px input before the small stem keeps it large), at its own input size."""
+    try:
+        return _traced(model, in_chans, hw)
+    except ClcliError as at_size:
+        own = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size") or ())[-2:]
+        if len(own) != 2 or own == tuple(hw):
+            raise
+        try:
+            return _traced(model, in_chans, own, export=False)
+        except ClcliError:
+            raise at_size from None
+
+
+def _no_stem_reason(model) -> str:
+    """Why a model has nothing for --stem small to change, as far as its modules show."""
+    from torch import nn
+
+    kinds = {type(m).__name__ for m in model.modules()}
+    if "SpaceToDepth" in kinds:
+        return "its stem folds 4x4 pixels into channels (space-to-depth), so a stride cannot change"
+    if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        return "it embeds patches with a linear layer, not a strided conv"
+    return "its downsampling is not a strided conv or pooling"
+
+
+def _module_taps(model, graph, in_chans: int, hw: tuple[int, int]) -> list[Tap]:
+    """The taps of a traced model, each hooked at its module where a hook sees exactly the tap."""
+    from ._taps import find_taps_in_graph
+
+    prefix = getattr(model, "num_prefix_tokens", None)
+    return _hookable(model, find_taps_in_graph(graph, hw, prefix if isinstance(prefix, int) else None), in_chans, hw)
 
 
 def _patch_notes(name: str, model, hw: tuple[int, int]) -> list[str]:
@@ -246,7 +288,7 @@ def plan(
     """Probe every model and choose `mkbs` MKB sites common to all of them."""
     from clcli.models import check_model_name
 
-    from ._pairing import candidate_sites, nearest_sizes, spread
+    from ._pairing import candidate_sites, nearest_sizes, shown, spread
 
     if len(names) < 2:
         raise ClcliError("collaborative learning needs at least 2 models")
@@ -256,7 +298,7 @@ def plan(
         check_model_name(n)
     hw = _as_hw(input_size)
     probes = [analyse(n, hw, stem=stem, num_classes=num_classes, in_chans=in_chans) for n in names]
-    raw, resized = candidate_sites([p.stage_taps for p in probes])
+    raw = candidate_sites([p.stage_taps for p in probes])
     if not raw:
         bare = [p.name for p in probes if not has_site(p.stage_taps)]
         raise ClcliError(
@@ -264,18 +306,16 @@ def plan(
             f"larger (stage sizes: {nearest_sizes([p.stage_taps for p in probes])}); try a larger --input-size"
             + (" or --stem small" if stem != "small" else "")
         )
-    params = [p.params for p in probes]
-    candidates = [
-        Site(tuple(s["size"]), s["taps"], s["score"], s["resized"],
-             size_mkb([(t.channels, t.height, t.width) for t in s["taps"]], params,
-                      embedding=embedding, budget=budget), s["pairing"])
-        for s in raw
-    ]
     chosen_raw = spread(raw, mkbs)
-    chosen = [c for c in candidates if any(c.taps is r["taps"] for r in chosen_raw)]
-    if len(chosen) < mkbs:
-        raise ClcliError(f"asked for {mkbs} MKBs but only {len(chosen)} distinct stages are shared")
-    return Plan(probes, hw, stem, chosen, candidates, resized)
+    if len(chosen_raw) < mkbs:
+        raise ClcliError(f"asked for {mkbs} MKBs but only {len(chosen_raw)} sites share no tap")
+    params = [p.params for p in probes]
+    sites = {id(s): Site(tuple(s["size"]), s["taps"], s["score"], s["resized"],
+                         size_mkb([(t.channels, t.height, t.width) for t in s["taps"]], params,
+                                  embedding=embedding, budget=budget), s["pairing"])
+             for s in shown(raw, chosen_raw)}
+    chosen = [sites[id(s)] for s in chosen_raw]
+    return Plan(probes, hw, stem, chosen, list(sites.values()), any(s.resized for s in chosen))
 
 
 __all__ = ["Plan", "Site", "ModelProbe", "Tap", "analyse", "plan", "PLAN_VERSION", "has_site"]

@@ -152,26 +152,27 @@ def _eager_error(model: nn.Module, example: torch.Tensor) -> Exception | None:
 
 def trace(model: nn.Module, example: torch.Tensor, export: bool = True) -> Graph:
     """Trace `model` (in eval mode) on `example`, with fx and, where fx fails (and `export`), torch.export."""
+    from clcli.errors import ClcliError, one_line
+
     model.eval()
     try:
         nodes = _fx_graph(model, example)
         tracer = "fx"
     except Exception as fx_error:  # noqa: BLE001 - any tracing failure falls back to export
+        # before torch.export, which takes minutes to fail on a model that cannot run this input at all
+        eager_error = _eager_error(model, example)
+        if eager_error is not None:  # not a tracing problem: the model refuses this input size
+            from clcli.models import input_size_error
+
+            cfg = getattr(model, "pretrained_cfg", None) or {}
+            raise input_size_error(cfg.get("architecture") or type(model).__name__, example.shape[-2:],
+                                   eager_error, made_for=cfg.get("input_size"),
+                                   context=" by itself, without tracing") from None
         try:
             if not export:
                 raise RuntimeError("not tried")
             nodes = _export_graph(model, example)
         except Exception as export_error:  # noqa: BLE001
-            from clcli.errors import ClcliError, one_line
-
-            eager_error = _eager_error(model, example)
-            if eager_error is not None:  # not a tracing problem: the model refuses this input size
-                from clcli.models import input_size_error
-
-                cfg = getattr(model, "pretrained_cfg", None) or {}
-                raise input_size_error(cfg.get("architecture") or type(model).__name__, example.shape[-2:],
-                                       eager_error, made_for=cfg.get("input_size"),
-                                       context=" by itself, without tracing") from None
             raise ClcliError(
                 f"cannot analyse {type(model).__name__}: fx failed ({one_line(fx_error)}) and torch.export "
                 f"failed ({one_line(export_error)})"

@@ -1,13 +1,33 @@
 """Rank candidate MKB sites across models, following the paper (section III-B, Table 5): feature maps of equal
-spatial size, convolutional stages rather than the classifier, later stages preferred with the middle-to-late
-stage best (conv2_x of three stages in Table 5)."""
+spatial size, convolutional stages rather than the classifier, the middle-to-late stage best and the first and last
+stages worst (conv2_x of three stages in Table 5). Each network's own depth counts: a site is as good as the worse
+placed of its taps, so that no network's MKB sits at its stem or right before its head to suit the other."""
 from __future__ import annotations
 
+import itertools
 import math
 
 from ._taps import MIN_SIDE, TARGET_DEPTH, Tap
 
 GOOD_SIDE = 4         # below this the unified code is smaller than the paper's 4x4
+EXTREMES = (0.25, 0.9)  # a tap shallower or deeper than these sits at the stem or right before the head
+EXTREME_COST = 1.0    # what sitting there costs: more than pairing sizes a ratio of 4 apart
+RATIO_COST = 0.4      # per doubling between two taps' sides (an encoder resamples them to one code): as much as
+                      # the widest gap in depth quality between two taps inside EXTREMES, so equal sizes win there
+SMALL_COST = 1.0      # a map smaller than 4x4
+SPLICE_COST = 0.1     # a tap that is not a module output (a graph rewrite instead of a hook)
+MAX_RATIO = 8         # sites pair sides at most this far apart
+MAX_COMBINATIONS = 20_000
+SHOWN = 8             # sites a plan lists besides the chosen ones
+
+
+def depth_quality(depth: float) -> float:
+    """How good one network's tap depth is: 1 at the target depth, falling linearly, `EXTREME_COST` lower outside
+    `EXTREMES` (Table 5: the first and last stages are the worst sites)."""
+    quality = 1.0 - abs(depth - TARGET_DEPTH)
+    if not EXTREMES[0] <= depth <= EXTREMES[1]:
+        quality -= EXTREME_COST
+    return quality
 
 
 def _spread(taps: list[Tap]) -> float:
@@ -17,75 +37,80 @@ def _spread(taps: list[Tap]) -> float:
 
 
 def _score(taps: list[Tap]) -> float:
-    depth = sum(t.depth for t in taps) / len(taps)
-    score = 1.0 - abs(depth - TARGET_DEPTH)
-    if _spread(taps) > 1:
-        score -= 0.5 * (_spread(taps) - 1)  # nearest sizes further apart than 2: more is lost in the resampling
+    """The worse-placed network's depth quality (a tenth of the mean breaks ties), less the costs of the sizes."""
+    qualities = [depth_quality(t.depth) for t in taps]
+    score = min(qualities) + 0.1 * sum(qualities) / len(qualities) - RATIO_COST * _spread(taps)
     if min(min(t.height, t.width) for t in taps) < GOOD_SIDE:
-        score -= 1.0
+        score -= SMALL_COST
     if not all(t.is_module_output for t in taps):
-        score -= 0.25  # a hook is simpler and cheaper than rewriting the graph
+        score -= SPLICE_COST
     return round(score, 4)
 
 
-def candidate_sites(per_model: list[list[Tap]]) -> tuple[list[dict], bool]:
-    """Sites as dicts {size, taps, score, resized, pairing}, best first. `pairing` is "equal" where the models share
-    spatial sizes; else "x2": sizes in a ratio of 2 (bridged by the encoders' pooling / stride); else "nearest": each
-    model's nearest size (a patch-14 ViT's 16x16 against a CNN's 14x14), every encoder resampling to the one code
-    size. `resized` is True when the sites are not of equal sizes."""
-    sizes = [{t.size: t for t in taps if min(t.size) >= MIN_SIDE} for taps in per_model]
-    common = set(sizes[0]).intersection(*sizes[1:])
-    sites = [
-        {"size": list(s), "taps": [m[s] for m in sizes], "resized": False, "pairing": "equal"} for s in sorted(common)
-    ]
-    resized = not sites
-    if resized:
-        # Every model contributes a tap at a base size or at twice it, so that no two taps of a site are more than a
-        # ratio of 2 apart; each site is labelled by its base (the smaller) size.
-        for base in sorted(set().union(*sizes)):
-            double = (2 * base[0], 2 * base[1])
-            picks = []
-            for m in sizes:
-                match = [m[x] for x in (base, double) if x in m]
-                if not match:
-                    break
-                picks.append(max(match, key=lambda t: t.depth))
-            else:
-                sites.append({"size": list(base), "taps": picks, "resized": True, "pairing": "x2"})
-    if not sites and all(sizes):
-        # Each model's size nearest to each size any model has (in log scale); one site per distinct combination,
-        # labelled by its smallest sides (the code is no larger than them).
-        seen = set()
-        for base in sorted(set().union(*sizes)):
-            picks = [min(m.values(), key=lambda t: (abs(math.log2(t.height / base[0])) +
-                                                   abs(math.log2(t.width / base[1])), -t.depth)) for m in sizes]
-            key = tuple(t.node for t in picks)
-            if key not in seen:
-                seen.add(key)
-                size = [min(t.height for t in picks), min(t.width for t in picks)]
-                sites.append({"size": size, "taps": picks, "resized": True, "pairing": "nearest"})
-    for site in sites:
-        site["score"] = _score(site["taps"])
+def _pairing(taps: list[Tap]) -> str:
+    sizes = {t.size for t in taps}
+    if len(sizes) == 1:
+        return "equal"
+    (h, w) = min(sizes)
+    return "x2" if sizes <= {(h, w), (2 * h, 2 * w)} else "nearest"
+
+
+def candidate_sites(per_model: list[list[Tap]]) -> list[dict]:
+    """Sites as dicts {size, taps, score, resized, pairing}, best first: every combination of one tap per model
+    (maps of 2x2 or more) whose sides are at most a ratio of `MAX_RATIO` apart. `pairing` is "equal" where the sizes
+    are equal, "x2" for sizes in a ratio of 2 (bridged by the encoders' stride), else "nearest" (every encoder
+    resamples to the one code size); the ratio is part of the score, so an equal size placed badly in one network
+    loses to unequal sizes placed well in both. A site is labelled by its smallest sides."""
+    usable = [[t for t in taps if min(t.size) >= MIN_SIDE] for taps in per_model]
+    if not all(usable):
+        return []
+    if math.prod(len(u) for u in usable) > MAX_COMBINATIONS:  # many models: each keeps its stage outputs only
+        usable = [list({t.size: t for t in sorted(u, key=lambda t: abs(t.depth - TARGET_DEPTH), reverse=True)}
+                       .values()) for u in usable]
+    sites = []
+    for combo in itertools.product(*usable):
+        taps = list(combo)
+        if _spread(taps) > math.log2(MAX_RATIO):
+            continue
+        pairing = _pairing(taps)
+        sites.append({"size": [min(t.height for t in taps), min(t.width for t in taps)], "taps": taps,
+                      "resized": pairing != "equal", "pairing": pairing, "score": _score(taps)})
+    if not sites:  # no two sizes within the ratio: each model's smallest map, the nearest they come
+        taps = [min(u, key=lambda t: (t.height * t.width, -t.depth)) for u in usable]
+        sites.append({"size": [min(t.height for t in taps), min(t.width for t in taps)], "taps": taps,
+                      "resized": True, "pairing": _pairing(taps), "score": _score(taps)})
     sites.sort(key=lambda s: -s["score"])
-    return sites, resized
+    return sites
 
 
 def spread(sites: list[dict], k: int) -> list[dict]:
-    """The best k sites, each at a different stage (size) of the first model; best first."""
+    """The best k sites, no two of which share a tap of any network; best first."""
     chosen: list[dict] = []
-    used: set[tuple[int, ...]] = set()
+    used: set[tuple[int, str]] = set()
     for site in sites:
-        stages = tuple(t.stage for t in site["taps"])
-        if stages in used:
+        taps = {(i, t.node) for i, t in enumerate(site["taps"])}
+        if taps & used:
             continue
         chosen.append(site)
-        used.add(stages)
+        used |= taps
         if len(chosen) == k:
             break
     return chosen
 
 
+def shown(sites: list[dict], chosen: list[dict]) -> list[dict]:
+    """The sites a plan lists, best first: the chosen ones and the best site of each of the `SHOWN` best
+    combinations of sizes."""
+    out, sizes = [], set()
+    for site in sites:
+        key = tuple(t.size for t in site["taps"])
+        if any(site is c for c in chosen) or (key not in sizes and len(sizes) < SHOWN):
+            out.append(site)
+            sizes.add(key)
+    return out
+
+
 def nearest_sizes(per_model: list[list[Tap]]) -> str:
-    return "; ".join(
-        ", ".join(f"{t.height}x{t.width}" for t in taps) or "none" for taps in per_model
-    )
+    """Each model's tap sizes, largest first: '32x32, 16x16; 4x4'."""
+    return "; ".join(", ".join(f"{h}x{w}" for h, w in sorted({t.size for t in taps}, reverse=True)) or "none"
+                     for taps in per_model)

@@ -40,24 +40,39 @@ class Tap:
         return asdict(self)
 
 
-def cut_points(nodes: list[GNode]) -> list[int]:
-    """Indices of nodes over which no edge jumps (reach of all earlier nodes ends at or before them)."""
+def image_features(nodes: list[GNode]) -> list[bool]:
+    """Per node, whether its value carries features of the image: a tensor computed from the input through tensors.
+    A `B, C, H, W = x.shape` read, and whatever is computed from it alone (a rotary position table, an attention
+    mask), does not: it is the same for every image of that size."""
+    carries: list[bool] = []
+    for n in nodes:
+        carries.append(n.tensor and (n.op == "placeholder" or any(carries[j] for j in n.inputs)))
+    return carries
+
+
+def cut_points(nodes: list[GNode], features_only: bool = False) -> list[int]:
+    """Indices of nodes over which no edge jumps (reach of all earlier nodes ends at or before them). With
+    `features_only`, values that carry no image features (`image_features`) may jump: a `B, H, W` read from a shape
+    at a network's start and used in every stage's reshape (Twins, PVT), a rotary position table used by every block
+    (EVA); rewriting a map keeps its shape and changes none of them."""
+    carries = image_features(nodes) if features_only else [True] * len(nodes)
     cuts = []
     reach = -1
     for i, n in enumerate(nodes):
         if reach <= i and n.op not in ("placeholder", "output"):
             cuts.append(i)
-        last_use = max(n.users) if n.users else i
-        reach = max(reach, last_use)
+        if carries[i]:
+            reach = max(reach, max(n.users) if n.users else i)
     return cuts
 
 
 def stream_cuts(nodes: list[GNode]) -> list[int]:
-    """Cut points of one stream, for models with no plain cut point at a feature map: nodes over which only values
-    jump that are not their own features: values that hold no tensor (a `B, C, H, W = x.shape` read at a block's
-    start and used at its end) and values that are not ancestors of the node (a class token carried beside the
-    patch grid, as in PiT and CoaT; the other scale's tokens in CrossViT). A residual skip is an ancestor of every
-    node inside its block, so block interiors stay excluded."""
+    """Cut points of one stream: nodes over which only values jump that are not their own features: values that
+    carry no image features (`image_features`: a `B, C, H, W = x.shape` read at a block's start and used at its end,
+    a rotary position table) and values that are not ancestors of the node (a class token carried beside the patch
+    grid, as in PiT and CoaT; the other scale's tokens in CrossViT; a parallel branch, as in HRNet). A residual skip
+    is an ancestor of every node inside its block, so block interiors stay excluded."""
+    carries = image_features(nodes)
     ancestors: list[int] = []   # bit j set: node j is an ancestor
     live: dict[int, int] = {}   # node -> index of its last use
     learned = [n.op == "call_module" for n in nodes]  # a layer ran on the way here: features, not the image
@@ -70,7 +85,7 @@ def stream_cuts(nodes: list[GNode]) -> list[int]:
         ancestors.append(mine)
         live = {j: last for j, last in live.items() if last > i}
         if learned[i] and n.op not in ("placeholder", "output") and all(
-                not nodes[j].tensor or not (mine >> j) & 1 for j in live):
+                not carries[j] or not (mine >> j) & 1 for j in live):
             cuts.append(i)
         if n.users:
             live[i] = max(n.users)
@@ -86,30 +101,22 @@ def _scale_level(size: int, full: int) -> int | None:
     return None
 
 
-def _any_level(size: int, full: int) -> int | None:
-    """Level k with size nearest full / 2**k, for any size up to the input's (PiT's 27 = (224 - 16) / 8 + 1,
-    Sequencer's 32 = 224 / 7)."""
-    return round(math.log2(full / size)) if 2 <= size <= full else None
-
-
-def _same_level(level, h: int, w: int, input_hw: tuple[int, int], strict: bool) -> bool:
+def _spatial(h: int, w: int, input_hw: tuple[int, int]) -> bool:
+    """Whether (h, w) can be a feature map of the input: any size up to the input's (valid convolutions, odd strides,
+    7-pixel patches: Inception's 147, 71, 35, 17, 8 at 299 px, ConvMixer's 32 at 224) with the input's aspect ratio,
+    to a pixel of the input."""
     H, W = input_hw
-    k = level(h, H)
-    if k is None or k != level(w, W):
-        return False
-    return strict or abs(h * W - w * H) <= max(H, W)  # any size: the input's aspect ratio, to a pixel
+    return 1 <= h <= H and 1 <= w <= W and abs(h * W - w * H) <= max(H, W)
 
 
 def _layout(shape: tuple[int, ...], input_hw: tuple[int, int], prefix_hint: int | None, prefer: str | None,
-            strict: bool = True):
-    """(layout, C, H, W, prefix) for a spatial feature map, or None. Spatial dims must look like input / 2**k
-    (`strict`), or be any size up to the input's with its aspect ratio."""
-    level = _scale_level if strict else _any_level
+            stream: bool = False):
+    """(layout, C, H, W, prefix) for a spatial feature map, or None. At a stream cut (`stream`) a token grid whose
+    prefix is 0 must not have a last dim that is itself a patch grid (a (B, C, H*W) flatten)."""
     if len(shape) == 4:
         _, a, b, c = shape
-        # Both spatial dims must come from the same number of downsamplings (a square input stays square).
-        nchw = _same_level(level, b, c, input_hw, strict)
-        nhwc = _same_level(level, a, b, input_hw, strict)
+        nchw = _spatial(b, c, input_hw)
+        nhwc = _spatial(a, b, input_hw)
         if nchw and nhwc:
             use = prefer or "NCHW"  # C == H == W: a model keeps one layout, so follow its other taps
         elif nchw:
@@ -126,7 +133,7 @@ def _layout(shape: tuple[int, ...], input_hw: tuple[int, int], prefix_hint: int 
             grid = _patch_grid(length - p, input_hw)
             if grid is None:
                 continue
-            if (prefix_hint is None and p > 0 or not strict) and _patch_grid(channels, input_hw) is not None:
+            if (prefix_hint is None and p > 0 or stream) and _patch_grid(channels, input_hw) is not None:
                 # A guessed prefix (or any stream cut) while the last dim is itself a patch grid: channels-first
                 # tokens (B, C, H*W), e.g. LeViT's or PiT's flatten, not a token grid.
                 return None
@@ -165,13 +172,19 @@ def _module_output(nodes: list[GNode], i: int, last_in_scope: dict[str, int]) ->
 
 
 def find_taps_in_graph(graph: Graph, input_hw: tuple[int, int], prefix_hint: int | None = None) -> list[Tap]:
-    """Taps at plain cut points with sizes input / 2**k; for a model with none of 2 x 2 or more (token streams beside
-    a class token, multi-scale streams, maps of other sizes), taps at stream cut points of any size (`stream_cuts`)."""
-    strict = _find_taps(graph, input_hw, prefix_hint, strict=True)
-    if has_site(strict):
-        return strict
-    # Only pooled maps at input / 2**k sizes, e.g. ConvMixer's 7-pixel patches: 32 x 32 maps at 224 px.
-    return _without_channels_first_tokens(_find_taps(graph, input_hw, prefix_hint, strict=False)) or strict
+    """Taps at cut points (`cut_points`; values with no image features may jump) and at stream cut points (`stream_cuts`:
+    stages that meet only through parallel branches, as HRNet's 28 and 14 px streams; a class token carried beside
+    the grid, as in PiT and CoaT; multi-scale streams, as in CrossViT), of any spatial size with the input's aspect
+    ratio."""
+    cuts = cut_points(graph.nodes, features_only=True)
+    taps = _find_taps(graph, input_hw, prefix_hint, cuts)
+    streams = _without_channels_first_tokens(_find_taps(
+        graph, input_hw, prefix_hint, sorted(set(stream_cuts(graph.nodes)) - set(cuts)), stream=True))
+    taps = sorted(taps + streams, key=lambda t: t.depth)
+    stages = _stage_labels({t.height for t in taps}, input_hw[0])
+    for t in taps:
+        t.stage = stages[t.height]
+    return taps
 
 
 def _without_channels_first_tokens(taps: list[Tap]) -> list[Tap]:
@@ -183,17 +196,25 @@ def _without_channels_first_tokens(taps: list[Tap]) -> list[Tap]:
 
 
 def _flattened_channels_first(n: GNode, nodes: list[GNode]) -> bool:
-    """Whether a 3-d node is a feature map flattened channels first, (B, C, H, W) -> (B, C, H*W), as its input shows:
-    the flatten before the transpose to tokens (LeViT, PiT, class-token models), not a token grid. Read from the
+    """Whether a 3-d node is a feature map flattened channels first, (B, C, H*W), as a neighbour shows: made from a
+    (B, C, H, W) map (the flatten before the transpose to tokens: LeViT, PiT, class-token models) or made into one
+    (Twins' and PVT's transpose of (B, N, C) tokens before the view back to a map), not a token grid. Read from the
     shapes alone it can pass for one (C = 32 tokens as 7 class tokens + a 5 x 5 grid of H*W = 49 channels)."""
     if n.shape is None or len(n.shape) != 3:
         return False
     _, length, last = n.shape
-    return any(s is not None and len(s) == 4 and s[1] == length and s[2] * s[3] == last
-               for s in (nodes[j].shape for j in n.inputs))
+    if any(s is not None and len(s) == 4 and s[1] == length and s[2] * s[3] == last
+           for s in (nodes[j].shape for j in (*n.inputs, *n.users))):
+        return True
+    # a concat of such flattens along the channels (B, C1 + C2, H*W), one step back
+    return n.target == "cat" and any(
+        nodes[j].shape is not None and len(nodes[j].shape) == 3 and nodes[j].shape[2] == last and any(
+            s is not None and len(s) == 4 and s[1] == nodes[j].shape[1] and s[2] * s[3] == last
+            for s in (nodes[k].shape for k in nodes[j].inputs)) for j in n.inputs)
 
 
-def _find_taps(graph: Graph, input_hw: tuple[int, int], prefix_hint: int | None, strict: bool) -> list[Tap]:
+def _find_taps(graph: Graph, input_hw: tuple[int, int], prefix_hint: int | None, at: list[int],
+               stream: bool = False) -> list[Tap]:
     nodes = graph.nodes
     last_in_scope: dict[str, int] = {}
     for i, n in enumerate(nodes):
@@ -202,13 +223,14 @@ def _find_taps(graph: Graph, input_hw: tuple[int, int], prefix_hint: int | None,
         if n.op == "call_module":
             last_in_scope[n.target] = i
     output_pos = max(len(nodes) - 1, 1)
+    carries = image_features(nodes)
     taps: list[Tap] = []
     prefer = None
-    for i in (cut_points(nodes) if strict else stream_cuts(nodes)):
+    for i in at:
         n = nodes[i]
-        if n.shape is None or _flattened_channels_first(n, nodes):
-            continue
-        found = _layout(n.shape, input_hw, prefix_hint, prefer, strict)
+        if n.shape is None or not carries[i] or _flattened_channels_first(n, nodes):
+            continue  # a position grid built from the input's size is no feature map
+        found = _layout(n.shape, input_hw, prefix_hint, prefer, stream)
         if found is None:
             continue
         layout, c, h, w, prefix = found
@@ -224,14 +246,11 @@ def _find_taps(graph: Graph, input_hw: tuple[int, int], prefix_hint: int | None,
                 height=h,
                 width=w,
                 prefix_tokens=prefix,
-                stage=0,  # set below, once every size is known
+                stage=0,  # set by the caller, once every size is known
                 depth=round(i / output_pos, 4),
                 is_module_output=module is not None,
             )
         )
-    stages = _stage_labels({t.height for t in taps}, input_hw[0])
-    for t in taps:
-        t.stage = stages[t.height]
     return taps
 
 
@@ -250,6 +269,7 @@ def _stage_labels(heights: set[int], input_height: int) -> dict[int, int]:
 
 TARGET_DEPTH = 0.65   # middle-to-late: Table 5's best site sits about two thirds of the way to the head
 ISOTROPIC_SPAN = 0.3  # a size that spans this much of the depth is an isotropic trunk (ViT), not one stage
+TRUNK_DEPTHS = (0.5, TARGET_DEPTH, 0.8)  # an isotropic trunk offers its block outputs nearest these depths
 
 
 def _path_depth(t: Tap) -> int:
@@ -257,9 +277,10 @@ def _path_depth(t: Tap) -> int:
 
 
 def stage_taps(taps: list[Tap]) -> list[Tap]:
-    """One tap per spatial size. In a CNN stage: the stage output, i.e. the outermost module (fewest path parts)
-    and, among those, the deepest. In an isotropic trunk (ViT, one size for most of the depth): the block output
-    nearest the paper's middle-to-late target depth."""
+    """The taps a site may use. In a CNN stage (one size over a short stretch of the depth): the stage output, i.e.
+    the outermost module (fewest path parts) and, among those, the deepest. In an isotropic trunk (ViT, one size
+    for most of the depth): the block outputs nearest each of `TRUNK_DEPTHS`, so that pairing can place the MKB at
+    a depth of its own rather than at the one output a stage would give."""
     by_size: dict[tuple[int, int], list[Tap]] = {}
     for t in taps:
         by_size.setdefault(t.size, []).append(t)
@@ -268,7 +289,12 @@ def stage_taps(taps: list[Tap]) -> list[Tap]:
         candidates = [t for t in group if t.is_module_output] or group
         span = max(t.depth for t in candidates) - min(t.depth for t in candidates)
         if span > ISOTROPIC_SPAN:
-            chosen.append(min(candidates, key=lambda t: abs(t.depth - TARGET_DEPTH)))
+            # block outputs: modules of a container (`blocks.7`), not a layer inside a block (`blocks.4.0.bn2`);
+            # else the outermost modules (Inception's `Mixed_6c`, not `Mixed_6c.branch_pool.conv`)
+            blocks = [t for t in candidates if t.module and t.module.rsplit(".", 1)[-1].isdigit()] or \
+                [t for t in candidates if _path_depth(t) == min(map(_path_depth, candidates))]
+            nearest = {min(blocks, key=lambda t: abs(t.depth - d)).node: d for d in TRUNK_DEPTHS}
+            chosen += [t for t in candidates if t.node in nearest]
         else:
             chosen.append(min(candidates, key=lambda t: (_path_depth(t), -t.depth)))
     return sorted(chosen, key=lambda t: t.depth)

@@ -1,0 +1,234 @@
+"""Where the probe finds taps and where it puts MKB sites (issue 28): every stage of a network is a tap whatever its
+spatial size, and each network's site sits mid-to-late in that network."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from clcli import probe
+from clcli.errors import ClcliError
+from clcli.probe import _module_taps, _traced
+from clcli.probe._pairing import EXTREMES, candidate_sites
+from clcli.probe._taps import stage_taps
+
+DATA = Path(__file__).parent / "data"
+
+
+def _stage(cin, cout, k, stride, pad=0):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, pad), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+def _taps_of(net: nn.Module, side: int) -> list[probe.Tap]:
+    return _module_taps(net, _traced(net, 3, (side, side)), 3, (side, side))
+
+
+class ValidPadding(nn.Module):
+    """40 px: a padded stride-2 stem (20 = 40 / 2), then valid convolutions: 18, 8, 4, none of them 40 / 2**k."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = _stage(3, 8, 3, 2, pad=1)
+        self.stage1 = _stage(8, 8, 3, 1)
+        self.stage2 = _stage(8, 16, 3, 2)
+        self.stage3 = _stage(16, 16, 2, 2)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stage3(self.stage2(self.stage1(self.stem(x))))
+        return self.head(x.mean((2, 3)))
+
+
+def test_valid_padding_stages_are_each_a_tap():
+    with torch.device("meta"):
+        net = ValidPadding()
+    found = {t.module: t.size for t in stage_taps(_taps_of(net, 40))}
+    assert found == {"stem": (20, 20), "stage1": (18, 18), "stage2": (8, 8), "stage3": (4, 4)}
+
+
+class TwoBranches(nn.Module):
+    """Branches that meet only through a reshape and a concat: `b, _, h, w = x.shape` is read at the start and used
+    at the join (as Twins and PVT do), and the 16 px branch runs while the 8 px one waits beside it (as HRNet's
+    branches do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = _stage(3, 8, 3, 1, pad=1)          # 32
+        self.high = _stage(8, 8, 3, 2, pad=1)          # 16, beside `low`
+        self.low = _stage(8, 8, 5, 4, pad=2)           # 8
+        self.down = _stage(8, 8, 3, 2, pad=1)          # 16 -> 8
+        self.mix = nn.Linear(16, 16)
+        self.last = _stage(16, 16, 3, 2, pad=1)        # 4
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        x = self.stem(x)
+        low = self.low(x)
+        high = self.high(x)  # while it runs, `low` waits beside it: no plain cut point, a stream cut
+        tokens = torch.cat([self.down(high).flatten(2), low.flatten(2)], 1).transpose(1, 2)  # (B, 64, 16)
+        x = self.mix(tokens).transpose(1, 2).reshape(b, 16, h // 4, w // 4)
+        return self.head(self.last(x).mean((2, 3)))
+
+
+def test_branches_joined_by_reshape_and_concat_keep_their_stage_taps():
+    with torch.device("meta"):
+        net = TwoBranches()
+    taps = _taps_of(net, 32)
+    by_size = {}
+    for t in taps:
+        by_size.setdefault(t.size, []).append(t.module or t.node)
+    assert {(32, 32), (16, 16), (8, 8), (4, 4)} <= set(by_size), by_size
+    assert "stem" in by_size[(32, 32)]              # a cut point once the shape read at the start may jump it
+    assert "high" in by_size[(16, 16)]              # the branch beside the other one: a stream cut
+    assert by_size[(4, 4)] == ["last.0", "last.1", "last"]  # the concat of flattened maps is no 4x4 token grid
+
+
+def _tap(name, size, depth, layout="NCHW"):
+    return probe.Tap(name, name, layout, 16, size, size, 1 if layout == "NLC" else 0, 0, depth, True)
+
+
+def test_a_cnn_and_vit_pair_sits_mid_to_late_in_both():
+    # A ResNet-like CNN at 32 px and a patch-16 ViT: the only equal size, 2x2, is the CNN's last stage, right
+    # before its head. Ranked on the mean depth (0.97 and the ViT's 0.65: 0.81, near the target) it was chosen.
+    cnn = [_tap("act1", 16, 0.04), _tap("layer1", 8, 0.3), _tap("layer2", 4, 0.6), _tap("layer3", 2, 0.97)]
+    vit = [_tap(f"blocks.{i}", 2, d, "NLC") for i, d in ((5, 0.5), (7, 0.65), (9, 0.8))]
+    sites = candidate_sites([cnn, vit])
+    equal = [s for s in sites if s["pairing"] == "equal"]
+    assert equal and all(s["taps"][0].module == "layer3" for s in equal)  # an equal size exists, but only there
+    best = sites[0]
+    assert all(EXTREMES[0] <= t.depth <= EXTREMES[1] for t in best["taps"]), best
+    assert [t.module for t in best["taps"]] == ["layer2", "blocks.7"] and best["pairing"] == "x2"
+
+
+def test_nearest_sizes_at_a_good_depth_beat_an_equal_size_at_the_stem():
+    # Both models share only 32x32, at their stems; their middles are 8x8 and 4x4 apart by a ratio of 2, their
+    # later stages by a ratio of 4.
+    a = [_tap("a32", 32, 0.01), _tap("a8", 8, 0.6), _tap("a4", 4, 0.95)]
+    b = [_tap("b32", 32, 0.02), _tap("b16", 16, 0.3), _tap("b2", 2, 0.7)]
+    best = candidate_sites([a, b])[0]
+    assert [t.module for t in best["taps"]] != ["a32", "b32"]
+    assert all(EXTREMES[0] <= t.depth <= EXTREMES[1] for t in best["taps"]), best
+
+
+def test_equal_sizes_win_at_equal_depths():
+    a = [_tap("a16", 16, 0.4), _tap("a8", 8, 0.65)]
+    b = [_tap("b16", 16, 0.4), _tap("b8", 8, 0.65), _tap("b4", 4, 0.7)]
+    best = candidate_sites([a, b])[0]
+    assert [t.module for t in best["taps"]] == ["a8", "b8"] and best["pairing"] == "equal"
+
+
+def test_an_isotropic_trunk_offers_blocks_at_several_depths():
+    m = probe.analyse("test_vit", 64)
+    depths = [t.depth for t in m.stage_taps if t.layout == "NLC"]
+    assert len(depths) >= 2 and max(depths) - min(depths) > 0.1
+
+
+def test_two_mkbs_never_share_a_tap():
+    p = probe.plan(["test_resnet", "test_vit"], 64, mkbs=2)
+    for i in range(2):
+        assert p.sites[0].taps[i].node != p.sites[1].taps[i].node
+
+
+def test_a_version_1_plan_still_loads_and_trains(tmp_path):
+    from clcli import train as train_lib
+    from tests._helpers import tiny_recipe
+
+    raw = json.loads((DATA / "plan_v1.json").read_text())  # written by clcli before issue 28 (commit 5d3f8aa)
+    assert raw["version"] == 1
+    plan = probe.Plan.from_dict(raw)
+    assert plan.to_dict()["version"] == 1 and [t.module for t in plan.sites[0].taps] == ["layer3", "blocks.2"]
+    recipe = tiny_recipe(epochs=1)
+    recipe.data.train_limit, recipe.data.test_limit = 64, 32
+    train_lib.train(recipe, tmp_path / "run", plan_path=str(DATA / "plan_v1.json"), show_progress=False)
+    written = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert written["version"] == 1 and written["sites"][0]["taps"][0]["module"] == "layer3"
+
+
+def test_an_unknown_plan_version_is_one_line():
+    raw = json.loads((DATA / "plan_v1.json").read_text())
+    raw["version"] = 99
+    with pytest.raises(ClcliError, match="unsupported plan version 99"):
+        probe.Plan.from_dict(raw)
+
+
+# --- --stem small changes strides consistently ---------------------------------------------------------------------
+
+def _register(name: str, cls, input_size=None) -> str:
+    import timm
+    from timm.models import register_model
+
+    if not timm.is_model(name):
+        def build(pretrained=False, **kwargs):
+            net = cls(**kwargs)
+            net.pretrained_cfg = {"input_size": (3, *input_size)} if input_size else {}
+            return net
+
+        build.__name__ = name
+        register_model(build)
+    return name
+
+
+class PooledShortcut(nn.Module):
+    """A stride-2 stem conv, then a block whose strided conv runs beside a pooled shortcut (DLA's tree, Xception's
+    block): the pooling belongs to the block, not to the stem."""
+
+    def __init__(self, num_classes=10, in_chans=3, **kwargs):
+        super().__init__()
+        self.stem = _stage(in_chans, 8, 3, 2, pad=1)
+        self.body = _stage(8, 8, 3, 2, pad=1)
+        self.shortcut = nn.MaxPool2d(2, 2)
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.body(x) + self.shortcut(x)
+        return self.head(x.mean((2, 3)))
+
+
+class PoolingStem(nn.Module):
+    """VGG's kind: stride-1 convs, downsampling by max-pooling alone."""
+
+    def __init__(self, num_classes=10, in_chans=3, **kwargs):
+        super().__init__()
+        self.features = nn.Sequential(_stage(in_chans, 8, 3, 1, 1), nn.MaxPool2d(2, 2), _stage(8, 8, 3, 1, 1),
+                                      nn.MaxPool2d(2, 2))
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+class ValidStem(nn.Module):
+    """Inception's kind: valid convolutions that leave nothing of a 16 px input (16 -> 7 -> 3 -> 1, then a 3x3 fails),
+    made for 64 px; with the first conv at stride 1 and 'same' padding, 16 px is enough."""
+
+    def __init__(self, num_classes=10, in_chans=3, **kwargs):
+        super().__init__()
+        self.stem = _stage(in_chans, 8, 3, 2)
+        self.body = nn.Sequential(_stage(8, 8, 3, 2), _stage(8, 8, 3, 2), _stage(8, 8, 3, 1))
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.head(self.body(self.stem(x)).mean((2, 3)))
+
+
+def test_a_pooled_shortcut_is_not_taken_for_the_stem_pooling():
+    m = probe.analyse(_register("clcli_test_pooled_shortcut", PooledShortcut), 32, stem="small")
+    assert m.stem.conv == "stem.0" and m.stem.pool is None  # was `shortcut`: 16 + 32 px no longer added up
+    assert [t.size for t in m.stage_taps] == [(32, 32), (16, 16)]  # the block's sum
+
+
+def test_a_stem_that_downsamples_by_pooling_alone_loses_its_first_pooling():
+    m = probe.analyse(_register("clcli_test_pooling_stem", PoolingStem), 32, stem="small")
+    assert m.stem.conv is None and m.stem.pool == "features.1"
+    assert {t.size for t in m.stage_taps} >= {(32, 32), (16, 16)}
+
+
+def test_a_model_too_small_as_built_finds_its_stem_at_its_own_size():
+    name = _register("clcli_test_valid_stem", ValidStem, input_size=(64, 64))
+    with pytest.raises(ClcliError, match="fails on a 16x16 input"):
+        probe.analyse(name, 16)
+    m = probe.analyse(name, 16, stem="small")
+    assert m.stem.conv == "stem.0" and [t.size for t in m.stage_taps][:2] == [(16, 16), (7, 7)]
