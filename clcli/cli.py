@@ -115,6 +115,8 @@ def train(
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run in this folder"),
     force: bool = typer.Option(False, "--force", help="replace an existing run folder"),
     overrides: List[str] = typer.Option([], "--set", help="recipe override key=value (dotted keys)"),
+    log: Optional[str] = typer.Option(None, "--log", help="follow the run in experiment trackers: tensorboard, "
+                                      "wandb, mlflow (comma separated for several; train.log)"),
     no_progress: bool = typer.Option(False, "--no-progress", help="no live progress bar"),
 ) -> None:
     """Train networks together with MKBs (or with a baseline method) and write a run folder."""
@@ -124,6 +126,8 @@ def train(
 
     console = _console()
     if resume is not None:
+        if log is not None:
+            raise ClcliError("--log cannot change a resumed run: it logs to the trackers it was started with")
         with _reported_interrupt():
             results = train_lib.resume(resume, show_progress=not no_progress, console=console)
         _print_results(console, results)
@@ -133,7 +137,7 @@ def train(
     rec = recipes.resolve(recipe, data=data, val=val, val_fraction=val_fraction,
                           models=[models, *ctx.args] if models is not None else None, pretrained=pretrained,
                           weights=weights, methods=method, epochs=epochs, seed=seed, placement=placement,
-                          overrides=overrides)
+                          log=_trackers(log), overrides=overrides)
     run_dir = out if out is not None else free_folder(rec.name)
     with _reported_interrupt():
         results = train_lib.train(rec, run_dir, plan_path=str(plan) if plan else None, force=force,
@@ -145,6 +149,11 @@ def train(
     console.print(f"run folder: [bold]{run_dir}[/]")
     if (Path(run_dir) / "folds.json").is_file():
         console.print(f"fold summary: [bold]{Path(run_dir) / 'folds.json'}[/] (one run folder per fold: fold0/, ...)")
+
+
+def _trackers(log: str | None) -> list[str] | None:
+    """--log tensorboard,wandb as a list (None: the recipe's train.log)."""
+    return None if log is None else [name.strip() for name in log.split(",") if name.strip()]
 
 
 def _print_results(console, results: dict) -> None:
@@ -410,9 +419,12 @@ def compare(
     data: Optional[str] = typer.Option(None, "--data", help="local dataset folder (or hub id) replacing the recipe's"),
     epochs: Optional[int] = typer.Option(None, "--epochs"),
     overrides: List[str] = typer.Option([], "--set", help="recipe override key=value (dotted keys)"),
+    log: Optional[str] = typer.Option(None, "--log", help="log each run to experiment trackers: tensorboard, "
+                                      "wandb, mlflow (comma separated for several; train.log)"),
     no_progress: bool = typer.Option(False, "--no-progress", help="no live progress bar"),
 ) -> None:
-    """Train every method on the same recipe and seeds; write table.md (paper Table 2), results.csv, curves.png."""
+    """Train every method on the same recipe and seeds; write table.md (paper Table 2), results.csv, curves.png,
+    per_class.md; with --log, every run to the trackers, grouped."""
     from rich.table import Table
 
     from clcli import recipes
@@ -420,7 +432,7 @@ def compare(
 
     names = parse_methods(methods)
     console = _console()
-    loaded = recipes.resolve(recipe, data=data, epochs=epochs, overrides=overrides)
+    loaded = recipes.resolve(recipe, data=data, epochs=epochs, log=_trackers(log), overrides=overrides)
     out = out if out is not None else Path("reports") / loaded.name
     with _reported_interrupt():
         result = compare_lib(loaded, names, seeds, out, show_progress=not no_progress, console=console)

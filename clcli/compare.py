@@ -29,7 +29,8 @@ LABELS = {"il": "IL", "el": "EL", "kd": "DL (1→2)", "fitnets": "HL (1→2)", "
 ORDER = list(LABELS)
 COMPUTED = ("el",)  # rows computed from the IL runs, not trained
 # How a run is executed, not what it computes: a change here does not make a finished run stale.
-_IGNORED_KEYS = ("kd.teacher", "train.device", "train.threads", "train.log_every")
+_IGNORED_KEYS = ("kd.teacher", "train.device", "train.threads", "train.log_every", "train.log", "train.log_project",
+                 "train.log_entity", "train.log_group")
 
 
 @dataclass
@@ -55,23 +56,13 @@ def parse_methods(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k not in ("network_lr", "network_weight_decay"):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _check_same_recipe(recipe, run) -> None:
     """A finished or unfinished run is reused only if it was trained with this recipe. Keys that do not change what
     is computed (_IGNORED_KEYS) and the sections of other methods (a CL variant's `cl.*` for an IL run) may differ."""
-    from clcli import methods
+    from clcli import methods, recipes
 
     run_dir, stored = run.path, run.recipe
-    old, new = _flat(stored.to_dict()), _flat(recipe.to_dict())
+    old, new = recipes.flat(stored), recipes.flat(recipe)
     every_method_section = {s for m in methods.METHODS.values() for s in m.recipe_sections}
     foreign = every_method_section - set(methods.get(run.method).recipe_sections)
     for key in sorted(set(old) | set(new)):
