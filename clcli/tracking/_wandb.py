@@ -1,6 +1,6 @@
 """Weights & Biases, through wandb: project, entity and name from the recipe or the usual WANDB_* variables;
 offline (WANDB_MODE=offline, or no W&B login) it keeps the run in <run>/wandb/ for `wandb sync` (W&B's own lines
-say where).""
+say where)."""
 from __future__ import annotations
 
 import os
