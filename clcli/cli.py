@@ -236,6 +236,8 @@ def export(
     ema: bool = typer.Option(False, "--ema", help="the moving average of each network's weights (train.ema_decay)"),
     best: bool = typer.Option(False, "--best", help="each network's best epoch on the validation split "
                                                     "(train.keep_best)"),
+    log: bool = typer.Option(False, "--log", help="also log the exported files and manifest.json as artifacts of "
+                                                  "the run's MLflow run (trained with --log mlflow)"),
 ) -> None:
     """Export each network of a run on its own, with its MKB half, as safetensors (its last weights by default)."""
     from rich.table import Table
@@ -251,6 +253,10 @@ def export(
         console.print(f"exporting {run}, the newest run with a checkpoint under runs/", highlight=False,
                       soft_wrap=True)
     run_dir = Run.pick(run).path
+    if log:
+        from clcli import tracking
+
+        tracking.mlflow_run(Run.open(run_dir).info)  # before exporting: no MLflow run, or no extra, is one line
     from clcli.train import Interrupted, interrupt_signals
 
     with _reported_interrupt(), interrupt_signals():
@@ -280,6 +286,13 @@ def export(
             row.append(f"{e['plain_test_acc']:.2f}" if e.get("plain_test_acc") is not None else "-")
         table.add_row(*row)
     console.print(table)
+    if log:
+        from clcli import tracking
+
+        logged = [Path(out) / e["file"] for e in index["networks"]] + [Path(out) / "manifest.json"]
+        tracking.log_files(Run.open(run_dir).info, logged)
+        console.print(f"logged {len(logged)} files to the run's MLflow run (artifacts under exported/)",
+                      highlight=False)
     if plain:
         changes = [f"{e['network']} {e['plain_test_acc'] - e['test_acc']:+.2f}" for e in index["networks"]
                    if e.get("plain_test_acc") is not None and e["test_acc"] is not None]
@@ -296,7 +309,8 @@ def evaluate_cmd(
     data: Optional[str] = typer.Option(None, "--data", help="local dataset folder replacing the recipe's"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Measure the test accuracy of an exported network, on its own."""
+    """Measure the test accuracy of an exported network, on its own: overall, per class, and the confusion
+    matrix."""
     from clcli.export import evaluate_export
 
     result = evaluate_export(file, recipe=recipe, data=data)
@@ -304,10 +318,40 @@ def evaluate_cmd(
         sys.stdout.write(json.dumps(result) + "\n")
         return
     recorded = result["recorded"]
-    _console().print(f"{result['model']}: top-1 {result['top1']:.2f}%"
-                     + (f", top-5 {result['top5']:.2f}%" if "top5" in result else "")
-                     + f" on {result['images']} images, {result['evaluation']} (export recorded "
-                     + (f"{recorded:.2f}%)" if recorded is not None else "nothing)"), highlight=False)
+    console = _console()
+    console.print(f"{result['model']}: top-1 {result['top1']:.2f}%"
+                  + (f", top-5 {result['top5']:.2f}%" if "top5" in result else "")
+                  + f" on {result['images']} images, {result['evaluation']} (export recorded "
+                  + (f"{recorded:.2f}%)" if recorded is not None else "nothing)"), highlight=False)
+    _print_per_class(console, result["class_names"], result["per_class"], result["confusion"])
+
+
+# A confusion matrix wider than this many classes does not fit a terminal: --json has it whole.
+_SHOWN_CONFUSION = 20
+
+
+def _print_per_class(console, classes: list[str], accuracy: list, confusion: list[list[int]]) -> None:
+    from rich.table import Table
+
+    table = Table(title="per class: accuracy (%), images, and the class most often answered instead",
+                  title_justify="left")
+    for col in ("class", "acc (%)", "images", "most confused with"):
+        table.add_column(col, justify="left" if col in ("class", "most confused with") else "right")
+    for k, (name, acc, row) in enumerate(zip(classes, accuracy, confusion)):
+        wrong = max((j for j in range(len(row)) if j != k), key=lambda j: row[j], default=None)
+        table.add_row(name, "-" if acc is None else f"{acc:.2f}", str(sum(row)),
+                      f"{classes[wrong]} ({row[wrong]})" if wrong is not None and row[wrong] else "-")
+    console.print(table)
+    if len(classes) > _SHOWN_CONFUSION:
+        console.print(f"confusion matrix: {len(classes)}x{len(classes)}, in --json", highlight=False)
+        return
+    matrix = Table(title="confusion matrix: rows the true class, columns the answer", title_justify="left")
+    matrix.add_column("")
+    for k in range(len(classes)):
+        matrix.add_column(str(k), justify="right")
+    for k, (name, row) in enumerate(zip(classes, confusion)):
+        matrix.add_row(f"{k} {name}", *[f"[bold]{v}[/]" if j == k else str(v) for j, v in enumerate(row)])
+    console.print(matrix)
 
 
 @app.command()
@@ -455,19 +499,25 @@ def report(
                                        "folder, else report.png here)"),
 ) -> None:
     """Draw the training curves of one or several runs side by side: per network, the training loss parts and the
-    test accuracy per epoch."""
+    test accuracy per epoch; and each network's confusion matrix, with several runs the per-class differences."""
     from clcli.plots import report as report_lib
 
-    path, (width, height), drawn = report_lib(runs, out)
-    _console().print(f"{len(drawn)} run{'s' if len(drawn) > 1 else ''} drawn: [bold]{path}[/] ({width}x{height} px)",
-                     highlight=False)
+    path, (width, height), drawn, per_class = report_lib(runs, out)
+    console = _console()
+    console.print(f"{len(drawn)} run{'s' if len(drawn) > 1 else ''} drawn: [bold]{path}[/] ({width}x{height} px)",
+                  highlight=False)
+    if per_class is not None:
+        console.print(f"confusion matrices and per-class accuracy: [bold]{per_class}[/]", highlight=False)
 
 
 def main() -> None:
     try:
         app()
     except ClcliError as e:
-        _console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        # escaped: a message may hold brackets (pip install "clcli[wandb]") that rich would take for markup
+        _console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

@@ -143,21 +143,26 @@ def start(names: list[str], ctx: Context, *, sent: tuple[int, int] = (0, 0),
     return trackers
 
 
-def log_files(info: dict, paths: list, folder: str = "exported") -> list[str]:
-    """`clcli export --log`: the exported files (with manifest.json) as artifacts of the run's MLflow run (kept in
-    run.json). Returns the tracker names they went to."""
-    mlflow_ids = info.get("tracking", {}).get("mlflow")
-    if not mlflow_ids:
+def mlflow_run(info: dict) -> dict:
+    """The MLflow run a run folder logged to (its run.json), with the extra installed; one line when there is none."""
+    ids = info.get("tracking", {}).get("mlflow")
+    if not ids:
         raise ClcliError("--log: this run was not logged to MLflow (train it with --log mlflow); its exported files "
-                         "are logged to its MLflow run")
+                         "go to its MLflow run")
     check(["mlflow"])
+    return ids
+
+
+def log_files(info: dict, paths: list, folder: str = "exported") -> None:
+    """`clcli export --log`: files (the exports and manifest.json) as artifacts of the run's MLflow run, under
+    `folder`."""
     from ._mlflow import client
 
-    mlflow = client(mlflow_ids)
+    ids = mlflow_run(info)
+    mlflow = client(ids)
     for path in paths:
-        mlflow.log_artifact(mlflow_ids["run_id"], str(path), folder)
-    return ["mlflow"]
+        mlflow.log_artifact(ids["run_id"], str(path), folder)
 
 
 __all__ = ["TRACKERS", "Context", "Tracker", "Trackers", "NONE", "check", "scalars", "position", "start",
-           "log_files"]
+           "mlflow_run", "log_files"]

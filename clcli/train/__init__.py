@@ -289,8 +289,9 @@ def _start_tracking(method_name: str, recipe, plan, run_dir: Path, info: dict, s
         resumed=bool(records) or state is not None, kept_step=kept)
 
     def note(text: str) -> None:
-        if console is not None:
-            console.print(f"[yellow]note:[/] {text}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        console.print(f"[yellow]note:[/] {escape(text)}", highlight=False, soft_wrap=True)
 
     return tracking.start(cfg.log, context, sent=sent, note=note if console is not None else None)
 
