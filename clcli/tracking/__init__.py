@@ -20,7 +20,7 @@ from typing import Callable
 
 from clcli.errors import ClcliError, one_line
 
-from ._base import Context, Tracker
+from ._base import Context, Tracker, position_of
 
 # name -> (the module it needs, the package that brings it)
 TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
@@ -65,13 +65,10 @@ def position(record: dict) -> tuple[int, int]:
 
 
 class Trackers:
-    """The trackers of one run, called together; a tracker whose call raises is reported once and dropped.
-    `sent`: resuming, the position of the last record the interrupted session sent; trackers that do not replay
-    are not sent the records up to it again."""
+    """The trackers of one run, called together; a tracker whose call raises is reported once and dropped."""
 
-    def __init__(self, trackers: list[Tracker], labels: list[str], sent: tuple[int, int] = (0, 0),
-                 note: Callable[[str], None] | None = None):
-        self.trackers, self.labels, self.sent = list(trackers), labels, sent
+    def __init__(self, trackers: list[Tracker], labels: list[str], note: Callable[[str], None] | None = None):
+        self.trackers, self.labels = list(trackers), labels
         self.note = note or _stderr
 
     def __bool__(self) -> bool:
@@ -89,10 +86,8 @@ class Trackers:
     def log(self, record: dict) -> None:
         if not self.trackers:
             return
-        values, step = scalars(record, self.labels), int(record["step"])
-        fresh = position(record) > self.sent
-        self._each(f"step {step}", lambda t: t.log(step, values),
-                   [t for t in self.trackers if fresh or t.replays])
+        values, step, at = scalars(record, self.labels), int(record["step"]), position(record)
+        self._each(f"step {step}", lambda t: t.log(step, values), [t for t in self.trackers if at > t.held])
 
     def ids(self) -> dict:
         return {t.name: t.ids() for t in self.trackers if t.ids()}
@@ -126,12 +121,11 @@ def _open(name: str, ctx: Context, note) -> Tracker:
     return MLflow(ctx)
 
 
-def start(names: list[str], ctx: Context, *, sent: tuple[int, int] = (0, 0),
-          note: Callable[[str], None] | None = None) -> Trackers:
+def start(names: list[str], ctx: Context, *, note: Callable[[str], None] | None = None) -> Trackers:
     """Open each named tracker for the run in `ctx` (resuming: the same logged run, from `ctx.previous`). One that
     cannot start (no server, no disk) is reported and left out; training goes on."""
     check(names)
-    trackers = Trackers([], ctx.labels, sent, note)
+    trackers = Trackers([], ctx.labels, note)
     for name in names:
         previous = ctx.previous.get(name, {})
         sub = dataclasses.replace(ctx, previous=previous)
@@ -164,5 +158,5 @@ def log_files(info: dict, paths: list, folder: str = "exported") -> None:
         mlflow.log_artifact(ids["run_id"], str(path), folder)
 
 
-__all__ = ["TRACKERS", "Context", "Tracker", "Trackers", "NONE", "check", "scalars", "position", "start",
+__all__ = ["TRACKERS", "Context", "Tracker", "Trackers", "NONE", "check", "scalars", "position", "position_of", "start",
            "mlflow_run", "log_files"]

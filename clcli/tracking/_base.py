@@ -17,16 +17,24 @@ class Context:
     entity: str | None = None           # W&B entity
     group: str | None = None            # `clcli compare`: W&B group, MLflow parent run
     previous: dict = field(default_factory=dict)  # this tracker's ids kept in run.json by an earlier session
-    resumed: bool = False
-    kept_step: int = 0                  # resuming: the last step metrics.jsonl keeps; replayed steps follow it
+    resumed: bool = False               # a session of a run that has logged before
+
+
+def position_of(steps: dict[int, set[str]]) -> tuple[int, int]:
+    """A tracker's last position from the metric names it holds per step: an epoch record's are `<label>/test_acc`."""
+    if not steps:
+        return (0, 0)
+    last = max(steps)
+    return last, int(any(name.endswith("/test_acc") for name in steps[last]))
 
 
 class Tracker:
-    """One experiment tracker for one run. `replays`: after a resume it discards what it had logged past the
-    checkpoint and takes the replayed steps again (TensorBoard's purge_step); the others keep what they hold and are
-    not sent those steps twice."""
+    """One experiment tracker for one run. `held`: resuming, the position (step, 1 for an epoch record) of the last
+    record it holds from the earlier sessions, asked of the tracker itself (a kill may have cut its last seconds);
+    it is sent only the records after it: first those metrics.jsonl kept, then the run's. TensorBoard drops all it
+    had (purge_step 1) and takes everything again: its `held` stays (0, 0)."""
     name = ""
-    replays = False
+    held: tuple[int, int] = (0, 0)
 
     def ids(self) -> dict:
         """What run.json keeps so that a resumed run continues the same logged run."""

@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from ._base import Context, Tracker
+from ._base import Context, Tracker, position_of
 
 _MAX_PARAMS = 100     # per log_batch call (MLflow's limit)
 _MAX_VALUE = 6000     # characters of a parameter's value (MLflow's limit)
@@ -39,6 +39,7 @@ class MLflow(Tracker):
         self.run_id = ctx.previous.get("run_id")
         if self.run_id:
             self.client.update_run(self.run_id, status="RUNNING")
+            self.held = self._held()
             return
         name = ctx.project or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "clcli"
         experiment = self.client.get_experiment_by_name(name)
@@ -52,6 +53,14 @@ class MLflow(Tracker):
             self.client.log_batch(self.run_id, params=params[i:i + _MAX_PARAMS])
         for key, text in ctx.texts.items():
             self.client.log_text(self.run_id, text, f"{key}.txt")
+
+    def _held(self) -> tuple[int, int]:
+        """Where the logged run stops (resuming): its metrics' histories, read once."""
+        steps: dict[int, set[str]] = {}
+        for key in self.client.get_run(self.run_id).data.metrics:
+            for metric in self.client.get_metric_history(self.run_id, key):
+                steps.setdefault(metric.step, set()).add(key)
+        return position_of(steps)
 
     def _parent(self, experiment_id: str, group: str) -> str:
         """The group's parent run, found by its tag or made (every `clcli compare` run of that group under it)."""

@@ -11,15 +11,14 @@ def _hparam(value):
 
 class TensorBoard(Tracker):
     name = "tensorboard"
-    replays = True
 
     def __init__(self, ctx: Context):
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = ctx.run_dir / "tb"
-        # purge_step: TensorBoard drops the steps logged past the checkpoint by the interrupted session
-        self.writer = SummaryWriter(str(self.log_dir), purge_step=ctx.kept_step + 1 if ctx.resumed else None,
-                                    flush_secs=10)
+        # Resuming, TensorBoard drops every step logged before (a kill may have cut its last seconds) and is sent
+        # metrics.jsonl's records again: what it shows is the record, nothing more, nothing less.
+        self.writer = SummaryWriter(str(self.log_dir), purge_step=1 if ctx.resumed else None, flush_secs=10)
         if not ctx.resumed:
             from torch.utils.tensorboard.summary import hparams
 

@@ -263,9 +263,8 @@ def _train_one(method_name, recipe, plan, data, run_dir: Path, device, state, sh
 
 
 def _start_tracking(method_name: str, recipe, plan, run_dir: Path, info: dict, state, console) -> tracking.Trackers:
-    """The run's trackers (train.log), each continuing its logged run when resuming (ids kept in run.json): the
-    steps metrics.jsonl keeps are not sent again, the steps past the checkpoint are replayed where a tracker can
-    drop its own copies (TensorBoard) and not sent twice to the others."""
+    """The run's trackers (train.log), each continuing its logged run when resuming (ids kept in run.json) and
+    sent first the records metrics.jsonl keeps that it lacks: each is sent only records it does not hold."""
     if not recipe.train.log:
         return tracking.NONE
     import yaml
@@ -276,8 +275,6 @@ def _start_tracking(method_name: str, recipe, plan, run_dir: Path, info: dict, s
 
     records = run_folder.read_metrics(run_dir)  # before the loop truncates it to the checkpoint's epochs
     start_epoch = int(state["epoch"]) if state is not None else 0
-    kept = max((int(r.get("step", 0)) for r in records if int(r.get("epoch", 1 << 30)) < start_epoch), default=0)
-    sent = max((tracking.position(r) for r in records), default=(0, 0))
     cfg = recipe.train
     name = f"{recipe.name}-{method_name}-seed{cfg.seed}" + (
         f"-fold{recipe.data.fold}" if recipe.data.fold is not None else "")
@@ -286,14 +283,18 @@ def _start_tracking(method_name: str, recipe, plan, run_dir: Path, info: dict, s
         hparams={"method": method_name, **recipes.flat(recipe)},
         texts={"plan": plan_text(plan), "recipe": yaml.safe_dump(recipe.to_dict(), sort_keys=False)},
         project=cfg.log_project, entity=cfg.log_entity, group=cfg.log_group, previous=info.get("tracking", {}),
-        resumed=bool(records) or state is not None, kept_step=kept)
+        resumed=bool(records) or state is not None)
 
     def note(text: str) -> None:
         from rich.markup import escape
 
         console.print(f"[yellow]note:[/] {escape(text)}", highlight=False, soft_wrap=True)
 
-    return tracking.start(cfg.log, context, sent=sent, note=note if console is not None else None)
+    trackers = tracking.start(cfg.log, context, note=note if console is not None else None)
+    for record in records:  # resuming: what metrics.jsonl keeps and a tracker lacks (a kill cut its last seconds)
+        if int(record.get("epoch", 1 << 30)) < start_epoch:
+            trackers.log(record)
+    return trackers
 
 
 def resume(run_dir: str | Path, *, show_progress: bool = True, console=None) -> dict[str, dict]:
