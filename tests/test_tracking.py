@@ -83,20 +83,21 @@ def wandb_history(run_dir: Path) -> tuple[set[str], dict[tuple[str, int], float]
     return ids, history
 
 
-def mlflow_history(store: Path) -> tuple[list, dict[tuple[str, int], float]]:
-    """The runs of the local store and, for the one run, every metric's history (MLflow's client)."""
+def mlflow_history(store: Path) -> tuple[list, dict[str, dict[tuple[str, int], float]]]:
+    """The runs of the local store and each run's logged history, by run id (MLflow's client)."""
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=store.as_uri())
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
-    history = {}
+    histories = {}
     for run in runs:
+        history = histories[run.info.run_id] = {}
         for name in run.data.metrics:
             for m in client.get_metric_history(run.info.run_id, name):
                 assert (name, m.step) not in history, f"{name} logged twice at step {m.step}"
                 history[name, m.step] = m.value
-    return runs, history
+    return runs, histories
 
 
 def assert_same(logged: dict, expected: dict, measured_again=()) -> None:
@@ -171,9 +172,9 @@ def test_wandb_and_mlflow_hold_metrics_jsonl_across_a_sigkill_and_resume(tmp_pat
     assert len(ids) == 1 and len(list((run / "wandb").glob("offline-run-*"))) == 2  # two sessions, one run
     assert_same(history, expected, measured_again=(12,))  # W&B may or may not have written step 12 when killed
 
-    runs, history = mlflow_history(tmp_path / "mlruns")
+    runs, histories = mlflow_history(tmp_path / "mlruns")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert_same(history, expected, measured_again=(12,))  # MLflow writes at once: it held step 12 when killed
+    assert_same(histories[runs[0].info.run_id], expected, measured_again=(12,))  # MLflow writes at once: it held step 12 when killed
     assert_same(tensorboard_history(run), expected)  # all purged, then sent metrics.jsonl's records again
 
     info = json.loads((run / "run.json").read_text())
@@ -186,6 +187,40 @@ def test_wandb_and_mlflow_hold_metrics_jsonl_across_a_sigkill_and_resume(tmp_pat
                                                                                          "exported")
     assert sorted(Path(a.path).name for a in artifacts) == ["manifest.json", "test_efficientnet.safetensors",
                                                             "test_resnet.safetensors"]
+
+
+def test_compare_logs_its_runs_as_one_group_and_writes_per_class_table(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    pytest.importorskip("mlflow")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "cmp"
+    result = runner.invoke(app, ["compare", "--recipe", "quickstart", "--methods", "il,cl", "--seeds", "1",
+                                 "--epochs", "1", "--out", str(out), "--no-progress", "--log", "mlflow,wandb",
+                                 "--set", f"models=[{', '.join(TINY)}]", "--set", "data.train_limit=64",
+                                 "--set", "data.test_limit=40", "--set", "train.batch_size=32",
+                                 "--set", "train.threads=2"])
+    assert result.exit_code == 0, result.output
+    runs, histories = mlflow_history(tmp_path / "mlruns")
+    parents = [r for r in runs if r.data.tags.get("clcli.group") == "compare-cmp"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert len(parents) == 1 and len(children) == 2
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    for child in children:
+        assert_same(histories[child.info.run_id], expected_history(Path(child.data.tags["clcli.run_folder"])))
+    wandb_cli = Path(sys.executable).with_name("wandb")
+    groups = []
+    for method in ("il", "cl"):
+        for session in (out / "runs" / method / "seed0" / "wandb").glob("offline-run-*"):
+            lines = subprocess.run([str(wandb_cli), "leet", "inspect", "--json", str(session)], capture_output=True,
+                                   text=True, check=True).stdout.splitlines()
+            groups += [json.loads(ln)["run"]["run_group"] for ln in lines if json.loads(ln)["type"] == "run"]
+    assert groups == ["compare-cmp", "compare-cmp"]
+    table = (out / "per_class.md").read_text()
+    assert "| class | IL | CL |" in table and table.count("| airplane |") == 2  # one table per network
+    info = json.loads((out / "runs" / "cl" / "seed0" / "run.json").read_text())
+    first = next(ln for ln in table.splitlines() if ln.startswith("| airplane |"))
+    assert first.split("|")[3].strip() == f"{info['per_class'][TINY[0]]['accuracy'][0]:.2f}"
 
 
 @pytest.mark.parametrize("name,package", [("tensorboard", "tensorboard"), ("wandb", "wandb"),
