@@ -3,8 +3,8 @@
 Opens each tracker (TensorBoard, W&B offline, MLflow with a local file store) for a throw-away run folder, as
 `clcli train --log` does, and times `Trackers.log` on a CL step record of two networks (cls, metric, verification
 and train_acc per network, lr, images_per_s: 10 scalars) for --steps steps; the median and the 90th percentile of
-the per-record wall time, the time to open the tracker (the first time with its import) and to close it. In alternating rounds,
-so that a busy machine weighs on each tracker alike.
+the per-record wall time, the time to open the tracker (the first time with its import) and to close it. In
+alternating rounds, so that a busy machine weighs on each tracker alike.
 
     python benchmarks/tracking_cost.py [--steps 200] [--rounds 3] [--json]
 """

@@ -72,7 +72,8 @@ def results_markdown(info: dict) -> str:
         if key in info:
             columns.append((title, {n: f"{v:.2f}" for n, v in info[key].items()}))
     if "best" in info:
-        columns.append(("best epoch (%)", {n: f"{b['test_acc']:.2f} (ep {b['epoch']})" for n, b in info["best"].items()}))
+        columns.append(("best epoch (%)", {n: f"{b['test_acc']:.2f} (ep {b['epoch']})"
+                                           for n, b in info["best"].items()}))
     lines = ["| network | " + " | ".join(t for t, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     lines += [f"| {n} | " + " | ".join(c[n] for _, c in columns) + " |" for n in names]
     per_class = info.get("per_class")

@@ -103,7 +103,8 @@ def mlflow_history(store: Path) -> tuple[list, dict[str, dict[tuple[str, int], f
 def assert_same(logged: dict, expected: dict, measured_again=()) -> None:
     """`measured_again`: steps the tracker kept from before a kill while the resumed run logged them anew: a
     resumed run recomputes every value exactly, except the speed (images_per_s), a measurement."""
-    assert set(logged) == set(expected), (sorted(set(expected) - set(logged))[:5], sorted(set(logged) - set(expected))[:5])
+    assert set(logged) == set(expected), (sorted(set(expected) - set(logged))[:5],
+                                          sorted(set(logged) - set(expected))[:5])
     for (name, step), value in expected.items():
         if name == "images_per_s" and step in measured_again:
             continue
@@ -174,7 +175,8 @@ def test_wandb_and_mlflow_hold_metrics_jsonl_across_a_sigkill_and_resume(tmp_pat
 
     runs, histories = mlflow_history(tmp_path / "mlruns")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert_same(histories[runs[0].info.run_id], expected, measured_again=(12,))  # MLflow writes at once: it held step 12 when killed
+    # MLflow writes at once: it held step 12 when killed
+    assert_same(histories[runs[0].info.run_id], expected, measured_again=(12,))
     assert_same(tensorboard_history(run), expected)  # all purged, then sent metrics.jsonl's records again
 
     info = json.loads((run / "run.json").read_text())

@@ -22,7 +22,9 @@ class TensorBoard(Tracker):
         if not ctx.resumed:
             from torch.utils.tensorboard.summary import hparams
 
-            for part in hparams({k: _hparam(v) for k, v in ctx.hparams.items()}, {f"{label}/test_acc": 0.0 for label in ctx.labels}):
+            # the HPARAMS tab sets the hyperparameters against each network's test accuracy
+            metrics = {f"{label}/test_acc": 0.0 for label in ctx.labels}
+            for part in hparams({k: _hparam(v) for k, v in ctx.hparams.items()}, metrics):
                 self.writer.file_writer.add_summary(part)
             for key, text in ctx.texts.items():
                 self.writer.add_text(key, _markdown_code(text), 0)

@@ -32,7 +32,8 @@ class WandB(Tracker):
             entity=ctx.entity or os.environ.get("WANDB_ENTITY"), name=ctx.name, group=ctx.group,
             config=ctx.hparams, dir=os.environ.get("WANDB_DIR") or str(ctx.run_dir), mode=mode,
             id=run_id, resume="allow" if run_id else None,
-            settings=wandb.Settings(console="off", quiet=True))  # the live progress stays on the terminal, not in W&B's log
+            # console off: the live progress stays on the terminal, out of W&B's log
+            settings=wandb.Settings(console="off", quiet=True))
         # clcli's step is a metric of its own, the x-axis of every other: each record is then committed as it is
         # logged (W&B keeps a row with an explicit `step=` open until a later step comes, and a kill loses it), and
         # the epoch record may share its step with the step record before it.

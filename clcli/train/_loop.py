@@ -253,8 +253,8 @@ class _EpochTally:
 
 
 class _Report:
-    """Everything a run writes and shows: metrics.jsonl (rank 0) and the same records to the trackers, the live progress, each epoch's evaluation of
-    every network as deployed, and the checkpoint."""
+    """Everything a run writes and shows: metrics.jsonl (rank 0) and the same records to the trackers, the live
+    progress, each epoch's evaluation of every network as deployed, and the checkpoint."""
 
     def __init__(self, method, data: Data, recipe, run_dir: Path, d: _dist.Dist, start_epoch: int,
                  steps_per_epoch: int, show_progress: bool, console, trackers: tracking.Trackers):
@@ -302,8 +302,8 @@ class _Report:
         accs = (100.0 * _dist.total(d, tally.correct) / tally.seen).tolist()
         global_step = epoch * self.steps + step
         self._record({"type": "step", "epoch": epoch, "step": global_step + 1, "lr": lr,
-                        "images_per_s": round(rate, 1), **{k: round(v, 5) for k, v in means.items()},
-                        **{f"{i}/train_acc": round(a, 3) for i, a in enumerate(accs)}})
+                      "images_per_s": round(rate, 1), **{k: round(v, 5) for k, v in means.items()},
+                      **{f"{i}/train_acc": round(a, 3) for i, a in enumerate(accs)}})
         shown = {"cls": "loss", **self.method.progress_parts}
         networks = [(labels[i], {label: means[f"{i}/{part}"] for part, label in shown.items() if f"{i}/{part}" in means},
                      accs[i]) for i in range(len(labels))]
