@@ -326,18 +326,27 @@ def evaluate_cmd(
     _print_per_class(console, result["class_names"], result["per_class"], result["confusion"])
 
 
-# A confusion matrix wider than this many classes does not fit a terminal: --json has it whole.
+# A confusion matrix wider than this many classes does not fit a terminal, nor a table longer than _SHOWN_CLASSES
+# rows a screen (then the classes with the lowest accuracy are shown): --json has them whole.
 _SHOWN_CONFUSION = 20
+_SHOWN_CLASSES = 50
 
 
 def _print_per_class(console, classes: list[str], accuracy: list, confusion: list[list[int]]) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title="per class: accuracy (%), images, and the class most often answered instead",
-                  title_justify="left")
+    classes = [escape(name) for name in classes]  # a class named "[x]" is shown as it is
+    shown = list(range(len(classes)))
+    title = "per class: accuracy (%), images, and the class most often answered instead"
+    if len(classes) > _SHOWN_CLASSES:
+        shown = sorted(shown, key=lambda k: 101.0 if accuracy[k] is None else accuracy[k])[:_SHOWN_CLASSES // 2]
+        title = f"the {len(shown)} of {len(classes)} classes with the lowest accuracy (--json has all): " + title[11:]
+    table = Table(title=title, title_justify="left")
     for col in ("class", "acc (%)", "images", "most confused with"):
         table.add_column(col, justify="left" if col in ("class", "most confused with") else "right")
-    for k, (name, acc, row) in enumerate(zip(classes, accuracy, confusion)):
+    for k in shown:
+        name, acc, row = classes[k], accuracy[k], confusion[k]
         wrong = max((j for j in range(len(row)) if j != k), key=lambda j: row[j], default=None)
         table.add_row(name, "-" if acc is None else f"{acc:.2f}", str(sum(row)),
                       f"{classes[wrong]} ({row[wrong]})" if wrong is not None and row[wrong] else "-")
