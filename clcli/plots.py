@@ -217,14 +217,16 @@ def per_class_png(run_dirs: list[str | Path], path: str | Path) -> tuple[Path, t
     if not runs:
         return None
     plt = _pyplot()
-    labels = _run_labels([r.path for r in runs], [{"method": r.method} for r in runs])
     reference = next((k for k, r in enumerate(runs) if r.method == "il"), 0)
+    runs.insert(0, runs.pop(reference))  # the reference first: its matrix, then the others'
+    labels = _run_labels([r.path for r in runs], [{"method": r.method} for r in runs])
     classes = list(runs[0].info["class_names"])
     networks = list(dict.fromkeys(n for r in runs for n in network_labels(list(r.info["models"]))))
     columns = len(runs) + (len(runs) > 1)
-    fig, axes = plt.subplots(len(networks), columns, squeeze=False,
+    fig, axes = plt.subplots(len(networks), columns, squeeze=False, layout="constrained",
                              figsize=(WIDTH_IN, CURVES_TOP_IN + 3.5 * len(networks)))
-    ticks = range(len(classes)) if len(classes) <= 20 else []
+    ticks = list(range(len(classes))) if len(classes) <= 20 else []
+    names = [classes[k] for k in ticks]
     for row, network in zip(axes, networks):
         for ax, run, label in zip(row, runs, labels):
             per_class = run.info["per_class"].get(network)
@@ -232,19 +234,17 @@ def per_class_png(run_dirs: list[str | Path], path: str | Path) -> tuple[Path, t
             if per_class is None:
                 ax.axis("off")
                 continue
-            counts = [max(sum(r), 1) for r in per_class["confusion"]]
-            shares = [[100.0 * v / n for v in r] for r, n in zip(per_class["confusion"], counts)]
-            image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=100)
+            shares = [[100.0 * v / max(sum(r), 1) for v in r] for r in per_class["confusion"]]
+            ax.imshow(shares, cmap="Blues", vmin=0, vmax=100)
             ax.set_xlabel("answer", fontsize=8)
             ax.set_ylabel("true class", fontsize=8)
-            ax.set_xticks(list(ticks), [classes[k] for k in ticks], rotation=90, fontsize=6)
-            ax.set_yticks(list(ticks), [classes[k] for k in ticks], fontsize=6)
+            ax.set_xticks(ticks, names, rotation=90, fontsize=6)
+            ax.set_yticks(ticks, names, fontsize=6)
         if len(runs) > 1:
             ax = row[-1]
-            base = runs[reference].info["per_class"].get(network, {}).get("accuracy")
-            others = [(run, label) for k, (run, label) in enumerate(zip(runs, labels)) if k != reference]
-            width = 0.8 / max(len(others), 1)
-            for k, (run, label) in enumerate(others):
+            base = runs[0].info["per_class"].get(network, {}).get("accuracy")
+            width = 0.8 / (len(runs) - 1)
+            for k, (run, label) in enumerate(zip(runs[1:], labels[1:])):
                 accuracy = run.info["per_class"].get(network, {}).get("accuracy")
                 if base is None or accuracy is None:
                     continue
@@ -252,13 +252,15 @@ def per_class_png(run_dirs: list[str | Path], path: str | Path) -> tuple[Path, t
                 ax.barh([i + k * width for i in range(len(classes))], diff, height=width, label=label)
             ax.axvline(0, color="gray", linewidth=1)
             ax.invert_yaxis()
-            ax.set_yticks(list(ticks), [classes[k] for k in ticks], fontsize=6)
-            ax.set_title(f"{network}: per-class accuracy minus {labels[reference]}'s (points)", fontsize=9, loc="left")
+            ax.set_yticks(ticks, names, fontsize=6)
+            ax.set_xlabel(f"accuracy minus {labels[0]}'s (points)", fontsize=8)
+            ax.set_title(f"{network}: per class", fontsize=9, loc="left")
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3, axis="x")
             if ax.patches:
                 ax.legend(fontsize=7)
-    fig.colorbar(image, ax=axes[:, :len(runs)].ravel().tolist(), shrink=0.6, label="% of the true class")
+    fig.suptitle("confusion matrices on the last evaluation (each row: % of the true class's images, 0 white, "
+                 "100 dark blue)", x=0.01, ha="left", fontsize=9)
     return _save(fig, path)
 
 

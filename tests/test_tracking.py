@@ -181,8 +181,8 @@ def test_wandb_and_mlflow_hold_metrics_jsonl_across_a_sigkill_and_resume(tmp_pat
 
     info = json.loads((run / "run.json").read_text())
     assert info["tracking"]["mlflow"]["run_id"] == runs[0].info.run_id and info["tracking"]["wandb"]["id"] in ids
-    exported = _cli(["export", str(run), "--out", str(tmp_path / "ex"), "--no-measure", "--log"], tmp_path)
-    assert exported.returncode == 0, exported.stderr
+    exported = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "ex"), "--no-measure", "--log"])
+    assert exported.exit_code == 0, exported.output
     from mlflow.tracking import MlflowClient
 
     artifacts = MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri()).list_artifacts(runs[0].info.run_id,
