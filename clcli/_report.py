@@ -52,3 +52,36 @@ def print_plan(console, plan) -> None:
                           f"{100 * half.fraction:.1f}{budget}", _fmt_int(half.macs),
                           end_section=i == len(s.taps) - 1)
     console.print(table)
+
+
+def plan_text(plan, width: int = 120) -> str:
+    """The plan as `clcli probe` prints it, in plain text (what the trackers show as the run's MKB summary)."""
+    import io
+
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=width, record=True, color_system=None)
+    print_plan(console, plan)
+    return console.export_text()
+
+
+def results_markdown(info: dict) -> str:
+    """A finished run's results (run.json) as a markdown table: per network its test accuracy (top-5, EMA and best
+    epoch where the run has them), then each class's accuracy per network (`per_class`)."""
+    names = list(info["test_acc"])
+    columns = [("test acc (%)", {n: f"{v:.2f}" for n, v in info["test_acc"].items()})]
+    for key, title in (("test_top5", "top-5 (%)"), ("ema_test_acc", "EMA (%)")):
+        if key in info:
+            columns.append((title, {n: f"{v:.2f}" for n, v in info[key].items()}))
+    if "best" in info:
+        columns.append(("best epoch (%)", {n: f"{b['test_acc']:.2f} (ep {b['epoch']})"
+                                           for n, b in info["best"].items()}))
+    lines = ["| network | " + " | ".join(t for t, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {n} | " + " | ".join(c[n] for _, c in columns) + " |" for n in names]
+    per_class = info.get("per_class")
+    if per_class:
+        lines += ["", "| class | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for k, cls in enumerate(info["class_names"]):
+            cells = [per_class[n]["accuracy"][k] for n in names]
+            lines.append(f"| {cls} | " + " | ".join("-" if a is None else f"{a:.2f}" for a in cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -115,6 +115,8 @@ def train(
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run in this folder"),
     force: bool = typer.Option(False, "--force", help="replace an existing run folder"),
     overrides: List[str] = typer.Option([], "--set", help="recipe override key=value (dotted keys)"),
+    log: Optional[str] = typer.Option(None, "--log", help="follow the run in experiment trackers: tensorboard, "
+                                      "wandb, mlflow (comma separated for several; train.log)"),
     no_progress: bool = typer.Option(False, "--no-progress", help="no live progress bar"),
 ) -> None:
     """Train networks together with MKBs (or with a baseline method) and write a run folder."""
@@ -124,6 +126,8 @@ def train(
 
     console = _console()
     if resume is not None:
+        if log is not None:
+            raise ClcliError("--log cannot change a resumed run: it logs to the trackers it was started with")
         with _reported_interrupt():
             results = train_lib.resume(resume, show_progress=not no_progress, console=console)
         _print_results(console, results)
@@ -133,7 +137,7 @@ def train(
     rec = recipes.resolve(recipe, data=data, val=val, val_fraction=val_fraction,
                           models=[models, *ctx.args] if models is not None else None, pretrained=pretrained,
                           weights=weights, methods=method, epochs=epochs, seed=seed, placement=placement,
-                          overrides=overrides)
+                          log=_trackers(log), overrides=overrides)
     run_dir = out if out is not None else free_folder(rec.name)
     with _reported_interrupt():
         results = train_lib.train(rec, run_dir, plan_path=str(plan) if plan else None, force=force,
@@ -145,6 +149,11 @@ def train(
     console.print(f"run folder: [bold]{run_dir}[/]")
     if (Path(run_dir) / "folds.json").is_file():
         console.print(f"fold summary: [bold]{Path(run_dir) / 'folds.json'}[/] (one run folder per fold: fold0/, ...)")
+
+
+def _trackers(log: str | None) -> list[str] | None:
+    """--log tensorboard,wandb as a list (None: the recipe's train.log)."""
+    return None if log is None else [name.strip() for name in log.split(",") if name.strip()]
 
 
 def _print_results(console, results: dict) -> None:
@@ -229,6 +238,8 @@ def export(
     ema: bool = typer.Option(False, "--ema", help="the moving average of each network's weights (train.ema_decay)"),
     best: bool = typer.Option(False, "--best", help="each network's best epoch on the validation split "
                                                     "(train.keep_best)"),
+    log: bool = typer.Option(False, "--log", help="also log the exported files and manifest.json as artifacts of "
+                                                  "the run's MLflow run (trained with --log mlflow)"),
 ) -> None:
     """Export each network of a run on its own, with its MKB half, as safetensors (and, with --onnx, as ONNX): its
     last weights, or with --ema / --best the moving average or the best epoch's."""
@@ -245,6 +256,10 @@ def export(
         console.print(f"exporting {run}, the newest run with a checkpoint under runs/", highlight=False,
                       soft_wrap=True)
     run_dir = Run.pick(run).path
+    if log:
+        from clcli import tracking
+
+        tracking.mlflow_run(Run.open(run_dir).info)  # before exporting: no MLflow run, or no extra, is one line
     from clcli.train import Interrupted, interrupt_signals
 
     with _reported_interrupt(), interrupt_signals():
@@ -285,6 +300,13 @@ def export(
 
         console.print(f"each ONNX file passed onnx.checker and matched PyTorch in ONNX Runtime on a fixed batch "
                       f"(tolerance {onnx_tolerance()})", highlight=False)
+    if log:
+        from clcli import tracking
+
+        logged = [Path(out) / e["file"] for e in index["networks"]] + [Path(out) / "manifest.json"]
+        tracking.log_files(Run.open(run_dir).info, logged)
+        console.print(f"logged {len(logged)} files to the run's MLflow run (artifacts under exported/)",
+                      highlight=False)
     if plain:
         changes = [f"{e['network']} {e['plain_test_acc'] - e['test_acc']:+.2f}" for e in index["networks"]
                    if e.get("plain_test_acc") is not None and e["test_acc"] is not None]
@@ -302,7 +324,8 @@ def evaluate_cmd(
     data: Optional[str] = typer.Option(None, "--data", help="local dataset folder replacing the recipe's"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Measure the test accuracy of an exported network, on its own."""
+    """Measure the test accuracy of an exported network, on its own: overall, per class, and the confusion
+    matrix."""
     from clcli.export import evaluate_export
 
     result = evaluate_export(file, recipe=recipe, data=data)
@@ -310,10 +333,49 @@ def evaluate_cmd(
         sys.stdout.write(json.dumps(result) + "\n")
         return
     recorded = result["recorded"]
-    _console().print(f"{result['model']}: top-1 {result['top1']:.2f}%"
-                     + (f", top-5 {result['top5']:.2f}%" if "top5" in result else "")
-                     + f" on {result['images']} images, {result['evaluation']} (export recorded "
-                     + (f"{recorded:.2f}%)" if recorded is not None else "nothing)"), highlight=False)
+    console = _console()
+    console.print(f"{result['model']}: top-1 {result['top1']:.2f}%"
+                  + (f", top-5 {result['top5']:.2f}%" if "top5" in result else "")
+                  + f" on {result['images']} images, {result['evaluation']} (export recorded "
+                  + (f"{recorded:.2f}%)" if recorded is not None else "nothing)"), highlight=False)
+    _print_per_class(console, result["class_names"], result["per_class"], result["confusion"])
+
+
+# A confusion matrix wider than this many classes does not fit a terminal, nor a table longer than _SHOWN_CLASSES
+# rows a screen (then the classes with the lowest accuracy are shown): --json has them whole.
+_SHOWN_CONFUSION = 20
+_SHOWN_CLASSES = 50
+
+
+def _print_per_class(console, classes: list[str], accuracy: list, confusion: list[list[int]]) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    classes = [escape(name) for name in classes]  # a class named "[x]" is shown as it is
+    shown = list(range(len(classes)))
+    title = "per class: accuracy (%), images, and the class most often answered instead"
+    if len(classes) > _SHOWN_CLASSES:
+        shown = sorted(shown, key=lambda k: 101.0 if accuracy[k] is None else accuracy[k])[:_SHOWN_CLASSES // 2]
+        title = f"the {len(shown)} of {len(classes)} classes with the lowest accuracy (--json has all): " + title[11:]
+    table = Table(title=title, title_justify="left")
+    for col in ("class", "acc (%)", "images", "most confused with"):
+        table.add_column(col, justify="left" if col in ("class", "most confused with") else "right")
+    for k in shown:
+        name, acc, row = classes[k], accuracy[k], confusion[k]
+        wrong = max((j for j in range(len(row)) if j != k), key=lambda j: row[j], default=None)
+        table.add_row(name, "-" if acc is None else f"{acc:.2f}", str(sum(row)),
+                      f"{classes[wrong]} ({row[wrong]})" if wrong is not None and row[wrong] else "-")
+    console.print(table)
+    if len(classes) > _SHOWN_CONFUSION:
+        console.print(f"confusion matrix: {len(classes)}x{len(classes)}, in --json", highlight=False)
+        return
+    matrix = Table(title="confusion matrix: rows the true class, columns the answer", title_justify="left")
+    matrix.add_column("")
+    for k in range(len(classes)):
+        matrix.add_column(str(k), justify="right")
+    for k, (name, row) in enumerate(zip(classes, confusion)):
+        matrix.add_row(f"{k} {name}", *[f"[bold]{v}[/]" if j == k else str(v) for j, v in enumerate(row)])
+    console.print(matrix)
 
 
 @app.command()
@@ -426,9 +488,12 @@ def compare(
     data: Optional[str] = typer.Option(None, "--data", help="local dataset folder (or hub id) replacing the recipe's"),
     epochs: Optional[int] = typer.Option(None, "--epochs"),
     overrides: List[str] = typer.Option([], "--set", help="recipe override key=value (dotted keys)"),
+    log: Optional[str] = typer.Option(None, "--log", help="log each run to experiment trackers: tensorboard, "
+                                      "wandb, mlflow (comma separated for several; train.log)"),
     no_progress: bool = typer.Option(False, "--no-progress", help="no live progress bar"),
 ) -> None:
-    """Train every method on the same recipe and seeds; write table.md (paper Table 2), results.csv, curves.png."""
+    """Train every method on the same recipe and seeds; write table.md (paper Table 2), results.csv, curves.png,
+    per_class.md; with --log, every run to the trackers, grouped."""
     from rich.table import Table
 
     from clcli import recipes
@@ -436,7 +501,7 @@ def compare(
 
     names = parse_methods(methods)
     console = _console()
-    loaded = recipes.resolve(recipe, data=data, epochs=epochs, overrides=overrides)
+    loaded = recipes.resolve(recipe, data=data, epochs=epochs, log=_trackers(log), overrides=overrides)
     out = out if out is not None else Path("reports") / loaded.name
     with _reported_interrupt():
         result = compare_lib(loaded, names, seeds, out, show_progress=not no_progress, console=console)
@@ -459,19 +524,25 @@ def report(
                                        "folder, else report.png here)"),
 ) -> None:
     """Draw the training curves of one or several runs side by side: per network, the training loss parts and the
-    test accuracy per epoch."""
+    test accuracy per epoch; and each network's confusion matrix, with several runs the per-class differences."""
     from clcli.plots import report as report_lib
 
-    path, (width, height), drawn = report_lib(runs, out)
-    _console().print(f"{len(drawn)} run{'s' if len(drawn) > 1 else ''} drawn: [bold]{path}[/] ({width}x{height} px)",
-                     highlight=False)
+    path, (width, height), drawn, per_class = report_lib(runs, out)
+    console = _console()
+    console.print(f"{len(drawn)} run{'s' if len(drawn) > 1 else ''} drawn: [bold]{path}[/] ({width}x{height} px)",
+                  highlight=False)
+    if per_class is not None:
+        console.print(f"confusion matrices and per-class accuracy: [bold]{per_class}[/]", highlight=False)
 
 
 def main() -> None:
     try:
         app()
     except ClcliError as e:
-        _console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        # escaped: a message may hold brackets (pip install "clcli[wandb]") that rich would take for markup
+        _console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

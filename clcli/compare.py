@@ -7,6 +7,7 @@
                                    number), then the first iteration at which each method reaches IL's final accuracy
     <out>/results.csv              one line per (method, seed, network)
     <out>/curves.png               test accuracy against iterations, per network, mean over the seeds
+    <out>/per_class.md             per network, each class's test accuracy under each method, mean over the seeds
 
 IL always runs first: it is the reference, the teacher of kd and fitnets (network 0 of the IL run of the same seed),
 and the networks that EL averages.
@@ -19,7 +20,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clcli import files
+from clcli import files, tracking
 from clcli.errors import ClcliError
 from clcli.models import network_labels
 
@@ -28,7 +29,8 @@ LABELS = {"il": "IL", "el": "EL", "kd": "DL (1→2)", "fitnets": "HL (1→2)", "
 ORDER = list(LABELS)
 COMPUTED = ("el",)  # rows computed from the IL runs, not trained
 # How a run is executed, not what it computes: a change here does not make a finished run stale.
-_IGNORED_KEYS = ("kd.teacher", "train.device", "train.threads", "train.log_every")
+_IGNORED_KEYS = ("kd.teacher", "train.device", "train.threads", "train.log_every", "train.log", "train.log_project",
+                 "train.log_entity", "train.log_group")
 
 
 @dataclass
@@ -39,6 +41,7 @@ class RunResult:
     networks: list[str]
     test_acc: list[float]                                   # final, per network
     curve: list[tuple[int, list[float]]] = field(default_factory=list)  # (iteration, test acc per network)
+    per_class: dict[str, list] | None = None                # per network: each class's accuracy (%), last evaluation
 
 
 def parse_methods(text: str) -> list[str]:
@@ -54,23 +57,13 @@ def parse_methods(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k not in ("network_lr", "network_weight_decay"):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _check_same_recipe(recipe, run) -> None:
     """A finished or unfinished run is reused only if it was trained with this recipe. Keys that do not change what
     is computed (_IGNORED_KEYS) and the sections of other methods (a CL variant's `cl.*` for an IL run) may differ."""
-    from clcli import methods
+    from clcli import methods, recipes
 
     run_dir, stored = run.path, run.recipe
-    old, new = _flat(stored.to_dict()), _flat(recipe.to_dict())
+    old, new = recipes.flat(stored), recipes.flat(recipe)
     every_method_section = {s for m in methods.METHODS.values() for s in m.recipe_sections}
     foreign = every_method_section - set(methods.get(run.method).recipe_sections)
     for key in sorted(set(old) | set(new)):
@@ -87,11 +80,11 @@ def _needs_teacher(method: str) -> bool:
     return method in methods.METHODS and methods.METHODS[method].needs_teacher
 
 
-def _run_recipe(base, method: str, seed: int, teacher: Path):
+def _run_recipe(base, method: str, seed: int, teacher: Path, group: str | None = None):
     from clcli import recipes
 
     r = recipes.from_dict(base.to_dict())
-    r.methods, r.train.seed = [method], seed
+    r.methods, r.train.seed, r.train.log_group = [method], seed, group
     if _needs_teacher(method):
         r.kd.teacher = str(teacher.resolve())
     return r
@@ -122,7 +115,8 @@ def _read_run(method: str, seed: int, run_dir: Path) -> RunResult:
     names = network_labels(list(info["models"]))
     curve = [(int(r["step"]), [float(r["test_acc"][n]) for n in names])
              for r in run.metrics() if r.get("type") == "epoch"]
-    return RunResult(method, seed, run_dir, names, [float(info["test_acc"][n]) for n in names], curve)
+    per_class = {n: info["per_class"][n]["accuracy"] for n in names} if "per_class" in info else None
+    return RunResult(method, seed, run_dir, names, [float(info["test_acc"][n]) for n in names], curve, per_class)
 
 
 def ensemble_accuracy(run_dir: str | Path) -> float:
@@ -243,16 +237,41 @@ def _results_csv(runs: dict[str, list[RunResult]], el: dict[int, float], il_fina
     return buf.getvalue()
 
 
+def _per_class_md(recipe, runs: dict[str, list[RunResult]], names: list[str], class_names: list[str]) -> str:
+    """Per network, each class's test accuracy under each method, mean over the seeds (runs from before per-class
+    results were kept: "-")."""
+    lines = [f"# {recipe.name}: per-class test accuracy (%)", "",
+             "Each method's accuracy on each class at its last evaluation, mean over the seeds; per network.", ""]
+    methods = list(runs)
+    for i, name in enumerate(names):
+        lines += [f"## {name}", "", "| class | " + " | ".join(LABELS.get(m, m) for m in methods) + " |",
+                  "|---" * (len(methods) + 1) + "|"]
+        for k, cls in enumerate(class_names):
+            cells = []
+            for m in methods:
+                values = [r.per_class[name][k] for r in runs[m] if r.per_class and r.per_class[name][k] is not None]
+                cells.append(f"{statistics.mean(values):.2f}" if values else "-")
+            lines.append(f"| {cls} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def compare(recipe, methods: list[str], seeds: int, out: str | Path, *, show_progress: bool = True,
             console=None) -> dict:
-    """Run (or reuse) every (method, seed) of the grid and write table.md, results.csv and curves.png under `out`.
-    Returns the table rows and the paths written."""
+    """Run (or reuse) every (method, seed) of the grid and write table.md, results.csv, curves.png and per_class.md
+    under `out`; with train.log, every run goes to the trackers in one group (W&B group, MLflow parent run; for
+    TensorBoard, `tensorboard --logdir <out>/runs` shows each run's tb/ as a subfolder). Returns the table rows and
+    the paths written."""
     from clcli.plots import compare_curves_png
+    from clcli.run import Run
 
     if seeds < 1:
         raise ClcliError(f"--seeds must be at least 1, got {seeds}")
     out = Path(out)
     files.check_output_dir(out, "report folder")
+    tracking.check(recipe.train.log)  # a missing extra: one line before any run
+    # the grid's runs side by side in the trackers
+    group = recipe.train.log_group or (f"compare-{out.resolve().name}" if recipe.train.log else None)
     seed_list = [recipe.train.seed + k for k in range(seeds)]
     trained = ["il"] + [m for m in methods if m != "il" and m not in COMPUTED]
     order = sorted(dict.fromkeys(["il", *methods]), key=lambda m: ORDER.index(m) if m in ORDER else len(ORDER))
@@ -265,7 +284,8 @@ def compare(recipe, methods: list[str], seeds: int, out: str | Path, *, show_pro
         run_dir = out / "runs" / m / f"seed{s}"
         progress.start(f"{m} seed {s} → {run_dir}")
         try:
-            done = _ensure_run(_run_recipe(recipe, m, s, out / "runs" / "il" / f"seed{s}"), run_dir, progress)
+            run_recipe = _run_recipe(recipe, m, s, out / "runs" / "il" / f"seed{s}", group)
+            done = _ensure_run(run_recipe, run_dir, progress)
         except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the same command continues the grid
             e.hint = "run the same `clcli compare` again to continue (finished runs are reused, this one resumed)"
             raise
@@ -279,9 +299,12 @@ def compare(recipe, methods: list[str], seeds: int, out: str | Path, *, show_pro
     il_final = [statistics.mean(r.test_acc[i] for r in runs["il"]) for i in range(len(names))]
     acc_rows, reach_rows = _rows(order, runs, list(el.values()), names, il_final)
     table = _table_md(recipe, seed_list, names, il_final, acc_rows, reach_rows, order)
-    paths = {"table": out / "table.md", "results": out / "results.csv", "curves": out / "curves.png"}
+    paths = {"table": out / "table.md", "results": out / "results.csv", "curves": out / "curves.png",
+             "per_class": out / "per_class.md"}
     files.write_text(paths["table"], table)
     files.write_text(paths["results"], _results_csv(runs, el, il_final))
+    class_names = list(Run.open(runs["il"][0].run_dir).info["class_names"])
+    files.write_text(paths["per_class"], _per_class_md(recipe, runs, names, class_names))
     compare_curves_png(paths["curves"], {m: [r.curve for r in rs] for m, rs in runs.items()}, LABELS, names, il_final)
     return {"networks": names, "seeds": seed_list, "rows": acc_rows, "label_note": label_note(order),
             "reach": reach_rows, "il_final": il_final, "paths": paths}

@@ -18,12 +18,14 @@ def device_of(net: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def evaluate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean, std, *, batch_size: int = 500,
-             topk: tuple[int, ...] = (1,), channels_last: bool = False) -> dict[str, float]:
-    """Accuracy (%) of one network (with its own MKB halves, as deployed) on uint8 images."""
+             topk: tuple[int, ...] = (1,), channels_last: bool = False, num_classes: int | None = None) -> dict:
+    """Accuracy (%) of one network (with its own MKB halves, as deployed) on uint8 images: {"top1", "top5", ...}.
+    With `num_classes`, also "confusion": the confusion matrix, [true class][predicted class] image counts."""
     was_training = net.training
     net.eval()
     device = device_of(net)
     correct = {k: torch.zeros((), dtype=torch.int64, device=device) for k in topk}  # on the device: no sync per batch
+    confusion = torch.zeros(num_classes * num_classes if num_classes else 0, dtype=torch.int64, device=device)
     n = 0  # counted per batch: a streamed split leaves out images it cannot decode
     for xb, yb in eval_batches(images, labels, batch_size):
         n += len(yb)
@@ -33,9 +35,20 @@ def evaluate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean, s
         top = logits.topk(max(topk), dim=1).indices
         for k in topk:
             correct[k] += (top[:, :k] == y[:, None]).any(dim=1).sum()
+        if num_classes:
+            confusion += torch.bincount(y * num_classes + top[:, 0], minlength=num_classes * num_classes)
     net.train(was_training)
     n = max(n, 1)
-    return {f"top{k}": 100.0 * c / n for k, c in zip(correct, torch.stack(list(correct.values())).tolist())}
+    result = {f"top{k}": 100.0 * c / n for k, c in zip(correct, torch.stack(list(correct.values())).tolist())}
+    if num_classes:
+        result["confusion"] = confusion.view(num_classes, num_classes).tolist()
+    return result
+
+
+def per_class_accuracy(confusion: list[list[int]]) -> list[float | None]:
+    """Each class's accuracy (%) from a confusion matrix (rows: true class): right answers over the class's images;
+    None for a class without images."""
+    return [100.0 * row[k] / sum(row) if sum(row) else None for k, row in enumerate(confusion)]
 
 
 @torch.no_grad()
@@ -59,4 +72,4 @@ def ensemble_accuracy(networks: list[nn.Module], images: torch.Tensor, labels: t
     return 100.0 * correct / max(seen, 1)
 
 
-__all__ = ["evaluate", "device_of", "ensemble_probabilities", "ensemble_accuracy"]
+__all__ = ["evaluate", "device_of", "per_class_accuracy", "ensemble_probabilities", "ensemble_accuracy"]

@@ -5,6 +5,7 @@ so `clcli --help` stays fast.
     probe_png(plan, "probe.png")                        # tap points of each network, MKB sites joined across them
     run_curves_png(["runs/q/il", "runs/q/cl"], "q.png") # per network: train loss parts and test accuracy per epoch
     report(["runs/q"], out=None)                        # the same for `clcli report`: folders expanded, path chosen
+    per_class_png(["runs/q/il", "runs/q/cl"], "p.png")  # confusion matrices, per-class accuracy CL minus IL
 
 Every function returns the path written and the picture's (width, height) in pixels.
 """
@@ -203,10 +204,72 @@ def run_curves_png(run_dirs: list[str | Path], path: str | Path) -> tuple[Path, 
     return _save(fig, path)
 
 
-def report(runs: list[str | Path], out: str | Path | None = None) -> tuple[Path, tuple[int, int], list[Path]]:
+def per_class_png(run_dirs: list[str | Path], path: str | Path) -> tuple[Path, tuple[int, int]] | None:
+    """One row per network: each run's confusion matrix on its last evaluation (run.json's `per_class`; each row
+    as % of the true class's images), and with several runs each run's per-class accuracy minus the reference run's
+    (the IL run where there is one, else the first): which classes CL helped or hurt. None when no run recorded
+    per-class results (runs from before they were kept)."""
+    from clcli.models import network_labels
+    from clcli.run import Run
+
+    runs = [Run.open(r) for r in run_dirs]
+    runs = [r for r in runs if r.info.get("per_class")]
+    if not runs:
+        return None
+    plt = _pyplot()
+    reference = next((k for k, r in enumerate(runs) if r.method == "il"), 0)
+    runs.insert(0, runs.pop(reference))  # the reference first: its matrix, then the others'
+    labels = _run_labels([r.path for r in runs], [{"method": r.method} for r in runs])
+    classes = list(runs[0].info["class_names"])
+    networks = list(dict.fromkeys(n for r in runs for n in network_labels(list(r.info["models"]))))
+    columns = len(runs) + (len(runs) > 1)
+    fig, axes = plt.subplots(len(networks), columns, squeeze=False, layout="constrained",
+                             figsize=(WIDTH_IN, CURVES_TOP_IN + 3.5 * len(networks)))
+    ticks = list(range(len(classes))) if len(classes) <= 20 else []
+    names = [classes[k] for k in ticks]
+    for row, network in zip(axes, networks):
+        for ax, run, label in zip(row, runs, labels):
+            per_class = run.info["per_class"].get(network)
+            ax.set_title(f"{network}: {label}", fontsize=9, loc="left")
+            if per_class is None:
+                ax.axis("off")
+                continue
+            shares = [[100.0 * v / max(sum(r), 1) for v in r] for r in per_class["confusion"]]
+            ax.imshow(shares, cmap="Blues", vmin=0, vmax=100)
+            ax.set_xlabel("answer", fontsize=8)
+            ax.set_ylabel("true class", fontsize=8)
+            ax.set_xticks(ticks, names, rotation=90, fontsize=6)
+            ax.set_yticks(ticks, names, fontsize=6)
+        if len(runs) > 1:
+            ax = row[-1]
+            base = runs[0].info["per_class"].get(network, {}).get("accuracy")
+            width = 0.8 / (len(runs) - 1)
+            for k, (run, label) in enumerate(zip(runs[1:], labels[1:])):
+                accuracy = run.info["per_class"].get(network, {}).get("accuracy")
+                if base is None or accuracy is None:
+                    continue
+                diff = [(a or 0.0) - (b or 0.0) for a, b in zip(accuracy, base)]
+                ax.barh([i + k * width for i in range(len(classes))], diff, height=width, label=label)
+            ax.axvline(0, color="gray", linewidth=1)
+            ax.invert_yaxis()
+            ax.set_yticks(ticks, names, fontsize=6)
+            ax.set_xlabel(f"accuracy minus {labels[0]}'s (points)", fontsize=8)
+            ax.set_title(f"{network}: per class", fontsize=9, loc="left")
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3, axis="x")
+            if ax.patches:
+                ax.legend(fontsize=7)
+    fig.suptitle("confusion matrices on the last evaluation (each row: % of the true class's images, 0 white, "
+                 "100 dark blue)", x=0.01, ha="left", fontsize=9)
+    return _save(fig, path)
+
+
+def report(runs: list[str | Path], out: str | Path | None = None) -> tuple[Path, tuple[int, int], list[Path],
+                                                                           Path | None]:
     """`clcli report`: the run folders (a multi-method folder gives each method's run) drawn together. Default
-    picture: `<RUN>/curves.png` for one folder, else the first free `report.png`, `report-2.png`, ... here.
-    Returns (path, size in pixels, the run folders drawn)."""
+    picture: `<RUN>/curves.png` for one folder, else the first free `report.png`, `report-2.png`, ... here; beside
+    it `<name>-per-class.png`, the confusion matrices and per-class differences (`per_class_png`).
+    Returns (path, size in pixels, the run folders drawn, the per-class picture or None)."""
     from clcli.run import Run
 
     if not runs:
@@ -216,9 +279,11 @@ def report(runs: list[str | Path], out: str | Path | None = None) -> tuple[Path,
         raise ClcliError(f"no metrics.jsonl in {', '.join(map(str, run_dirs))}: nothing to draw")
     if out is None:
         out = Path(runs[0]) / "curves.png" if len(runs) == 1 else _free_name(Path("report.png"))
+    out = Path(out)
     files.check_output_file(out, "picture", force=True)  # a picture is redrawn in place; a bad path fails first
     path, size = run_curves_png(run_dirs, out)
-    return path, size, run_dirs
+    per_class = per_class_png(run_dirs, out.with_name(f"{out.stem}-per-class.png"))
+    return path, size, run_dirs, per_class[0] if per_class else None
 
 
 def _free_name(path: Path) -> Path:
@@ -257,4 +322,4 @@ def compare_curves_png(path: str | Path, curves: dict[str, list[list[tuple[int, 
     return _save(fig, path)
 
 
-__all__ = ["probe_png", "run_curves_png", "report", "compare_curves_png"]
+__all__ = ["probe_png", "run_curves_png", "per_class_png", "report", "compare_curves_png"]

@@ -72,7 +72,7 @@ def _sha256(path: Path) -> str:
 
 
 def _measure(net, data) -> float:
-    from clcli.evaluation import evaluate
+    from clcli.evaluation import evaluate, per_class_accuracy
 
     return evaluate(net, data.test_images, data.test_labels, data.mean, data.std)["top1"]
 
@@ -321,12 +321,13 @@ def evaluate_export(path: str | Path, *, recipe: str | None = None, data: str | 
     Without `data`: the evaluation images of the recipe stored in the file (or `recipe`), chosen as training chose
     them (so a held-out part of the training images is the same part). With `data` (a folder or hub id): its test
     split, else its validation split, else all of it (a folder with one split is the evaluation set itself).
-    Returns {file, model, top1[, top5], images, evaluation, recorded}."""
+    Returns {file, model, top1[, top5], images, evaluation, recorded, class_names, per_class (accuracy % per class),
+    confusion (rows: true class, columns: predicted)}."""
     import torch
 
     from clcli import recipes
     from clcli.data import SplitNotFound, evaluation_split, load_data, load_image_tensors, on_classes
-    from clcli.evaluation import evaluate
+    from clcli.evaluation import evaluate, per_class_accuracy
 
     net = load_any(path)
     manifest = net.clcli_manifest
@@ -358,10 +359,13 @@ def evaluate_export(path: str | Path, *, recipe: str | None = None, data: str | 
                         lacking=f"{path} was not trained on")
     if hasattr(images, "labels"):  # a streamed split reads its labels from itself
         images.labels = labels
+    classes = list(manifest["class_names"])
     acc = evaluate(net, images, labels, manifest["mean"], manifest["std"],
-                   topk=(1, 5) if len(manifest["class_names"]) > 5 else (1,))
+                   topk=(1, 5) if len(classes) > 5 else (1,), num_classes=len(classes))
+    confusion = acc.pop("confusion")
     return {"file": str(path), "model": manifest["model"], **acc, "images": len(images), "evaluation": evaluation,
-            "recorded": manifest.get("test_acc")}
+            "recorded": manifest.get("test_acc"), "class_names": classes,
+            "per_class": per_class_accuracy(confusion), "confusion": confusion}
 
 
 __all__ = ["export_run", "evaluate_export", "load", "load_any", "is_onnx", "read_manifest", "export_onnx",

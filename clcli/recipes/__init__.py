@@ -163,6 +163,11 @@ class TrainConfig:
     # under torchrun: DDP, or per-network (one network per process)
     placement: str = _one_of("replicated", ("replicated", "per-network"))
     log_every: int = _within(20, 1, 1 << 20)
+    # Experiment trackers that receive every metrics.jsonl record: tensorboard, wandb, mlflow (clcli.tracking)
+    log: list[str] = field(default_factory=list)
+    log_project: str | None = None      # W&B project / MLflow experiment (None: WANDB_PROJECT, MLFLOW_EXPERIMENT_NAME)
+    log_entity: str | None = None       # W&B entity (None: WANDB_ENTITY)
+    log_group: str | None = None        # W&B group / MLflow parent run (`clcli compare` sets it)
     threads: int | None = None
     network_lr: dict[str, float] = field(default_factory=dict)           # per-network overrides, by network label
     network_weight_decay: dict[str, float] = field(default_factory=dict)
@@ -409,6 +414,11 @@ def _check_train(recipe: Recipe, where: str) -> None:
         if cfg.batch_size % 2:
             raise ClcliError(f"{where}: train.mixup/cutmix mix each batch with its mirror and need an even "
                              f"train.batch_size, got {cfg.batch_size}")
+    from clcli import tracking
+
+    unknown = [name for name in cfg.log if name not in tracking.TRACKERS]
+    if unknown:
+        raise ClcliError(f"{where}: 'train.log' names '{unknown[0]}'; choose from {', '.join(tracking.TRACKERS)}")
     if cfg.patience is not None and not cfg.keep_best:
         raise ClcliError(f"{where}: train.patience (early stopping) watches the validation split that "
                          "train.keep_best holds out; set train.keep_best=true")
@@ -418,6 +428,21 @@ def _check_train(recipe: Recipe, where: str) -> None:
                              "--pretrained); remove it")
         if not isinstance(value, (int, float, str, bool)) and value is not None:
             raise ClcliError(f"{where}: model_kwargs.{key} must be a number, string or boolean, got {value!r}")
+
+
+def flat(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as dotted keys (`train.lr`): how `clcli compare` tells recipes apart and how trackers show the
+    hyperparameters. The per-network mappings (train.network_lr, train.network_weight_decay) stay whole values."""
+    def walk(d: dict, prefix: str) -> dict:
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and k not in ("network_lr", "network_weight_decay"):
+                out.update(walk(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    return walk(recipe.to_dict(), "")
 
 
 def from_dict(raw: dict, where: str = "recipe") -> Recipe:
@@ -435,8 +460,9 @@ def resolve(recipe: str | None = None, *, data: str | None = None, val: str | No
             val_fraction: float | None = None, models: list[str] | None = None, pretrained: bool = False,
             weights: dict[str, str] | list[str] | None = None, methods: list[str] | str | None = None,
             epochs: int | None = None, seed: int | None = None, placement: str | None = None,
-            overrides: list[str] | None = None) -> Recipe:
-    """The recipe `clcli train` trains with these options (the same names as its flags; `overrides` are `--set`).
+            log: list[str] | str | None = None, overrides: list[str] | None = None) -> Recipe:
+    """The recipe `clcli train` trains with these options (the same names as its flags; `overrides` are `--set`;
+    `log`: the trackers, "tensorboard,wandb" or a list).
 
     Without `recipe`: 'finetune' when starting from pretrained or given weights, else 'quickstart'. A local `data` or
     `val` folder and weight files become absolute paths, so the run folder works from anywhere. `weights` maps a model
@@ -446,6 +472,8 @@ def resolve(recipe: str | None = None, *, data: str | None = None, val: str | No
         sets.append(f"models=[{', '.join(models)}]")
     if methods is not None:
         sets.append(f"methods=[{methods if isinstance(methods, str) else ', '.join(methods)}]")
+    if log is not None:
+        sets.append(f"train.log=[{log if isinstance(log, str) else ', '.join(log)}]")
     for key, value in (("train.epochs", epochs), ("train.seed", seed), ("train.placement", placement),
                        ("data.val_fraction", val_fraction)):
         if value is not None:
@@ -482,5 +510,5 @@ def _weight_files(weights: dict[str, str] | list[str] | None) -> dict[str, str]:
 
 
 __all__ = ["Recipe", "DataConfig", "CLConfig", "TrainConfig", "KDConfig", "DMLConfig", "FitNetsConfig", "WELConfig",
-           "load", "from_dict", "resolve", "find", "builtin_names", "PRETRAINED_OVERRIDES",
+           "load", "from_dict", "flat", "resolve", "find", "builtin_names", "PRETRAINED_OVERRIDES",
            "apply_override", "RECIPE_VERSION"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
-from clcli import files
+from clcli import files, tracking
 from clcli import run as run_folder
 from clcli.cohort import (Cohort, build_cohort, check_networks_run, compile_networks,
                           enable_grad_checkpointing)
@@ -136,6 +136,7 @@ def _train(recipe, out: Path, *, plan_path: str | None, force: bool, show_progre
     from clcli import methods
 
     files.check_output_dir(out, "run folder")
+    tracking.check(recipe.train.log)  # a tracker that is not installed: one line, before anything is written
     for m in recipe.methods:
         methods.uses_mkb(m)  # unknown method -> one-line error before any work
     if len(recipe.models) < 2 and any(methods.uses_mkb(m) for m in recipe.methods):
@@ -205,8 +206,11 @@ def _train_one(method_name, recipe, plan, data, run_dir: Path, device, state, sh
     method_cls = methods.get(method_name)
     main = _dist.is_main_process()  # under torchrun, rank 0 alone writes the run folder
     info = files.read_json(run_dir / "run.json", "run file") if main else {}
+    trackers = _start_tracking(method_name, recipe, plan, run_dir, info, state, console) if main else tracking.NONE
     if main:
         info["status"] = "running"
+        if trackers.ids():
+            info["tracking"] = {**info.get("tracking", {}), **trackers.ids()}  # --resume continues these runs
         files.write_json(run_dir / "run.json", info)
     try:
         # Starting weights only matter for a fresh start: a checkpoint replaces them (and needs no download).
@@ -230,26 +234,67 @@ def _train_one(method_name, recipe, plan, data, run_dir: Path, device, state, sh
         if recipe.train.compile:
             compile_networks(cohort)
         summary = fit(method, data, recipe, run_dir, start_state=state, show_progress=show_progress,
-                      console=console)
+                      console=console, trackers=trackers)
     except BaseException as e:
         info["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        trackers.close(info["status"])
         if main:
             files.write_json(run_dir / "run.json", info)
         raise
     info.update(status="finished", epochs=summary["epochs"], test_acc=summary["test_acc"],
-                **{k: summary[k] for k in ("ema_test_acc", "best", "stopped_early") if k in summary})
+                **{k: summary[k] for k in ("ema_test_acc", "best", "stopped_early", "per_class") if k in summary})
     met = streamed_skips(data)  # met while streaming: added to what loading found
     if met and main:
         known = {s["image"] for s in info["data"]["skipped_images"]}
         info["data"]["skipped_images"] += [s for s in met if s["image"] not in known]
     if "test_top5" in summary:
         info["test_top5"] = summary["test_top5"]
+    if trackers:
+        from clcli._report import results_markdown
+
+        trackers.finish(results_markdown(info))
+        trackers.close("finished")
     if main:
         files.write_json(run_dir / "run.json", info)
         from clcli.plots import run_curves_png
 
         run_curves_png([run_dir], run_dir / "curves.png")  # the end-of-run picture: losses and accuracy per epoch
     return summary
+
+
+def _start_tracking(method_name: str, recipe, plan, run_dir: Path, info: dict, state, console) -> tracking.Trackers:
+    """The run's trackers (train.log), each continuing its logged run when resuming (ids kept in run.json) and
+    sent first the records metrics.jsonl keeps that it lacks: each is sent only records it does not hold."""
+    if not recipe.train.log:
+        return tracking.NONE
+    import yaml
+
+    from clcli import recipes
+    from clcli._report import plan_text
+    from clcli.models import network_labels
+
+    records = run_folder.read_metrics(run_dir)  # before the loop truncates it to the checkpoint's epochs
+    start_epoch = int(state["epoch"]) if state is not None else 0
+    cfg = recipe.train
+    name = f"{recipe.name}-{method_name}-seed{cfg.seed}" + (
+        f"-fold{recipe.data.fold}" if recipe.data.fold is not None else "")
+    context = tracking.Context(
+        run_dir=run_dir, name=name, labels=network_labels(list(plan.names)),
+        hparams={"method": method_name, **recipes.flat(recipe)},
+        texts={"plan": plan_text(plan), "recipe": yaml.safe_dump(recipe.to_dict(), sort_keys=False)},
+        project=cfg.log_project, entity=cfg.log_entity, group=cfg.log_group, previous=info.get("tracking", {}),
+        resumed=bool(records) or state is not None)
+
+    def note(text: str) -> None:
+        from rich.markup import escape
+
+        console.print(f"[yellow]note:[/] {escape(text)}", highlight=False, soft_wrap=True)
+
+    trackers = tracking.start(cfg.log, context, note=note if console is not None else None)
+    for record in records:  # resuming: what metrics.jsonl keeps and a tracker lacks (a kill cut its last seconds)
+        if int(record.get("epoch", 1 << 30)) < start_epoch:
+            trackers.log(record)
+    return trackers
 
 
 def resume(run_dir: str | Path, *, show_progress: bool = True, console=None) -> dict[str, dict]:
@@ -279,6 +324,7 @@ def _resume(run_dir: Path, *, show_progress: bool, console) -> dict[str, dict]:
     files.check_output_dir(run_dir, "run folder")
     run = runs[0]
     info, recipe, plan = run.info, run.recipe, run.plan
+    tracking.check(recipe.train.log)
     method_name = run.method
     if run.finished:
         if console is not None:

@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from clcli import models
+from clcli import mkb, models, tracking
 from clcli import run as run_folder
 from clcli.data import Data, streamed_skips, to_input
 from clcli.errors import ClcliError
-from clcli.evaluation import evaluate
+from clcli.evaluation import evaluate, per_class_accuracy
 
 from . import _dist
 from ._ema import CohortEma
@@ -252,31 +252,43 @@ class _EpochTally:
 
 
 class _Report:
-    """Everything a run writes and shows: metrics.jsonl (rank 0), the live progress, each epoch's evaluation of
-    every network as deployed, and the checkpoint."""
+    """Everything a run writes and shows: metrics.jsonl (rank 0) and the same records to the trackers, the live
+    progress, each epoch's evaluation of every network as deployed, and the checkpoint."""
 
     def __init__(self, method, data: Data, recipe, run_dir: Path, d: _dist.Dist, start_epoch: int,
-                 steps_per_epoch: int, show_progress: bool, console):
+                 steps_per_epoch: int, show_progress: bool, console, trackers: tracking.Trackers):
         self.method, self.cohort, self.data, self.d, self.run_dir = method, method.cohort, data, d, run_dir
         self.cfg, self.steps = recipe.train, steps_per_epoch
         self.start_epoch = start_epoch
         self.topk = (1, 5) if len(data.class_names) > 5 else (1,)
         self.log = run_folder.MetricsLog(run_dir / "metrics.jsonl", keep_before_epoch=start_epoch) if d.main \
             else _NoLog()
+        self.trackers = trackers  # train.log: TensorBoard, W&B, MLflow (rank 0's; nothing elsewhere)
         self.progress = _Progress(show_progress and d.main, (self.cfg.epochs - start_epoch) * steps_per_epoch,
                                   f"{method.name} {'+'.join(self.cohort.labels)}", console)
         self.reported_skips = 0
         self.saved_epoch = start_epoch  # the epoch of the checkpoint on disk (0: none yet)
 
-    def scores(self, networks=None, images=None, labels=None) -> dict[str, dict[str, float]]:
+    def _record(self, record: dict) -> None:
+        self.log.write(record)
+        self.trackers.log(record)
+
+    def scores(self, networks=None, images=None, labels=None, confusion: bool = False) -> dict[str, dict]:
         """Each network's accuracy with its own MKB halves (as deployed), measured by rank 0: the live networks (or
-        `networks`: the EMA ones) on the test split (or `images`, `labels`: the validation split)."""
+        `networks`: the EMA ones) on the test split (or `images`, `labels`: the validation split); with `confusion`,
+        each network's confusion matrix too."""
         data, d = self.data, self.d
         networks = self.cohort.networks if networks is None else networks
         images, labels = (data.test_images, data.test_labels) if images is None else (images, labels)
+        classes = len(data.class_names) if confusion else None
         return _dist.from_main(d, {name: evaluate(net, images, labels, data.mean, data.std, topk=self.topk,
-                                                  channels_last=self.cfg.channels_last)
+                                                  channels_last=self.cfg.channels_last, num_classes=classes)
                                    for name, net in zip(self.cohort.labels, networks)} if d.main else None)
+
+    def per_class(self, epoch_scores: dict[str, dict]) -> dict[str, dict]:
+        """{network: {accuracy: per class %, confusion: rows true class, columns predicted}} (run.json)."""
+        return {name: {"accuracy": per_class_accuracy(s["confusion"]), "confusion": s["confusion"]}
+                for name, s in epoch_scores.items()}
 
     def window(self, tally: _EpochTally, epoch: int, step: int, lr: float) -> None:
         """A log step: the epoch's mean loss parts and training accuracy so far (one host sync), images/s."""
@@ -288,9 +300,9 @@ class _Report:
         rate = tally.rate()
         accs = (100.0 * _dist.total(d, tally.correct) / tally.seen).tolist()
         global_step = epoch * self.steps + step
-        self.log.write({"type": "step", "epoch": epoch, "step": global_step + 1, "lr": lr,
-                        "images_per_s": round(rate, 1), **{k: round(v, 5) for k, v in means.items()},
-                        **{f"{i}/train_acc": round(a, 3) for i, a in enumerate(accs)}})
+        self._record({"type": "step", "epoch": epoch, "step": global_step + 1, "lr": lr,
+                      "images_per_s": round(rate, 1), **{k: round(v, 5) for k, v in means.items()},
+                      **{f"{i}/train_acc": round(a, 3) for i, a in enumerate(accs)}})
         shown = {"cls": "loss", **self.method.progress_parts}
         networks = [(labels[i], {label: means[f"{i}/{part}"] for part, label in shown.items() if f"{i}/{part}" in means},
                      accs[i]) for i in range(len(labels))]
@@ -305,14 +317,15 @@ class _Report:
         train_loss = sum(tally.means[f"{i}/cls"] for i in range(len(self.cohort.networks)))  # the epoch's mean
         # per-network placement: every process, every network (and its EMA and optimiser state)
         _dist.sync_networks(method, optimisation.optimizer, d, ema.networks if ema is not None else ())
-        epoch_scores = self.scores()
+        epoch_scores = self.scores(confusion=True)  # the confusion matrix: a bincount on the device, no extra pass
         accs = {name: s["top1"] for name, s in epoch_scores.items()}
         top5 = {name: s["top5"] for name, s in epoch_scores.items() if "top5" in s}  # more than 5 classes
         record = {"type": "epoch", "epoch": epoch, "step": (epoch + 1) * self.steps, "lr": optimisation.lr,
                   "train_loss": round(train_loss, 5), "test_acc": {k: round(v, 3) for k, v in accs.items()}}
         if top5:
             record["test_top5"] = {k: round(v, 3) for k, v in top5.items()}
-        summary = {"epochs": epoch + 1, "test_acc": accs, **({"test_top5": top5} if top5 else {})}
+        summary = {"epochs": epoch + 1, "test_acc": accs, **({"test_top5": top5} if top5 else {}),
+                   "per_class": self.per_class(epoch_scores)}
         if ema is not None:
             ema_accs = {name: s["top1"] for name, s in self.scores(ema.networks).items()}
             record["ema_test_acc"] = {k: round(v, 3) for k, v in ema_accs.items()}
@@ -326,7 +339,7 @@ class _Report:
             summary["best"] = best.summary()
             watched = val
         optimisation.end_epoch(epoch, sum(watched.values()) / len(watched))
-        self.log.write(record)
+        self._record(record)
         self.progress.log(f"epoch {epoch + 1}/{self.cfg.epochs}  "
                           + "  ".join(f"{k} {v:.2f}%" for k, v in accs.items())
                           + ("  (EMA " + "  ".join(f"{v:.2f}%" for v in summary["ema_test_acc"].values()) + ")"
@@ -397,8 +410,9 @@ class _Best:
 
 
 def fit(method, data: Data, recipe, run_dir: Path, *, start_state: dict | None = None, show_progress: bool = True,
-        console=None) -> dict:
-    """Train `method` (which owns the cohort) on `data`; checkpoint after every epoch. Returns the final summary."""
+        console=None, trackers: tracking.Trackers | None = None) -> dict:
+    """Train `method` (which owns the cohort) on `data`; checkpoint after every epoch; every record also goes to
+    `trackers` (train.log). Returns the final summary."""
     cfg, cohort, d = recipe.train, method.cohort, _dist.current()
     # Under torchrun: this process's slice of each batch (DDP), or its own network (per-network placement).
     feed = _Feed(data, recipe, method, d)
@@ -416,7 +430,8 @@ def fit(method, data: Data, recipe, run_dir: Path, *, start_state: dict | None =
     _dist.check(d, method, recipe, len(cohort.networks), feed.batch_size, optimisation.scaler)
     cohort.local = d.rank if d.per_network else None
     model = _dist.wrap(method, d, find_unused=method.iterative or not method.per_network)
-    report = _Report(method, data, recipe, run_dir, d, start_epoch, feed.steps, show_progress, console)
+    report = _Report(method, data, recipe, run_dir, d, start_epoch, feed.steps, show_progress, console,
+                     trackers if trackers is not None else tracking.NONE)
     clip = optimisation.clip if cfg.clip_grad is not None else None
     summary: dict = {}
     epoch, step = start_epoch, -1  # where an interruption stopped
@@ -453,7 +468,9 @@ def fit(method, data: Data, recipe, run_dir: Path, *, start_state: dict | None =
                                     f"stopped after epoch {epoch + 1} (train.patience)")
                 break
         if "test_acc" not in summary:  # resumed after the last epoch's checkpoint: nothing left to train
-            summary.update(epochs=start_epoch, test_acc={name: s["top1"] for name, s in report.scores().items()})
+            final = report.scores(confusion=True)
+            summary.update(epochs=start_epoch, test_acc={name: s["top1"] for name, s in final.items()},
+                           per_class=report.per_class(final))
             if ema is not None:
                 summary["ema_test_acc"] = {name: s["top1"] for name, s in report.scores(ema.networks).items()}
             if best is not None:
