@@ -72,7 +72,7 @@ def _sha256(path: Path) -> str:
 
 
 def _measure(net, data) -> float:
-    from clcli.evaluation import evaluate, per_class_accuracy
+    from clcli.evaluation import evaluate
 
     return evaluate(net, data.test_images, data.test_labels, data.mean, data.std)["top1"]
 
@@ -327,7 +327,7 @@ def evaluate_export(path: str | Path, *, recipe: str | None = None, data: str | 
 
     from clcli import recipes
     from clcli.data import SplitNotFound, evaluation_split, load_data, load_image_tensors, on_classes
-    from clcli.evaluation import evaluate, per_class_accuracy
+    from clcli.evaluation import evaluate
 
     net = load_any(path)
     manifest = net.clcli_manifest

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from clcli import mkb, models, tracking
+from clcli import models, tracking
 from clcli import run as run_folder
 from clcli.data import Data, streamed_skips, to_input
 from clcli.errors import ClcliError
