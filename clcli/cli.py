@@ -269,7 +269,8 @@ def export(
             index = export_run(run_dir, out, plain=plain, hub_folder=hub_folder, onnx=onnx, measure=measure,
                                force=force, weights="ema" if ema else "best" if best else "last")
         except Interrupted as e:  # the atomic writes left no half-written file behind
-            e.hint = "each file is either written whole or not at all: run the same command again"
+            e.hint = ("each file is either written whole or not at all: run the same command again with --force "
+                      "(the files already written are complete)")
             raise
     if index["status"] != "finished":
         console.print(f"[yellow]warning:[/] {run_dir} is not finished ({index['status']}, "
