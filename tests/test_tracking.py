@@ -225,6 +225,30 @@ def test_compare_logs_its_runs_as_one_group_and_writes_per_class_table(tmp_path,
     assert first.split("|")[3].strip() == f"{info['per_class'][TINY[0]]['accuracy'][0]:.2f}"
 
 
+def test_under_torchrun_only_rank_0_logs(tmp_path):
+    pytest.importorskip("wandb")
+    pytest.importorskip("mlflow")
+    pytest.importorskip("tensorboard")
+    run = tmp_path / "ddp"
+    # torchrun's own parser takes `--log` for an abbreviation of its --log-dir: under torchrun, train.log is set
+    sets = ["data.train_limit=64", "data.test_limit=32", "train.batch_size=32", "methods=[cl]", "train.threads=1",
+            "train.epochs=1", "train.log_every=1", f"models=[{', '.join(TINY)}]", "train.log=[tensorboard,wandb,mlflow]"]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "clcli", "train", "--recipe", "quickstart", "--out", str(run), "--no-progress",
+                           *[x for s in sets for x in ("--set", s)]],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
+                               "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert done.returncode == 0, done.stderr
+    assert len(list((run / "tb").glob("events.out.tfevents.*"))) == 1
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 1
+    runs, histories = mlflow_history(tmp_path / "mlruns")
+    assert len(runs) == 1
+    expected = expected_history(run)
+    assert_same(tensorboard_history(run), expected)
+    assert_same(histories[runs[0].info.run_id], expected)
+
+
 @pytest.mark.parametrize("name,package", [("tensorboard", "tensorboard"), ("wandb", "wandb"),
                                           ("mlflow", "mlflow-skinny")])
 def test_a_missing_extra_is_one_line_exit_2_before_any_folder(tmp_path, name, package):

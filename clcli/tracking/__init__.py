@@ -22,9 +22,10 @@ from clcli.errors import ClcliError, one_line
 
 from ._base import Context, Tracker, position_of
 
-# name -> (the module it needs, the package that brings it)
-TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
-            "mlflow": ("mlflow", "mlflow-skinny")}
+# name -> (the module it needs, the package that brings it, its file here and class)
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboard", "_tensorboard", "TensorBoard"),
+            "wandb": ("wandb", "wandb", "_wandb", "WandB"),
+            "mlflow": ("mlflow", "mlflow-skinny", "_mlflow", "MLflow")}
 # An epoch record's keys that the step record at the same step (the epoch's last) holds already.
 _REPEATED = ("epoch", "lr")
 
@@ -34,7 +35,7 @@ def check(names: list[str]) -> None:
     for name in names:
         if name not in TRACKERS:
             raise ClcliError(f"unknown tracker '{name}'; choose from {', '.join(TRACKERS)}")
-        module, package = TRACKERS[name]
+        module, package = TRACKERS[name][:2]
         try:
             missing = importlib.util.find_spec(module) is None
         except (ImportError, ValueError):  # a module set to None in sys.modules, a broken install
@@ -108,17 +109,8 @@ NONE = Trackers([], [])
 
 
 def _open(name: str, ctx: Context, note) -> Tracker:
-    if name == "tensorboard":
-        from ._tensorboard import TensorBoard
-
-        return TensorBoard(ctx)
-    if name == "wandb":
-        from ._wandb import WandB
-
-        return WandB(ctx, note)
-    from ._mlflow import MLflow
-
-    return MLflow(ctx)
+    file, cls = TRACKERS[name][2:]
+    return getattr(importlib.import_module(f"{__name__}.{file}"), cls)(ctx, note)
 
 
 def start(names: list[str], ctx: Context, *, note: Callable[[str], None] | None = None) -> Trackers:

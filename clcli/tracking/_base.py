@@ -32,7 +32,10 @@ class Tracker:
     """One experiment tracker for one run. `held`: resuming, the position (step, 1 for an epoch record) of the last
     record it holds from the earlier sessions, asked of the tracker itself (a kill may have cut its last seconds);
     it is sent only the records after it: first those metrics.jsonl kept, then the run's. TensorBoard drops all it
-    had (purge_step 1) and takes everything again: its `held` stays (0, 0)."""
+    had (purge_step 1) and takes everything again: its `held` stays (0, 0).
+
+    A tracker is made as `Tracker(context, note)`: it opens (resuming, continues) its run; `note(text)` tells the
+    user something in one line."""
     name = ""
     held: tuple[int, int] = (0, 0)
 

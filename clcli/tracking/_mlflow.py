@@ -31,7 +31,7 @@ def client(previous: dict):
 class MLflow(Tracker):
     name = "mlflow"
 
-    def __init__(self, ctx: Context):
+    def __init__(self, ctx: Context, note):
         from mlflow.entities import Param
 
         self.client = client(ctx.previous)

@@ -12,7 +12,7 @@ def _hparam(value):
 class TensorBoard(Tracker):
     name = "tensorboard"
 
-    def __init__(self, ctx: Context):
+    def __init__(self, ctx: Context, note):
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = ctx.run_dir / "tb"
