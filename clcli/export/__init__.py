@@ -327,7 +327,7 @@ def evaluate_export(path: str | Path, *, recipe: str | None = None, data: str | 
 
     from clcli import recipes
     from clcli.data import SplitNotFound, evaluation_split, load_data, load_image_tensors, on_classes
-    from clcli.evaluation import evaluate
+    from clcli.evaluation import evaluate, per_class_accuracy
 
     net = load_any(path)
     manifest = net.clcli_manifest
