@@ -114,6 +114,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="probe_pairs.json")
     parser.add_argument("--label", default="after", help="what code this measures (before, after)")
+    parser.add_argument("--code", default="", help="which commit that is (recorded; default: the clcli path)")
     parser.add_argument("--families", default="", help="comma-separated families (default: all)")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--timeout", type=int, default=180, help="seconds per plan")
@@ -145,7 +146,7 @@ def main() -> None:
     results.sort(key=lambda r: (r["family"], r["setting"], r["kind"]))
     import clcli
 
-    doc = {"label": args.label, "clcli": clcli.__file__, "partners": {"cnn": CNN, "vit": VIT},
+    doc = {"label": args.label, "code": args.code or clcli.__file__, "partners": {"cnn": CNN, "vit": VIT},
            "seconds": round(time.perf_counter() - start, 1), "summary": summary(results), "results": results}
     Path(args.out).write_text(json.dumps(doc, indent=1))
     print(json.dumps(doc["summary"], indent=1))

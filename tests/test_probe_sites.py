@@ -232,3 +232,11 @@ def test_a_model_too_small_as_built_finds_its_stem_at_its_own_size():
         probe.analyse(name, 16)
     m = probe.analyse(name, 16, stem="small")
     assert m.stem.conv == "stem.0" and [t.size for t in m.stage_taps][:2] == [(16, 16), (7, 7)]
+
+
+def test_a_trunk_without_the_class_token_it_declares_is_a_token_grid():
+    from clcli.probe._taps import _layout
+
+    # CaiT and XCiT declare one class token but join it only after their trunk: 196 tokens are a 14 x 14 grid
+    assert _layout((1, 196, 192), (224, 224), 1, None) == ("NLC", 192, 14, 14, 0)
+    assert _layout((1, 197, 192), (224, 224), 1, None) == ("NLC", 192, 14, 14, 1)

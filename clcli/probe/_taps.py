@@ -128,7 +128,9 @@ def _layout(shape: tuple[int, ...], input_hw: tuple[int, int], prefix_hint: int 
         return (use, a, b, c, 0) if use == "NCHW" else (use, c, a, b, 0)
     if len(shape) == 3:
         _, length, channels = shape
-        prefixes = [prefix_hint] if prefix_hint is not None else range(0, 9)
+        # a model's declared class tokens may join the grid only after its trunk (CaiT, XCiT, TNT): its blocks
+        # carry none
+        prefixes = [prefix_hint, 0] if prefix_hint else [0] if prefix_hint == 0 else range(0, 9)
         for p in prefixes:
             grid = _patch_grid(length - p, input_hw)
             if grid is None:
@@ -228,8 +230,10 @@ def _find_taps(graph: Graph, input_hw: tuple[int, int], prefix_hint: int | None,
     prefer = None
     for i in at:
         n = nodes[i]
-        if n.shape is None or not carries[i] or _flattened_channels_first(n, nodes):
-            continue  # a position grid built from the input's size is no feature map
+        if n.shape is None or not carries[i] or n.shape[0] != 1 or _flattened_channels_first(n, nodes):
+            # a position grid built from the input's size is no feature map, nor is a batch of windows or of
+            # patches (Swin's windows, TNT's pixels within each patch): the probe's image is a batch of one
+            continue
         found = _layout(n.shape, input_hw, prefix_hint, prefer, stream)
         if found is None:
             continue
