@@ -80,7 +80,7 @@ class Method(nn.Module):
         """Why the method cannot run with one network per process (train.placement per-network), or None."""
         if not self.per_network:
             return (f"method '{self.name}' cannot run with one network per process (train.placement per-network: il, "
-                    f"cl); use train.placement replicated")
+                    f"cl, mkb-solo); use train.placement replicated")
         if self.iterative:
             return "cl.manner iterative updates one network at a time: use train.placement replicated"
         return None

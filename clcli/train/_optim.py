@@ -128,7 +128,10 @@ class Optimisation:
         self.on_metric = cfg.schedule == "plateau"  # stepped per epoch on the evaluation accuracy
         amp, amp_dtype, self.scaler = mixed_precision(device, cfg.amp)
         self.autocast = (amp, amp_dtype)
-        self.shared = [p for g in self.optimizer.param_groups if g.get("name") == MKB_GROUP for p in g["params"]]
+        # What the networks share, summed over the processes under per-network placement (frozen parameters, such
+        # as mkb-solo's verification heads, have no gradient to sum).
+        self.shared = [p for g in self.optimizer.param_groups if g.get("name") == MKB_GROUP for p in g["params"]
+                       if p.requires_grad]
         # Clipping is per network (and once for the shared group), as timm clips one model: one network's large
         # gradients never shrink another's, and per-network placement clips exactly what one process would.
         self.clip_sets: dict[str, list] = {}
