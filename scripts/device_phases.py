@@ -69,7 +69,7 @@ def env(out: Path, dry: bool) -> None:
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         info["gpu"] = {"name": p.name, "capability": f"{p.major}.{p.minor}", "memory_gib": round(p.total_memory / 2**30, 1),
-                       "multiprocessors": p.multi_processor_count, "bf16": torch.cuda.is_bf16_supported(),
+                       "multiprocessors": p.multi_processor_count, "bf16": torch.cuda.is_bf16_supported(including_emulation=False),
                        "count": torch.cuda.device_count()}
         try:
             info["nvidia_smi"] = subprocess.run(

@@ -3,6 +3,7 @@ autocast, channels_last training, train.compile, and the memory option train.gra
 runs the first three on CUDA itself."""
 import functools
 import json
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -13,7 +14,7 @@ from clcli.cohort import Cohort, enable_grad_checkpointing
 from clcli.errors import ClcliError
 from clcli.tracing import splice
 from clcli.methods import Batch, create
-from clcli.train import build_cohort, mixed_precision, train
+from clcli.train import build_cohort, mixed_precision, resume, train
 
 from _helpers import TINY, tiny_recipe
 
@@ -52,6 +53,49 @@ def _step(method, batch, **autocast):
 def test_mixed_precision_is_off_on_the_cpu():
     amp, _, scaler = mixed_precision(torch.device("cpu"), True)
     assert not amp and scaler is None
+
+
+def test_a_gpu_without_native_bf16_trains_in_fp16_with_a_gradient_scaler(monkeypatch):
+    """A V100 or T4: torch counts emulated bf16 as supported unless asked for native support only."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the scaler warns that this machine has no CUDA
+        amp, dtype, scaler = mixed_precision(torch.device("cuda"), True)
+    assert amp and dtype == torch.float16 and isinstance(scaler, torch.amp.GradScaler)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere and later
+    assert mixed_precision(torch.device("cuda"), True)[1:] == (torch.bfloat16, None)
+
+
+def test_an_fp16_run_interrupted_and_resumed_continues_with_the_gradient_scalers_state(tmp_path, monkeypatch):
+    """What fp16 training adds to a checkpoint: the GradScaler's scale and growth tracker, here doubling every 3
+    steps, so a resumed run that restarted them would scale differently from the uninterrupted one (and, in fp16,
+    skip other steps). Autocast stays off: the CPU's fp16 kernels take minutes where float32 takes seconds, and the
+    scaler's state is the same either way."""
+    from clcli.train import _optim
+
+    monkeypatch.setattr(_optim, "mixed_precision", lambda device, enabled: (
+        False, torch.float16, torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=3)))
+    torch.set_num_threads(1)
+
+    def recipe():
+        r = tiny_recipe(epochs=2)
+        r.data.train_limit, r.data.test_limit, r.train.batch_size = 64, 16, 16  # 4 steps an epoch
+        return r
+
+    train(recipe(), tmp_path / "straight", show_progress=False)
+    monkeypatch.setenv("CLCLI_FAULT_KILL_AT_STEP", "6")
+    monkeypatch.setenv("CLCLI_FAULT_SIGNAL", "INT")
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe(), tmp_path / "stopped", show_progress=False)
+    monkeypatch.delenv("CLCLI_FAULT_KILL_AT_STEP")
+    stopped = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)
+    assert stopped["epoch"] == 1 and stopped["scaler"]["scale"] == 2.0 ** 11  # grown once in the first 4 steps
+    resume(tmp_path / "stopped", show_progress=False)
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)
+    assert a["scaler"] == b["scaler"]
+    for key, value in a["method"].items():
+        torch.testing.assert_close(b["method"][key], value, rtol=0, atol=0, msg=key)
 
 
 def test_cl_step_under_bf16_autocast_keeps_losses_and_gradients_in_float32():

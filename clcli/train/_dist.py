@@ -133,7 +133,7 @@ def check(d: Dist, method, recipe, n_nets: int, batch_size: int, scaler) -> None
     if refusal:
         raise ClcliError(refusal)
     if scaler is not None:
-        raise ClcliError("train.placement per-network needs bf16 autocast (this GPU has no bf16): set "
+        raise ClcliError("train.placement per-network needs bf16 autocast (this GPU has no native bf16): set "
                          "train.amp=false")
 
 

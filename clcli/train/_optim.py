@@ -109,10 +109,11 @@ def create_scheduler(optimizer: torch.optim.Optimizer, cfg, steps_per_epoch: int
 
 
 def mixed_precision(device: torch.device, enabled: bool):
-    """(autocast on?, its dtype, GradScaler or None): bf16 autocast on CUDA where the GPU has it, else fp16 with a
-    gradient scaler; nothing on other devices."""
+    """(autocast on?, its dtype, GradScaler or None): bf16 autocast on CUDA where the GPU computes bf16 natively
+    (Ampere and later), else fp16 with a gradient scaler; nothing on other devices. torch counts emulated bf16 as
+    supported by default: a V100 or T4 would get it, slow and without the scaler's overflow checks."""
     amp = device.type == "cuda" and enabled
-    dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
+    dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return amp, dtype, torch.amp.GradScaler("cuda") if amp and dtype == torch.float16 else None
 
 
