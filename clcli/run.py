@@ -15,6 +15,7 @@ from clcli import files, models
 from clcli.errors import ClcliError, one_line
 
 CHECKPOINT = "checkpoint.pt"
+FOLDS_FILE = "folds.json"  # a fold protocol folder (clcli.train's fold protocol writes it)
 RUN_FORMAT = 1
 COHORT_PREFIX = "cohort."
 WEIGHTS = ("last", "ema", "best")  # which weights of a run `cohort()` and `clcli export` take  # the cohort's keys in a checkpoint's method state
@@ -204,7 +205,18 @@ def read_recipe(path: Path):
     return recipes.from_dict(files.read_yaml(path, "recipe"), str(path))
 
 
+def holds_runs(path: Path) -> bool:
+    """Whether `path` is what `clcli train` writes: a run folder (or the start of one: its recipe), one run folder
+    per method, or a fold protocol folder."""
+    from clcli import methods
+
+    return (any((path / name).is_file() for name in ("run.json", "recipe.yaml", FOLDS_FILE))
+            or any((path / m / "run.json").is_file() for m in methods.METHODS))
+
+
 def prepare(run_dir: Path, *, resume: bool, force: bool) -> None:
+    """An empty `run_dir` for a new run (`--out`, whatever the methods: two runs never share a folder); an existing
+    non-empty one is refused unless `force`, which replaces only what clcli train wrote."""
     if resume:
         if not (run_dir / "run.json").is_file():
             raise ClcliError(f"{run_dir} is not a clcli run folder (no run.json) to resume")
@@ -212,6 +224,9 @@ def prepare(run_dir: Path, *, resume: bool, force: bool) -> None:
     if run_dir.exists() and any(run_dir.iterdir()):
         if not force:
             raise ClcliError(f"{run_dir} already exists; use --resume to continue it or --force to replace it")
+        if not holds_runs(run_dir):
+            raise ClcliError(f"{run_dir} holds files that are not a clcli run; --force replaces run folders only: "
+                             "choose a new or empty --out")
         import shutil
 
         shutil.rmtree(run_dir)

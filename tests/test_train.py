@@ -61,6 +61,31 @@ def test_existing_run_folder_is_never_overwritten_without_force(tmp_path):
     assert (out / "mine.txt").read_text() == "keep me"
 
 
+def test_an_existing_out_is_refused_whatever_the_methods_and_force_replaces_only_a_run(tmp_path, monkeypatch):
+    """A two-method recipe writes il/ and cl/ inside --out: into an existing single-method run folder that would mix
+    two runs in one folder."""
+    from clcli import train as train_module
+
+    prepared = []
+    monkeypatch.setattr(train_module, "_train_prepared", lambda recipe, runs, *rest: prepared.append(runs) or {})
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "run.json").write_text("{}")
+    (single / "checkpoint.pt").write_text("an earlier run's weights")
+    with pytest.raises(ClcliError, match=f"{single} already exists; use --resume to continue it or --force"):
+        train_lib.train(tiny_recipe(methods=("il", "cl")), single, show_progress=False)
+    assert sorted(p.name for p in single.iterdir()) == ["checkpoint.pt", "run.json"] and not prepared
+    train_lib.train(tiny_recipe(methods=("il", "cl")), single, force=True, show_progress=False)
+    assert sorted(p.name for p in single.iterdir()) == ["cl", "il"]  # the earlier run replaced, not joined
+    assert [[d.name for _, d in runs] for runs in prepared] == [["il", "cl"]]
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "cat.jpg").write_text("not a run")
+    with pytest.raises(ClcliError, match="--force replaces run folders only"):
+        train_lib.train(tiny_recipe(), other, force=True, show_progress=False)
+    assert (other / "cat.jpg").read_text() == "not a run"
+
+
 def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
     out = tmp_path / "run"
     train_lib.train(tiny_recipe(epochs=1), out, show_progress=False)

@@ -152,8 +152,9 @@ def _train(recipe, out: Path, *, plan_path: str | None, force: bool, show_progre
     main = _dist.is_main_process()  # under torchrun, rank 0 alone writes the run folder
     out_existed = out.exists()
     if main:
+        run_folder.prepare(out, resume=False, force=force)  # all of --out: a new run never joins an earlier one
         for _, run_dir in runs:
-            run_folder.prepare(run_dir, resume=False, force=force)
+            run_dir.mkdir(exist_ok=True)
     try:
         return _train_prepared(recipe, runs, plan, notes, main, show_progress, console)
     except BaseException:
