@@ -57,6 +57,28 @@ def _reported_interrupt():
         raise typer.Exit(getattr(e, "exit_code", 130)) from None
 
 
+def _interruptible(hint: str):
+    """A command that Ctrl-C, SIGTERM or SIGHUP stops with one line ("interrupted (SIGINT); `hint`") and exit code
+    128 + the signal, not typer's "Aborted!" or a silent exit."""
+    import functools
+
+    def wrap(command):
+        @functools.wraps(command)  # typer reads the options from the wrapped signature
+        def run(*args, **kwargs):
+            from clcli.train import Interrupted, interrupt_signals
+
+            with _reported_interrupt(), interrupt_signals():
+                try:
+                    return command(*args, **kwargs)
+                except Interrupted as e:
+                    e.hint = e.hint or hint
+                    raise
+
+        return run
+
+    return wrap
+
+
 @app.command()
 def probe(
     models: List[str] = typer.Argument(..., help="two or more timm model names"),
@@ -280,6 +302,7 @@ def export(
 
 
 @app.command("eval")
+@_interruptible("nothing was written: run the same command again")
 def evaluate_cmd(
     file: Path = typer.Argument(..., help="a file written by `clcli export --split`"),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="recipe for the test data (default: the "
@@ -302,6 +325,7 @@ def evaluate_cmd(
 
 
 @app.command()
+@_interruptible("nothing was written: run the same command again")
 def predict(
     file: Path = typer.Argument(..., help="a file written by `clcli export --split` (or timm weights with --model)"),
     inputs: List[Path] = typer.Argument(..., help="image files and folders of images"),

@@ -460,3 +460,32 @@ def test_sigterm_during_export_leaves_no_half_written_file(trained_run, tmp_path
     assert code == 143 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert "interrupted (SIGTERM)" in err and "run the same command again" in err
     assert not out.exists() or not any(out.iterdir())  # no temporary or partial file left
+
+
+@pytest.mark.parametrize("command", ["eval", "predict", "compare"])
+def test_ctrl_c_in_eval_predict_and_compares_el_measurement_is_one_line_and_130(command, tmp_path, monkeypatch,
+                                                                                capsys):
+    """Ctrl-C while a command works (inside evaluation, classification, or compare's EL measurement after its grid)
+    is one line and exit code 130, as in training: not typer's "Aborted!" or a silent exit."""
+    import signal
+
+    from clcli import compare, export, predict
+
+    def ctrl_c(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+
+    if command == "compare":  # the grid's runs are there (reused); the EL measurement is interrupted
+        monkeypatch.setattr(compare, "_ensure_run", lambda *args: "reused")
+        monkeypatch.setattr(compare, "_read_run", lambda m, s, run_dir: compare.RunResult(m, s, run_dir, ["a"], [50.0]))
+        monkeypatch.setattr(compare, "_ensemble", ctrl_c)
+        args = ["compare", "--methods", "il,el", "--seeds", "1", "--out", tmp_path / "report", "--no-progress"]
+        hint = "run the same `clcli compare` again to continue"
+    else:
+        monkeypatch.setattr(export, "evaluate_export", ctrl_c)
+        monkeypatch.setattr(predict, "load_classifier", ctrl_c)
+        args = [command, tmp_path / "net.safetensors"] + ([tmp_path] if command == "predict" else [])
+        hint = "nothing was written: run the same command again"
+    code, _, err = _main(args, capsys)
+    assert code == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1, (code, err)
+    assert f"interrupted (SIGINT); {hint}" in " ".join(err.split())

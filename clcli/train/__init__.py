@@ -1,8 +1,8 @@
 """Training: `train(recipe, out)` runs every method of a recipe on its data and writes one run folder per method.
 
 Public API: `train`, `resume`, `fit`, `train_step`, `Interrupted` and `interrupt_signals` (SIGINT, SIGTERM and
-SIGHUP raise `Interrupted` inside it); re-exported for convenience: `load_data` (clcli.data),
-`evaluate` (clcli.evaluation), `build_cohort` and `Cohort` (clcli.cohort).
+SIGHUP raise `Interrupted` inside it; `as_interrupted` makes a plain KeyboardInterrupt one); re-exported for
+convenience: `load_data` (clcli.data), `evaluate` (clcli.evaluation), `build_cohort` and `Cohort` (clcli.cohort).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from clcli.evaluation import evaluate
 
 from . import _dist
 from ._dist import resolve_device
-from ._interrupt import Interrupted, interrupt_signals
+from ._interrupt import Interrupted, as_interrupted, interrupt_signals
 from ._loop import fit, mixed_precision, param_groups, train_step
 
 def _resolve_pretrained_input(recipe) -> list[str]:
@@ -308,5 +308,5 @@ def _apply_threads(recipe) -> None:
         torch.set_num_threads(recipe.train.threads)
 
 
-__all__ = ["train", "resume", "Interrupted", "interrupt_signals", "fit", "train_step", "param_groups", "mixed_precision", "resolve_device", "load_data",
+__all__ = ["train", "resume", "Interrupted", "as_interrupted", "interrupt_signals", "fit", "train_step", "param_groups", "mixed_precision", "resolve_device", "load_data",
            "evaluate", "build_cohort", "Cohort", "Data", "LoadedData"]
