@@ -250,6 +250,25 @@ def test_the_progress_shows_one_line_per_network():
     assert any(line.strip().startswith("mobilenetv3_small_050") and "cls 2.000" in line for line in lines)
 
 
+def test_the_progress_counts_every_step_between_log_windows(tmp_path, monkeypatch):
+    """The bar's step count and ETA move every step, not only at the log windows (a slow step would show
+    0/N and no ETA for log_every steps)."""
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    shown = []
+    update = Progress.update
+    monkeypatch.setattr(Progress, "update", lambda self, task, **kw: shown.append(kw.get("completed"))
+                        or update(self, task, **kw))
+    recipe = tiny_recipe(methods=("il",), epochs=1)
+    recipe.data.train_limit, recipe.data.test_limit, recipe.train.batch_size = 64, 16, 16  # 4 steps
+    recipe.train.log_every = 100
+    train_lib.train(recipe, tmp_path / "run", console=Console(file=io.StringIO(), width=100))
+    assert [c for c in shown if c is not None] == [1, 2, 3, 4]
+
+
 def test_a_distance_registered_in_python_trains_from_a_recipe(tmp_path):
     from clcli import losses, recipes
 

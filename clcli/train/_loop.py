@@ -74,6 +74,12 @@ class _Progress:
             self.networks = networks
             self.progress.update(self.task, completed=completed, status=status)
 
+    def advance(self, completed: int) -> None:
+        """The step count, and with it the ETA, after every step; the loss parts wait for `update` at a log window
+        (reading them needs a host sync, counting steps does not)."""
+        if self.enabled:
+            self.progress.update(self.task, completed=completed)
+
     def log(self, text: str) -> None:
         if self.enabled:
             self.live.console.print(text, highlight=False)
@@ -447,6 +453,8 @@ def fit(method, data: Data, recipe, run_dir: Path, *, start_state: dict | None =
                 tally.add(feed.batch_size)
                 if (step + 1) % cfg.log_every == 0 or step + 1 == feed.steps:
                     report.window(tally, epoch, step, optimisation.lr)
+                else:
+                    report.progress.advance((epoch - start_epoch) * feed.steps + step + 1)
             summary = report.epoch(epoch, tally, optimisation, ema, best)
             if best is not None and best.exhausted(epoch):
                 summary["stopped_early"] = epoch + 1
