@@ -254,10 +254,24 @@ def kept_checkpoint(run_dir: Path, epoch: int) -> str:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
+    """`state` written whole to `path`, or not at all (the previous checkpoint stays): a full disk is one line."""
     import torch
 
-    with files.atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    with files.atomic_path(path, needed=_tensor_bytes(state)) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)  # through a Python file: a failed write is an OSError that names its cause
+
+
+def _tensor_bytes(obj) -> int:
+    """The bytes of the tensors in a nest of dicts, lists and tuples (about what torch.save writes)."""
+    import torch
+
+    if torch.is_tensor(obj):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
@@ -283,11 +297,17 @@ class MetricsLog:
         self._file = open(path, "a")
 
     def write(self, record: dict) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:
+            raise files.write_error(self.path, e) from None
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:  # what was left to flush met the same full disk, which the failed write has reported
+            pass
 
 
 def _epoch_of(line: str) -> int:

@@ -489,3 +489,39 @@ def test_ctrl_c_in_eval_predict_and_compares_el_measurement_is_one_line_and_130(
     code, _, err = _main(args, capsys)
     assert code == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1, (code, err)
     assert f"interrupted (SIGINT); {hint}" in " ".join(err.split())
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux): a file whose writes fail ENOSPC")
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    """The second epoch's checkpoint meets a full disk (its temporary file is /dev/full, whose every write fails
+    with ENOSPC as a full filesystem's do): one line naming the file and the space it needed, exit code 2, the
+    first epoch's checkpoint and every earlier file as they were."""
+    import tempfile
+
+    from clcli import files
+
+    mkstemp, checkpoints = tempfile.mkstemp, []
+
+    def full_from_the_second_checkpoint(prefix="", suffix="", dir=None):
+        fd, name = mkstemp(prefix=prefix, suffix=suffix, dir=dir)
+        if prefix.startswith(".checkpoint.pt."):
+            checkpoints.append(name)
+            if len(checkpoints) == 2:
+                os.unlink(name)
+                os.symlink("/dev/full", name)
+        return fd, name
+
+    monkeypatch.setattr(files.tempfile, "mkstemp", full_from_the_second_checkpoint)
+    out = tmp_path / "run"
+    args = [*tiny_args(out, epochs=2), "--set", "data.train_limit=64", "--set", "train.batch_size=16",
+            "--set", "methods=[il]"]
+    code, _, err = _main(args, capsys)
+    _assert_one_line_error(code, err, f"no space left on the device for {out / 'checkpoint.pt'} (it needed about",
+                           "MiB", "stopped after epoch 2: the checkpoint of epoch 1 is kept")
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1  # whole, and the first epoch's
+    assert [r["epoch"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if r["type"] == "epoch"] == [0, 1]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.jsonl", "plan.json", "recipe.yaml",
+                                                     "run.json"]

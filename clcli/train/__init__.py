@@ -235,7 +235,10 @@ def _train_one(method_name, recipe, plan, data, run_dir: Path, device, state, sh
     except BaseException as e:
         info["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
         if main:
-            files.write_json(run_dir / "run.json", info)
+            try:
+                files.write_json(run_dir / "run.json", info)
+            except ClcliError:  # a full disk: the error being raised says so; run.json keeps "running"
+                pass
         raise
     info.update(status="finished", epochs=summary["epochs"], test_acc=summary["test_acc"],
                 **{k: summary[k] for k in ("ema_test_acc", "best", "stopped_early") if k in summary})

@@ -351,7 +351,11 @@ class _Report:
             state["best"] = best.state_dict()
         self._check_finite(state["method"], epoch)
         if d.main:
-            run_folder.save_checkpoint(self.run_dir / run_folder.CHECKPOINT, state)
+            try:
+                run_folder.save_checkpoint(self.run_dir / run_folder.CHECKPOINT, state)
+            except ClcliError as e:  # a full disk: say what is kept
+                raise ClcliError(f"{e}; stopped after epoch {epoch + 1}: "
+                                 f"{run_folder.kept_checkpoint(self.run_dir, self.saved_epoch)}") from None
         self.saved_epoch = epoch + 1
         return summary
 
