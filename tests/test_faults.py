@@ -525,3 +525,18 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_previous_checkpoi
     assert json.loads((out / "run.json").read_text())["status"] == "failed"
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.jsonl", "plan.json", "recipe.yaml",
                                                      "run.json"]
+
+
+def test_one_image_per_batchnorm_forward_is_one_line_and_a_few_get_a_note(tmp_path, capsys):
+    """train.batch_size 1 (or a batch that processes and micro-batches cut to one image) cannot train BatchNorm:
+    torch stops inside the first forward with a 100-line traceback. 2 to 7 images train, with a note on clipping."""
+    for sets in (["train.batch_size=1"], ["train.batch_size=4", "train.accumulate=4"]):
+        out = tmp_path / "one"
+        code, _, err = _main([*tiny_args(out, epochs=1), *[x for s in sets for x in ("--set", s)]], capsys)
+        _assert_one_line_error(code, err, "gives BatchNorm one image per forward", "use at least 2 images",
+                               "train.clip_grad")
+        assert not out.exists()
+    code, out, err = _main([*tiny_args(tmp_path / "two", epochs=1), "--set", "train.batch_size=2",
+                            "--set", "data.train_limit=4", "--set", "data.test_limit=8"], capsys)
+    assert code == 0, err
+    assert "note: 2 images per forward" in " ".join(out.split()) and "train.clip_grad" in out

@@ -164,6 +164,10 @@ def train_step(model: nn.Module, batch, optimizer: torch.optim.Optimizer, *, acc
     return out
 
 
+def _has_batch_norm(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
 class _Feed:
     """The training batches, epoch by epoch, as the method asks for them (`method.input`): a seeded order per epoch,
     this process's slice of each batch, augmentation on the device (or decoded and augmented in DataLoader workers
@@ -179,6 +183,15 @@ class _Feed:
         self.steps = len(data.train_labels) // self.batch_size
         if self.steps == 0:
             raise ClcliError(f"the training split has {len(data.train_labels)} images, fewer than one batch")
+        # What one BatchNorm layer normalises in a training forward: a process's slice of the batch, cut into
+        # micro-batches. One image has no batch statistics (torch stops with a 100-line traceback).
+        self.per_forward = self.batch_size // (d.part[1] * self.cfg.accumulate)
+        if self.per_forward < 2 and _has_batch_norm(method):
+            raise ClcliError(f"train.batch_size {self.cfg.batch_size} gives BatchNorm one image per forward "
+                             f"({d.part[1]} process(es) x train.accumulate {self.cfg.accumulate}), from which it "
+                             "cannot compute statistics: use at least 2 images per process and micro-batch, and "
+                             "below 8 also train.clip_grad (e.g. 1.0; docs/results.md)")
+
         self.device = data.train_images.device
         self.streamed = hasattr(data.train_images, "epoch_feed")  # decoded and augmented in DataLoader workers
         self.augment = None if self.streamed else BatchAugment(
@@ -191,6 +204,16 @@ class _Feed:
         if self.streamed and not self.siamese:
             raise ClcliError("cl.input=different pairs images across the whole training set; it needs in-memory "
                              "data (data.stream=false)")
+
+    def small_batch_note(self, method) -> str | None:
+        """A few images per forward without clipping: a BatchNorm layer on a small feature map (1x1 at the end of
+        a network at 32 px) then normalises a few values per channel, and its gradient can blow weights up (measured:
+        mobilenetv3_small_050's stem, IL as CL, docs/results.md)."""
+        if self.per_forward >= 8 or self.cfg.clip_grad is not None or not _has_batch_norm(method):
+            return None
+        return (f"{self.per_forward} images per forward: BatchNorm on a network's small feature maps sees as few "
+                "values per channel and can blow weights up in a step (IL as CL); train.clip_grad (e.g. 1.0) keeps "
+                "such small batches training")
 
     def epoch(self, epoch: int):
         """The epoch's batches (an iterator of `Batch`); everything random derives from (seed, epoch)."""
@@ -425,6 +448,9 @@ def fit(method, data: Data, recipe, run_dir: Path, *, start_state: dict | None =
         if best is not None and "best" in start_state:
             best.load_state_dict(start_state["best"])
     _dist.check(d, method, recipe, len(cohort.networks), feed.batch_size, optimisation.scaler)
+    note = feed.small_batch_note(method)
+    if note and console is not None and d.main:
+        console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     cohort.local = d.rank if d.per_network else None
     model = _dist.wrap(method, d, find_unused=method.iterative or not method.per_network)
     report = _Report(method, data, recipe, run_dir, d, start_epoch, feed.steps, show_progress, console)
