@@ -127,7 +127,7 @@ def pipeline_batches(images, labels, *, batch_size: int, augment: str = "crop_fl
     mean, std = channel_stats(images.cpu())
     aug = BatchAugment(augment, auto_augment=auto_augment, fill=mean)
     erase = batch_erasing(DataConfig(re_prob=re_prob), dev)
-    gen = torch.Generator(device=dev).manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # on the CPU, as the training loop draws
     state = {"epoch": 0, "step": 0, "order": epoch_batches(len(images), batch_size, seed=seed, epoch=0)}
 
     def next_batch():

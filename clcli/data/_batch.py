@@ -29,7 +29,8 @@ class BatchAugment:
 
     kind: 'none' (identity) | 'flip' (random horizontal flip, p=0.5) | 'crop_flip' (zero-pad `padding` px, random
     crop back to HxW, random horizontal flip: the CIFAR recipe). Per batch the generator is drawn in a fixed order
-    (row offsets, column offsets, flips), so one seed gives one augmentation whatever the batch's device.
+    (row offsets, column offsets, flips), so one seed gives one augmentation whatever the batch's device, given a
+    generator on the CPU (what the training loop passes; a CUDA generator draws other numbers from the same seed).
     auto_augment: after the crop and flip, a timm auto-augment string (`rand-m9-n2-mstd0.5`, `original`, ...) or
     `trivialaugment`: each image draws its own ops and magnitudes from the generator (after the crop/flip draws) and
     the images that drew the same op and magnitude go through one batched torchvision call (see `_autoaugment`);

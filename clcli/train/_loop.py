@@ -228,8 +228,9 @@ class _Feed:
             # for the run, so each image pair's W2 is solved once (first epoch) and cached after that.
             orders += [[partner[b] for b in orders[0]] for partner in _partners(len(data.train_labels), self.n_nets,
                                                                                  cfg.seed)]
-        gens = [torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + epoch * 131 + j)
-                for j in range(len(orders))]
+        # CPU generators whatever the device: one seed gives the same crops, flips and auto-augment draws on a GPU
+        # as on the CPU (a CUDA generator draws other numbers); the few numbers a batch draws then move in one copy.
+        gens = [torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 131 + j) for j in range(len(orders))]
         # The epoch's indices go to the device once (no copy per step); the CPU copy keys the W2 cache.
         dev_orders = [_to_device(torch.stack(order[:self.steps]), device) for order in orders]
         return (self._batch(epoch, step, orders, dev_orders, gens, feed) for step in range(self.steps))
