@@ -35,9 +35,10 @@ def make_steps(models: list[str], *, input_size: int = 32, stem: str = "small", 
     from clcli import probe, recipes
     from clcli.cohort import Cohort, build_cohort, compile_networks
     from clcli.methods import Batch, create
-    from clcli.train import mixed_precision, param_groups, resolve_device, train_step
+    from clcli.train import mixed_precision, param_groups, resolve_device, speed_settings, train_step
 
     dev = resolve_device(device)
+    speed_settings(dev)  # as training sets them
     plan = probe.plan(models, input_size, stem=stem)
     recipe = recipes.from_dict({"models": list(models), "input_size": input_size, "stem": stem})
     use_amp, amp_dtype, _ = mixed_precision(dev, amp)

@@ -10,8 +10,10 @@ from clcli.data import eval_batches, to_input
 
 @torch.no_grad()
 def evaluate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean, std, *, batch_size: int = 500,
-             topk: tuple[int, ...] = (1,), channels_last: bool = False) -> dict[str, float]:
-    """Accuracy (%) of one network (with its own MKB halves, as deployed) on uint8 images."""
+             topk: tuple[int, ...] = (1,), channels_last: bool = False,
+             autocast: tuple[bool, torch.dtype] = (False, torch.float16)) -> dict[str, float]:
+    """Accuracy (%) of one network (with its own MKB halves, as deployed) on uint8 images; `autocast` (on?, dtype):
+    training's mixed precision, so that evaluating during training runs at the training step's speed."""
     was_training = net.training
     net.eval()
     device = next(net.parameters()).device
@@ -21,7 +23,8 @@ def evaluate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean, s
         n += len(yb)
         x = to_input(xb.to(device), mean, std, channels_last)
         y = yb.to(device)
-        logits = net(x)
+        with torch.autocast(device.type, dtype=autocast[1], enabled=autocast[0]):
+            logits = net(x)
         top = logits.topk(max(topk), dim=1).indices
         for k in topk:
             correct[k] += (top[:, :k] == y[:, None]).any(dim=1).sum()

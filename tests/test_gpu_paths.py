@@ -110,6 +110,67 @@ def test_cl_step_under_bf16_autocast_keeps_losses_and_gradients_in_float32():
     assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values())
 
 
+def test_speed_settings_on_cuda_only():
+    """cuDNN's kernel benchmark and TF32 matmuls for CUDA training (and clcli bench); the CPU is left as it was."""
+    from clcli.train import speed_settings
+
+    saved = torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision()
+    try:
+        torch.backends.cudnn.benchmark = False
+        torch.set_float32_matmul_precision("highest")
+        speed_settings(torch.device("cpu"))
+        assert (torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision()) == (False, "highest")
+        speed_settings(torch.device("cuda"))  # settable without a GPU: process-wide flags
+        assert (torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision()) == (True, "high")
+    finally:
+        torch.backends.cudnn.benchmark = saved[0]
+        torch.set_float32_matmul_precision(saved[1])
+
+
+def test_evaluation_runs_under_trainings_autocast():
+    import timm
+
+    from clcli.train import evaluate
+
+    net = timm.create_model("test_resnet", num_classes=10)
+    dtypes = []
+    net.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    evaluate(net, images, torch.zeros(4, dtype=torch.int64), (0.5,) * 3, (0.25,) * 3,
+             autocast=(True, torch.bfloat16))  # the CPU's autocast here; CUDA's in training
+    evaluate(net, images, torch.zeros(4, dtype=torch.int64), (0.5,) * 3, (0.25,) * 3)
+    assert dtypes == [torch.bfloat16, torch.float32]
+
+
+def test_a_channels_last_batch_is_made_in_one_copy_off_the_cpu():
+    """uint8 to normalised float channels-last in one copy on a GPU (not a contiguous float copy, then a second
+    one): checked on the meta device, which runs the same ops without data; the CPU keeps its faster two copies."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from clcli.data import to_input
+
+    class Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func.__name__.split(".")[0] in ("_to_copy", "clone", "copy_", "contiguous")
+            return func(*args, **(kwargs or {}))
+
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    counted = {}
+    for device in ("meta", "cpu"):
+        on_device = images.to(device)
+        to_input(on_device, (0.5,) * 3, (0.25,) * 3)  # the normalisation's constants, made once per device
+        with Copies() as copies:
+            x = to_input(on_device, (0.5,) * 3, (0.25,) * 3, channels_last=True)
+        counted[device] = copies.n
+        assert x.is_contiguous(memory_format=torch.channels_last)
+    assert counted == {"meta": 1, "cpu": 2}
+    torch.testing.assert_close(x, to_input(images, (0.5,) * 3, (0.25,) * 3), rtol=0, atol=0)
+
+
 def test_channels_last_step_computes_the_contiguous_step():
     """channels_last (train.channels_last) changes the memory layout only: the same loss as the contiguous step
     (rtol 1e-4) and the same gradients up to the rounding of the CPU's other convolution kernels. Measured: 2.7e-3

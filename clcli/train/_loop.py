@@ -22,7 +22,7 @@ from clcli.evaluation import evaluate
 from . import _dist
 from ._ema import CohortEma
 from ._interrupt import as_interrupted
-from ._optim import Optimisation, mixed_precision, param_groups  # noqa: F401 (re-exported by clcli.train)
+from ._optim import Optimisation, mixed_precision, param_groups, speed_settings  # noqa: F401 (re-exported)
 from ._targets import TargetMixer, hard_labels
 
 
@@ -287,8 +287,9 @@ class _Report:
     every network as deployed, and the checkpoint."""
 
     def __init__(self, method, data: Data, recipe, run_dir: Path, d: _dist.Dist, start_epoch: int,
-                 steps_per_epoch: int, show_progress: bool, console):
+                 steps_per_epoch: int, show_progress: bool, console, autocast=(False, torch.float16)):
         self.method, self.cohort, self.data, self.d, self.run_dir = method, method.cohort, data, d, run_dir
+        self.autocast = autocast  # evaluation under training's mixed precision
         self.cfg, self.steps = recipe.train, steps_per_epoch
         self.start_epoch = start_epoch
         self.topk = (1, 5) if len(data.class_names) > 5 else (1,)
@@ -306,7 +307,7 @@ class _Report:
         networks = self.cohort.networks if networks is None else networks
         images, labels = (data.test_images, data.test_labels) if images is None else (images, labels)
         return _dist.from_main(d, {name: evaluate(net, images, labels, data.mean, data.std, topk=self.topk,
-                                                  channels_last=self.cfg.channels_last)
+                                                  channels_last=self.cfg.channels_last, autocast=self.autocast)
                                    for name, net in zip(self.cohort.labels, networks)} if d.main else None)
 
     def window(self, tally: _EpochTally, epoch: int, step: int, lr: float) -> None:
@@ -454,7 +455,8 @@ def fit(method, data: Data, recipe, run_dir: Path, *, start_state: dict | None =
         console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     cohort.local = d.rank if d.per_network else None
     model = _dist.wrap(method, d, find_unused=method.iterative or not method.per_network)
-    report = _Report(method, data, recipe, run_dir, d, start_epoch, feed.steps, show_progress, console)
+    report = _Report(method, data, recipe, run_dir, d, start_epoch, feed.steps, show_progress, console,
+                     optimisation.autocast)
     clip = optimisation.clip if cfg.clip_grad is not None else None
     summary: dict = {}
     epoch, step = start_epoch, -1  # where an interruption stopped

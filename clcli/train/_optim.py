@@ -117,6 +117,18 @@ def mixed_precision(device: torch.device, enabled: bool):
     return amp, dtype, torch.amp.GradScaler("cuda") if amp and dtype == torch.float16 else None
 
 
+def speed_settings(device: torch.device) -> None:
+    """What a GPU user expects of training on CUDA (process-wide; nothing on other devices): cuDNN times its
+    convolution kernels for the batch's fixed shapes once and keeps the fastest (`cudnn.benchmark`), and float32
+    matmuls and convolutions (what autocast leaves in float32, or everything with train.amp off) run on TF32 tensor
+    cores (Ampere and later)."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.set_float32_matmul_precision("high")
+
+
 class Optimisation:
     """timm's optimiser over the method's parameter groups, timm's schedule, gradient clipping, mixed precision;
     restored from a checkpoint on resume."""
@@ -127,6 +139,7 @@ class Optimisation:
         self.optimizer = create_optimizer(groups, cfg)
         self.scheduler = create_scheduler(self.optimizer, cfg, steps_per_epoch)
         self.on_metric = cfg.schedule == "plateau"  # stepped per epoch on the evaluation accuracy
+        speed_settings(device)
         amp, amp_dtype, self.scaler = mixed_precision(device, cfg.amp)
         self.autocast = (amp, amp_dtype)
         # What the networks share, summed over the processes under per-network placement (frozen parameters, such
