@@ -421,6 +421,10 @@ def bench(
         console.print(f"W2 (different inputs), {w['pairs_per_step']} pairs: {w['seconds_per_step_uncached']:.3f} s "
                       f"per step to solve ({w['uncached_over_cl_step']:.2f}x the CL step; first epoch), "
                       f"{w['seconds_per_step_cached'] * 1e3:.2f} ms once cached")
+    if "wel" in result:
+        w = result["wel"]
+        console.print(f"WEL step ({w['pairs_per_step']} fixed pairs a batch): {w['seconds_per_step_new_pairs']:.3f} s "
+                      f"with new pairs (first epoch), {w['seconds_per_step_cached']:.3f} s once cached")
 
 
 @app.command()

@@ -31,6 +31,13 @@ def _partners(n: int, n_nets: int, seed: int) -> list[torch.Tensor]:
     return [torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + j)) for j in range(1, n_nets)]
 
 
+def _pairs(n: int, seed: int) -> torch.Tensor:
+    """The n images in fixed pairs for the run, [ceil(n / 2), 2] (paired methods: WEL); with n odd the last one
+    pairs with the first of the permutation."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + 104729))
+    return (torch.cat([order, order[:1]]) if n % 2 else order).view(-1, 2)
+
+
 def _fault_injection(step: int) -> None:
     """Tests stop the process mid-epoch to check that --resume is exact and that interruptions are reported
     (CLCLI_FAULT_KILL_AT_STEP=global step; CLCLI_FAULT_SIGNAL=INT, TERM or HUP sends that signal instead of KILL)."""
@@ -172,7 +179,7 @@ class _Feed:
     """The training batches, epoch by epoch, as the method asks for them (`method.input`): a seeded order per epoch,
     this process's slice of each batch, augmentation on the device (or decoded and augmented in DataLoader workers
     when streamed), normalisation; the same batch for every network (siamese) or a fixed partner image per network
-    (different inputs)."""
+    (different inputs); for a paired method, batches of fixed pairs of images."""
 
     def __init__(self, data: Data, recipe, method, d: _dist.Dist):
         from clcli.data import BatchAugment, batch_erasing
@@ -191,6 +198,13 @@ class _Feed:
                              f"({d.part[1]} process(es) x train.accumulate {self.cfg.accumulate}), from which it "
                              "cannot compute statistics: use at least 2 images per process and micro-batch, and "
                              "below 8 also train.clip_grad (e.g. 1.0; docs/results.md)")
+        self.pairs = _pairs(len(data.train_labels), self.cfg.seed) if method.paired else None
+        if self.pairs is not None:
+            if self.per_forward % 2:
+                raise ClcliError(f"method '{method.name}' trains on pairs of images that stay in one forward: "
+                                 f"train.batch_size {self.cfg.batch_size} must give an even number of images per "
+                                 f"forward ({d.part[1]} process(es) x train.accumulate {self.cfg.accumulate})")
+            self.steps = len(self.pairs) // (self.batch_size // 2)
 
         self.device = data.train_images.device
         self.streamed = hasattr(data.train_images, "epoch_feed")  # decoded and augmented in DataLoader workers
@@ -220,7 +234,13 @@ class _Feed:
         from clcli.data import epoch_batches
 
         data, d, cfg, device = self.data, self.d, self.cfg, self.device
-        orders = [epoch_batches(len(data.train_labels), self.batch_size, seed=cfg.seed, epoch=epoch)]
+        if self.pairs is not None:
+            # Images 2k and 2k+1 of every batch are partners for the whole run, so each pair's W2 is solved once
+            # (first epoch) and cached after that; an epoch shuffles the pairs.
+            orders = [[self.pairs[b].flatten() for b in epoch_batches(len(self.pairs), self.batch_size // 2,
+                                                                      seed=cfg.seed, epoch=epoch)]]
+        else:
+            orders = [epoch_batches(len(data.train_labels), self.batch_size, seed=cfg.seed, epoch=epoch)]
         feed = data.train_images.epoch_feed([d.take(b) for b in orders[0][:self.steps]], seed=cfg.seed,
                                             epoch=epoch) if self.streamed else None
         if not self.siamese:
