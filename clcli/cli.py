@@ -381,6 +381,8 @@ def bench(
     compile: bool = typer.Option(False, "--compile", help="torch.compile each network, as train.compile does"),
     seconds: float = typer.Option(10.0, "--seconds", help="minimum measuring time"),
     rounds: int = typer.Option(5, "--rounds", help="minimum timed rounds (one step of each kind per round)"),
+    steps_only: bool = typer.Option(False, "--steps-only", help="only the IL and CL steps: no data pipeline, W2 or "
+                                    "WEL measurement (what a compiled run adds nothing to)"),
     as_json: bool = typer.Option(False, "--json", help="print the results as one JSON object"),
 ) -> None:
     """Step time of each network alone and of the CL cohort on the same batch, their ratio, the MKB overhead, the
@@ -389,7 +391,8 @@ def bench(
 
     result = run(models or ["resnet10t", "mobilenetv3_small_050"], input_size=input_size, stem=stem,
                  batch_size=batch_size, device=device, threads=threads, amp=amp, channels_last=channels_last,
-                 compile=compile, min_rounds=rounds, min_seconds=seconds)
+                 compile=compile, min_rounds=rounds, min_seconds=seconds, w2=not steps_only,
+                 pipeline=not steps_only)
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
         return
