@@ -11,7 +11,8 @@
 - the aten operators each step dispatches (on a GPU, about one kernel launch each: what small models pay for);
 - the MKB parameter and MAC overhead, from the plan;
 - the images/s of the training loop's data pipeline (epoch order, uint8 gather, augmentation, normalisation);
-- the W2 cost per step in different-input mode: W2^2 solved for a batch of new pairs, and looked up once cached.
+- the W2 cost per step in different-input mode: W2^2 solved for a batch of new pairs, and looked up once cached;
+  and the whole WEL step with new pairs (its first epoch) and cached ones (the epochs after).
 
 `benchmarks/profile_step.py` profiles the same steps operator by operator.
 """
@@ -35,9 +36,10 @@ def make_steps(models: list[str], *, input_size: int = 32, stem: str = "small", 
     from clcli import probe, recipes
     from clcli.cohort import Cohort, build_cohort, compile_networks
     from clcli.methods import Batch, create
-    from clcli.train import mixed_precision, param_groups, resolve_device, train_step
+    from clcli.train import mixed_precision, param_groups, resolve_device, speed_settings, train_step
 
     dev = resolve_device(device)
+    speed_settings(dev)  # as training sets them
     plan = probe.plan(models, input_size, stem=stem)
     recipe = recipes.from_dict({"models": list(models), "input_size": input_size, "stem": stem})
     use_amp, amp_dtype, _ = mixed_precision(dev, amp)
@@ -127,7 +129,7 @@ def pipeline_batches(images, labels, *, batch_size: int, augment: str = "crop_fl
     mean, std = channel_stats(images.cpu())
     aug = BatchAugment(augment, auto_augment=auto_augment, fill=mean)
     erase = batch_erasing(DataConfig(re_prob=re_prob), dev)
-    gen = torch.Generator(device=dev).manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # on the CPU, as the training loop draws
     state = {"epoch": 0, "step": 0, "order": epoch_batches(len(images), batch_size, seed=seed, epoch=0)}
 
     def next_batch():
@@ -175,6 +177,52 @@ def w2_cost(images, batch_size: int, *, rounds: int = 3, grid: int = 8) -> dict:
         cache.get(a, b, images[a], images[b])  # the same pairs again: looked up
         cached.append(time.perf_counter() - t0)
     return {"uncached": statistics.median(uncached), "cached": statistics.median(cached)}
+
+
+def wel_step_cost(models: list[str], images, *, batch_size: int, input_size: int = 32, stem: str = "small",
+                  device: str = "auto", rounds: int = 3) -> dict:
+    """Seconds per WEL training step (`train.train_step`: both networks, their embedding heads, the W2^2 targets)
+    on batches of uint8 `images` (resized to `input_size`): with pairs never seen before (every step of the first
+    epoch; before WEL's pairs were fixed, every step of every epoch) and with the pairs cached (later epochs)."""
+    import torch
+    import torch.nn.functional as F
+
+    from clcli import probe, recipes
+    from clcli.cohort import build_cohort
+    from clcli.data import to_input
+    from clcli.methods import Batch, create
+    from clcli.train import mixed_precision, param_groups, resolve_device, speed_settings, train_step
+
+    dev = resolve_device(device)
+    speed_settings(dev)
+    recipe = recipes.from_dict({"models": list(models), "input_size": input_size, "stem": stem})
+    cohort = build_cohort(probe.plan(models, input_size, stem=stem), num_classes=10, seed=0,
+                          with_mkb=False).to(dev)
+    method = create("wel", cohort, recipe).train()
+    optimizer = torch.optim.SGD(param_groups(method, recipe), lr=0.01, momentum=0.9)
+    amp, dtype, scaler = mixed_precision(dev, True)
+    n = len(models)
+
+    def batch(start: int):
+        idx = torch.arange(start, start + batch_size) % len(images)
+        raw = images[idx].to(dev)
+        if raw.shape[-1] != input_size:
+            raw = F.interpolate(raw.float(), size=input_size).round().clamp(0, 255).to(torch.uint8)
+        x = to_input(raw, (0.5,) * 3, (0.25,) * 3)
+        y = torch.zeros(batch_size, dtype=torch.int64, device=dev)
+        return Batch([x] * n, [y] * n, [idx] * n, [raw] * n)
+
+    def timed(b) -> float:
+        t0 = time.perf_counter()
+        train_step(method, b, optimizer, autocast=(amp, dtype), scaler=scaler)
+        _sync(dev)
+        return time.perf_counter() - t0
+
+    timed(batch(0))  # warm-up (and the first batch's pairs cached)
+    new = [timed(batch((r + 1) * batch_size)) for r in range(rounds)]
+    cached = [timed(batch(0)) for _ in range(rounds)]
+    return {"new_pairs": statistics.median(new), "cached": statistics.median(cached),
+            "w2_solved": method.w2_cache.misses}
 
 
 def run(models: list[str], *, input_size: int = 32, stem: str = "small", batch_size: int = 128,
@@ -236,4 +284,8 @@ def run(models: list[str], *, input_size: int = 32, stem: str = "small", batch_s
                         "seconds_per_step_cached": round(cost["cached"], 6),
                         "uncached_over_cl_step": round(cost["uncached"] / med[main_clock]["cl"], 3),
                         "grid": grid, "pairs_per_step": batch_size}
+        wel = wel_step_cost(models, subset.images, batch_size=batch_size, input_size=input_size, stem=stem,
+                            device=device)
+        result["wel"] = {"seconds_per_step_new_pairs": round(wel["new_pairs"], 5),
+                         "seconds_per_step_cached": round(wel["cached"], 5), "pairs_per_step": batch_size // 2}
     return result

@@ -57,6 +57,28 @@ def _reported_interrupt():
         raise typer.Exit(getattr(e, "exit_code", 130)) from None
 
 
+def _interruptible(hint: str):
+    """A command that Ctrl-C, SIGTERM or SIGHUP stops with one line ("interrupted (SIGINT); `hint`") and exit code
+    128 + the signal, not typer's "Aborted!" or a silent exit."""
+    import functools
+
+    def wrap(command):
+        @functools.wraps(command)  # typer reads the options from the wrapped signature
+        def run(*args, **kwargs):
+            from clcli.train import Interrupted, interrupt_signals
+
+            with _reported_interrupt(), interrupt_signals():
+                try:
+                    return command(*args, **kwargs)
+                except Interrupted as e:
+                    e.hint = e.hint or hint
+                    raise
+
+        return run
+
+    return wrap
+
+
 @app.command()
 def probe(
     models: List[str] = typer.Argument(..., help="two or more timm model names"),
@@ -317,6 +339,7 @@ def export(
 
 
 @app.command("eval")
+@_interruptible("nothing was written: run the same command again")
 def evaluate_cmd(
     file: Path = typer.Argument(..., help="a file written by `clcli export`: NAME.safetensors, or NAME.onnx (run by "
                                 "ONNX Runtime)"),
@@ -380,6 +403,7 @@ def _print_per_class(console, classes: list[str], accuracy: list, confusion: lis
 
 
 @app.command()
+@_interruptible("nothing was written: run the same command again")
 def predict(
     file: Path = typer.Argument(..., help="a file written by `clcli export` (.safetensors, or .onnx run by ONNX "
                                 "Runtime), or timm weights with --model"),
@@ -436,6 +460,8 @@ def bench(
     compile: bool = typer.Option(False, "--compile", help="torch.compile each network, as train.compile does"),
     seconds: float = typer.Option(10.0, "--seconds", help="minimum measuring time"),
     rounds: int = typer.Option(5, "--rounds", help="minimum timed rounds (one step of each kind per round)"),
+    steps_only: bool = typer.Option(False, "--steps-only", help="only the IL and CL steps: no data pipeline, W2 or "
+                                    "WEL measurement (what a compiled run adds nothing to)"),
     as_json: bool = typer.Option(False, "--json", help="print the results as one JSON object"),
 ) -> None:
     """Step time of each network alone and of the CL cohort on the same batch, their ratio, the MKB overhead, the
@@ -444,7 +470,8 @@ def bench(
 
     result = run(models or ["resnet10t", "mobilenetv3_small_050"], input_size=input_size, stem=stem,
                  batch_size=batch_size, device=device, threads=threads, amp=amp, channels_last=channels_last,
-                 compile=compile, min_rounds=rounds, min_seconds=seconds)
+                 compile=compile, min_rounds=rounds, min_seconds=seconds, w2=not steps_only,
+                 pipeline=not steps_only)
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
         return
@@ -476,6 +503,10 @@ def bench(
         console.print(f"W2 (different inputs), {w['pairs_per_step']} pairs: {w['seconds_per_step_uncached']:.3f} s "
                       f"per step to solve ({w['uncached_over_cl_step']:.2f}x the CL step; first epoch), "
                       f"{w['seconds_per_step_cached'] * 1e3:.2f} ms once cached")
+    if "wel" in result:
+        w = result["wel"]
+        console.print(f"WEL step ({w['pairs_per_step']} fixed pairs a batch): {w['seconds_per_step_new_pairs']:.3f} s "
+                      f"with new pairs (first epoch), {w['seconds_per_step_cached']:.3f} s once cached")
 
 
 @app.command()

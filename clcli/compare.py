@@ -264,6 +264,7 @@ def compare(recipe, methods: list[str], seeds: int, out: str | Path, *, show_pro
     the paths written."""
     from clcli.plots import compare_curves_png
     from clcli.run import Run
+    from clcli.train import as_interrupted, interrupt_signals
 
     if seeds < 1:
         raise ClcliError(f"--seeds must be at least 1, got {seeds}")
@@ -280,21 +281,23 @@ def compare(recipe, methods: list[str], seeds: int, out: str | Path, *, show_pro
     progress = _GridProgress(show_progress, total, console)
     runs: dict[str, list[RunResult]] = {m: [] for m in trained}
     el: dict[int, float] = {}
-    for m, s in grid:
-        run_dir = out / "runs" / m / f"seed{s}"
-        progress.start(f"{m} seed {s} → {run_dir}")
+    with interrupt_signals():  # Ctrl-C, SIGTERM or SIGHUP, in a run or in the EL measurement: one line
         try:
-            run_recipe = _run_recipe(recipe, m, s, out / "runs" / "il" / f"seed{s}", group)
-            done = _ensure_run(run_recipe, run_dir, progress)
-        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the same command continues the grid
-            e.hint = "run the same `clcli compare` again to continue (finished runs are reused, this one resumed)"
-            raise
-        runs[m].append(_read_run(m, s, run_dir))
-        progress.advance(f"{m} seed {s}: {done}, test acc " + " / ".join(f"{a:.2f}" for a in runs[m][-1].test_acc))
-    if "el" in methods:
-        for s in seed_list:
-            el[s] = _ensemble(out / "runs" / "il" / f"seed{s}", out / "runs" / "el" / f"seed{s}.json")
-            progress.advance(f"el seed {s}: test acc {el[s]:.2f}")
+            for m, s in grid:
+                run_dir = out / "runs" / m / f"seed{s}"
+                progress.start(f"{m} seed {s} → {run_dir}")
+                done = _ensure_run(_run_recipe(recipe, m, s, out / "runs" / "il" / f"seed{s}", group), run_dir, progress)
+                runs[m].append(_read_run(m, s, run_dir))
+                progress.advance(f"{m} seed {s}: {done}, test acc "
+                                 + " / ".join(f"{a:.2f}" for a in runs[m][-1].test_acc))
+            if "el" in methods:
+                for s in seed_list:
+                    el[s] = _ensemble(out / "runs" / "il" / f"seed{s}", out / "runs" / "el" / f"seed{s}.json")
+                    progress.advance(f"el seed {s}: test acc {el[s]:.2f}")
+        except KeyboardInterrupt as e:  # the same command continues the grid
+            stopped = as_interrupted(e)
+            stopped.hint = "run the same `clcli compare` again to continue (finished runs are reused, this one resumed)"
+            raise stopped from None
     names = runs["il"][0].networks
     il_final = [statistics.mean(r.test_acc[i] for r in runs["il"]) for i in range(len(names))]
     acc_rows, reach_rows = _rows(order, runs, list(el.values()), names, il_final)

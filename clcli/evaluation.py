@@ -18,9 +18,12 @@ def device_of(net: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def evaluate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean, std, *, batch_size: int = 500,
-             topk: tuple[int, ...] = (1,), channels_last: bool = False, num_classes: int | None = None) -> dict:
+             topk: tuple[int, ...] = (1,), channels_last: bool = False, num_classes: int | None = None,
+             autocast: tuple[bool, torch.dtype] = (False, torch.float16)) -> dict:
     """Accuracy (%) of one network (with its own MKB halves, as deployed) on uint8 images: {"top1", "top5", ...}.
-    With `num_classes`, also "confusion": the confusion matrix, [true class][predicted class] image counts."""
+    With `num_classes`, also "confusion": the confusion matrix, [true class][predicted class] image counts.
+    `autocast` (on?, dtype): training's mixed precision, so that evaluating during training runs at the training
+    step's speed."""
     was_training = net.training
     net.eval()
     device = device_of(net)
@@ -31,7 +34,8 @@ def evaluate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean, s
         n += len(yb)
         x = to_input(xb.to(device), mean, std, channels_last)
         y = yb.to(device)
-        logits = net(x)
+        with torch.autocast(device.type, dtype=autocast[1], enabled=autocast[0]):
+            logits = net(x)
         top = logits.topk(max(topk), dim=1).indices
         for k in topk:
             correct[k] += (top[:, :k] == y[:, None]).any(dim=1).sum()

@@ -115,13 +115,52 @@ def _umask() -> int:
     return mask
 
 
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success fsync it and rename it over `path`. The file ends with the
-    mode a new file gets (0666 less the umask), not mkstemp's private 0600."""
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def write_error(path: str | os.PathLike, error: OSError, needed: int | None = None) -> ClcliError:
+    """The one line for a write that failed: a full disk (or quota) says how much the file needed and how much is
+    free; any other failure quotes the system's reason."""
+    import errno
+    import shutil
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = f", {_size(shutil.disk_usage(path.parent).free)} free"
+        except OSError:
+            free = ""
+        need = f"it needed about {_size(needed)}" if needed else "nothing more fits"
+        return ClcliError(f"no space left on the device for {path} ({need}{free})")
+    return ClcliError(f"cannot write {path} ({error.strerror or one_line(error)})")
+
+
+def _os_error(error: BaseException | None) -> OSError | None:
+    """The OSError that `error` is or that it was raised while handling, if any."""
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, OSError):
+            return error
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, needed: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success fsync it and rename it over `path`. The file ends with the
+    mode a new file gets (0666 less the umask), not mkstemp's private 0600. A write that fails (a full disk: about
+    `needed` bytes) is a one-line error, and `path` keeps what it held."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise write_error(path, e, needed) from None
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -131,9 +170,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except Exception as e:  # noqa: BLE001 - a writer may wrap the OSError (torch.save: a RuntimeError after it)
+        cause = _os_error(e)
+        if cause is None:
+            raise
+        _remove(tmp)  # first: the free space the error quotes is what the user has
+        raise write_error(path, cause, needed) from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    if path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -15,6 +15,7 @@ from clcli import files, models
 from clcli.errors import ClcliError, one_line
 
 CHECKPOINT = "checkpoint.pt"
+FOLDS_FILE = "folds.json"  # a fold protocol folder (clcli.train's fold protocol writes it)
 RUN_FORMAT = 1
 COHORT_PREFIX = "cohort."
 WEIGHTS = ("last", "ema", "best")  # which weights of a run `cohort()` and `clcli export` take  # the cohort's keys in a checkpoint's method state
@@ -204,7 +205,18 @@ def read_recipe(path: Path):
     return recipes.from_dict(files.read_yaml(path, "recipe"), str(path))
 
 
+def holds_runs(path: Path) -> bool:
+    """Whether `path` is what `clcli train` writes: a run folder (or the start of one: its recipe), one run folder
+    per method, or a fold protocol folder."""
+    from clcli import methods
+
+    return (any((path / name).is_file() for name in ("run.json", "recipe.yaml", FOLDS_FILE))
+            or any((path / m / "run.json").is_file() for m in methods.METHODS))
+
+
 def prepare(run_dir: Path, *, resume: bool, force: bool) -> None:
+    """An empty `run_dir` for a new run (`--out`, whatever the methods: two runs never share a folder); an existing
+    non-empty one is refused unless `force`, which replaces only what clcli train wrote."""
     if resume:
         if not (run_dir / "run.json").is_file():
             raise ClcliError(f"{run_dir} is not a clcli run folder (no run.json) to resume")
@@ -212,6 +224,9 @@ def prepare(run_dir: Path, *, resume: bool, force: bool) -> None:
     if run_dir.exists() and any(run_dir.iterdir()):
         if not force:
             raise ClcliError(f"{run_dir} already exists; use --resume to continue it or --force to replace it")
+        if not holds_runs(run_dir):
+            raise ClcliError(f"{run_dir} holds files that are not a clcli run; --force replaces run folders only: "
+                             "choose a new or empty --out")
         import shutil
 
         shutil.rmtree(run_dir)
@@ -239,10 +254,24 @@ def kept_checkpoint(run_dir: Path, epoch: int) -> str:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
+    """`state` written whole to `path`, or not at all (the previous checkpoint stays): a full disk is one line."""
     import torch
 
-    with files.atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    with files.atomic_path(path, needed=_tensor_bytes(state)) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)  # through a Python file: a failed write is an OSError that names its cause
+
+
+def _tensor_bytes(obj) -> int:
+    """The bytes of the tensors in a nest of dicts, lists and tuples (about what torch.save writes)."""
+    import torch
+
+    if torch.is_tensor(obj):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
@@ -268,11 +297,17 @@ class MetricsLog:
         self._file = open(path, "a")
 
     def write(self, record: dict) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:
+            raise files.write_error(self.path, e) from None
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:  # what was left to flush met the same full disk, which the failed write has reported
+            pass
 
 
 def _epoch_of(line: str) -> int:

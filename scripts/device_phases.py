@@ -4,6 +4,7 @@
     python scripts/device_phases.py bench OUT/bench.json EAGER.json [COMPILED.json]
     python scripts/device_phases.py cifar10 OUT/cifar10.json --deadline UNIX_TIME [--bench OUT/bench.json] [--dry]
     python scripts/device_phases.py phases OUT/env.json NAME=RC:SECONDS ...
+    python scripts/device_phases.py deps    # the image's packages satisfy the carried `datasets`, or which does not
     python scripts/device_phases.py dry-clcli ARGS...    # clcli ARGS, torch.compile with the `eager` backend
 
 `cifar10` trains CL, then IL, of the paper's pair on full CIFAR-10 from the same initial weights and data order (one
@@ -69,7 +70,7 @@ def env(out: Path, dry: bool) -> None:
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         info["gpu"] = {"name": p.name, "capability": f"{p.major}.{p.minor}", "memory_gib": round(p.total_memory / 2**30, 1),
-                       "multiprocessors": p.multi_processor_count, "bf16": torch.cuda.is_bf16_supported(),
+                       "multiprocessors": p.multi_processor_count, "bf16": torch.cuda.is_bf16_supported(including_emulation=False),
                        "count": torch.cuda.device_count()}
         try:
             info["nvidia_smi"] = subprocess.run(
@@ -105,6 +106,45 @@ def phases(env_file: Path, items: list[str]) -> None:
         rc, seconds = rest.split(":")
         info["phases"][name] = {"rc": int(rc), "seconds": int(seconds)}
     write_json(env_file, info)
+
+
+# --- deps -------------------------------------------------------------------------------------------------------
+
+# What the carried `datasets` needs of packages the H200 image has and the run does not carry (.whl/).
+IMAGE_PACKAGES = ("pyarrow", "huggingface-hub", "tqdm")
+
+
+def deps() -> int:
+    """Whether the installed pyarrow, huggingface_hub and tqdm satisfy what the installed `datasets` requires: one
+    line per package, and exit code 1 naming the first that does not (before any phase imports `datasets`)."""
+    from importlib.metadata import PackageNotFoundError, distribution, version
+
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:  # pip carries its own copy
+        from pip._vendor.packaging.requirements import Requirement
+
+    datasets = distribution("datasets")
+    failed = None
+    for text in datasets.requires or []:
+        req = Requirement(text)
+        name = req.name.lower().replace("_", "-")
+        if name not in IMAGE_PACKAGES or (req.marker is not None and not req.marker.evaluate({"extra": ""})):
+            continue
+        try:
+            have = version(req.name)
+        except PackageNotFoundError:
+            have = None
+        ok = have is not None and req.specifier.contains(have, prereleases=True)
+        print(f"datasets {datasets.version} needs {name}{req.specifier or ''}: {have or 'missing'} "
+              f"{'ok' if ok else 'NOT SATISFIED'}")
+        if not ok and failed is None:
+            failed = f"{name}{req.specifier} (the image has {have or 'none'})"
+    if failed:
+        print(f"stop: the carried datasets {datasets.version} needs {failed}; carry a wheel of it in .whl/ "
+              "(scripts/device_prepare.sh)")
+        return 1
+    return 0
 
 
 # --- bench ------------------------------------------------------------------------------------------------------
@@ -347,7 +387,10 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("phases")
     p.add_argument("env_file", type=Path)
     p.add_argument("items", nargs="*")
+    sub.add_parser("deps")
     args = parser.parse_args(argv)
+    if args.phase == "deps":
+        return deps()
     if args.phase == "env":
         env(args.out, args.dry)
     elif args.phase == "bench":

@@ -30,3 +30,4 @@ def test_bench_measures_il_and_cl_on_one_batch_and_reports_json():
     assert len(site["param_overhead"]) == 2 and all(0 < f < 1 for f in site["param_overhead"])
     assert r["pipeline"]["images_per_s"] > 0
     assert r["w2"]["seconds_per_step_uncached"] > r["w2"]["seconds_per_step_cached"] > 0
+    assert r["wel"]["pairs_per_step"] == 8 and r["wel"]["seconds_per_step_new_pairs"] > 0

@@ -35,4 +35,27 @@ def test_dry_device_run_runs_every_phase_and_writes_its_files(tmp_path):
         assert run["status"] == "finished" and run["epochs_done"] == 1, run
         assert set(run["test_acc_per_epoch"][0]) == {"test_resnet", "test_efficientnet"}
         assert len(run["epoch_seconds"]) == 1 and run["epoch_seconds"][0] > 0
-    assert "CIFAR-10 plan: 1 epoch(s)" in (out / "log").read_text()
+    log = (out / "log").read_text()
+    assert "CIFAR-10 plan: 1 epoch(s)" in log
+    # The GPU caps before cifar10 and the time kept for it fit the budget; the CUDA tests have a per-test cap
+    assert "GPU caps: 355s before cifar10 + 60s kept for it = 415s of the 420s budget" in log
+    assert "no pytest-timeout here" not in log and "datasets" in log and "NOT SATISFIED" not in log
+    assert bench["compiled"]["result"].get("w2") is None and "wel" in bench["eager"]["result"]  # compiled: steps
+
+
+def test_a_carried_datasets_that_the_images_packages_do_not_satisfy_stops_the_install(monkeypatch, capsys):
+    """The install phase asks whether the image's pyarrow, huggingface_hub and tqdm satisfy the carried datasets, and
+    stops naming the one that does not (before a phase fails on an import deep inside datasets)."""
+    import importlib.metadata
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("device_phases", REPO / "scripts" / "device_phases.py")
+    phases = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(phases)
+    assert phases.deps() == 0
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.1" if name == "tqdm" else real(name))
+    capsys.readouterr()
+    assert phases.deps() == 1
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("stop: the carried datasets") and "needs tqdm>=" in last and "the image has 0.1" in last

@@ -3,7 +3,8 @@
 Each test starts `python -m torch.distributed.run --nproc-per-node 2 -m clcli train ...` as a subprocess and compares
 rank 0's checkpoint with a run in this process on the same recipe. Tolerance: rtol 1e-4, atol 1e-5 on every trained
 parameter (the processes sum gradients in another order than one process does; in practice they agree to the bit).
-BatchNorm running statistics are compared where both runs update them the same way (see each test).
+BatchNorm running statistics are compared where both runs update them the same way (see each test). Every method
+trains two steps under each placement it allows (`test_every_method_...`, about a minute on 2 busy cores).
 """
 import json
 import os
@@ -42,8 +43,10 @@ def train_args(out, *sets):
 
 
 def one_process(out, *sets):
+    """Train in this process; returns the checkpoint's method state (of a single-method run)."""
     train_lib.train(recipes.load("quickstart", [*SETS, *sets]), out, show_progress=False)
-    return torch.load(out / "checkpoint.pt", weights_only=True)["method"]
+    return torch.load(out / "checkpoint.pt", weights_only=True)["method"] if (out / "checkpoint.pt").is_file() \
+        else None
 
 
 def assert_same_training(reference, distributed, skip):
@@ -105,6 +108,43 @@ def test_per_network_placement_killed_and_resumed_matches_single_process_cl(tmp_
                 if not bn_statistics(k):
                     torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
+
+
+# Every method, two steps (64 images, global batch 32, one epoch), under each placement it allows: kd and fitnets learn
+# from an IL teacher trained first in this process. Each is checked against one process computing the same thing.
+EVERY_METHOD = ["il", "cl", "kd", "fitnets", "dml", "wel", "mkb-solo"]
+PER_NETWORK = ["il", "cl", "mkb-solo"]  # the methods whose networks can each run in their own process
+
+
+def test_every_method_trains_under_torchrun_with_each_placement_it_allows(tmp_path):
+    from clcli import methods
+
+    assert sorted(EVERY_METHOD) == sorted(methods.METHODS)  # a new method joins this test
+    assert PER_NETWORK == [m for m in EVERY_METHOD if methods.get(m).per_network]
+    teacher = tmp_path / "teacher"
+    one_process(teacher, "methods=[il]", "train.epochs=1")
+    sets = ["train.epochs=1", f"kd.teacher={teacher}"]
+
+    def checkpoint(folder, method):
+        return torch.load(folder / method / "checkpoint.pt", weights_only=True)["method"]
+
+    replicated = torchrun(train_args(tmp_path / "ddp", *sets, f"methods=[{', '.join(EVERY_METHOD)}]"))
+    assert replicated.returncode == 0, replicated.stderr[-3000:]
+    one_process(tmp_path / "one-ddp", *sets, f"methods=[{', '.join(EVERY_METHOD)}]", "train.accumulate=2")
+    for method in EVERY_METHOD:
+        assert_same_training(checkpoint(tmp_path / "one-ddp", method), checkpoint(tmp_path / "ddp", method),
+                             skip=bn_statistics)
+
+    per_network = torchrun(train_args(tmp_path / "per-network", *sets, f"methods=[{', '.join(PER_NETWORK)}]",
+                                      "train.placement=per-network"))
+    assert per_network.returncode == 0, per_network.stderr[-3000:]
+    one_process(tmp_path / "one", *sets, f"methods=[{', '.join(PER_NETWORK)}]")
+    for method in PER_NETWORK:
+        # Only CL's space transfers are shared (their statistics are averaged over the processes); mkb-solo's are
+        # each one network's, updated by its process alone: everything else, statistics included, is the same.
+        shared = methods.get(method).uses_mkb and methods.get(method).shared_transfer
+        assert_same_training(checkpoint(tmp_path / "one", method), checkpoint(tmp_path / "per-network", method),
+                             skip=lambda k: shared and ".transfer." in k and bn_statistics(k))
 
 
 def test_a_slice_of_a_batch_is_augmented_as_inside_the_whole_batch():

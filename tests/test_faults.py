@@ -460,3 +460,83 @@ def test_sigterm_during_export_leaves_no_half_written_file(trained_run, tmp_path
     assert code == 143 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert "interrupted (SIGTERM)" in err and "run the same command again" in err
     assert not out.exists() or not any(out.iterdir())  # no temporary or partial file left
+
+
+@pytest.mark.parametrize("command", ["eval", "predict", "compare"])
+def test_ctrl_c_in_eval_predict_and_compares_el_measurement_is_one_line_and_130(command, tmp_path, monkeypatch,
+                                                                                capsys):
+    """Ctrl-C while a command works (inside evaluation, classification, or compare's EL measurement after its grid)
+    is one line and exit code 130, as in training: not typer's "Aborted!" or a silent exit."""
+    import signal
+
+    from clcli import compare, export, predict
+
+    def ctrl_c(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+
+    if command == "compare":  # the grid's runs are there (reused); the EL measurement is interrupted
+        monkeypatch.setattr(compare, "_ensure_run", lambda *args: "reused")
+        monkeypatch.setattr(compare, "_read_run", lambda m, s, run_dir: compare.RunResult(m, s, run_dir, ["a"], [50.0]))
+        monkeypatch.setattr(compare, "_ensemble", ctrl_c)
+        args = ["compare", "--methods", "il,el", "--seeds", "1", "--out", tmp_path / "report", "--no-progress"]
+        hint = "run the same `clcli compare` again to continue"
+    else:
+        monkeypatch.setattr(export, "evaluate_export", ctrl_c)
+        monkeypatch.setattr(predict, "load_classifier", ctrl_c)
+        args = [command, tmp_path / "net.safetensors"] + ([tmp_path] if command == "predict" else [])
+        hint = "nothing was written: run the same command again"
+    code, _, err = _main(args, capsys)
+    assert code == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1, (code, err)
+    assert f"interrupted (SIGINT); {hint}" in " ".join(err.split())
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux): a file whose writes fail ENOSPC")
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    """The second epoch's checkpoint meets a full disk (its temporary file is /dev/full, whose every write fails
+    with ENOSPC as a full filesystem's do): one line naming the file and the space it needed, exit code 2, the
+    first epoch's checkpoint and every earlier file as they were."""
+    import tempfile
+
+    from clcli import files
+
+    mkstemp, checkpoints = tempfile.mkstemp, []
+
+    def full_from_the_second_checkpoint(prefix="", suffix="", dir=None):
+        fd, name = mkstemp(prefix=prefix, suffix=suffix, dir=dir)
+        if prefix.startswith(".checkpoint.pt."):
+            checkpoints.append(name)
+            if len(checkpoints) == 2:
+                os.unlink(name)
+                os.symlink("/dev/full", name)
+        return fd, name
+
+    monkeypatch.setattr(files.tempfile, "mkstemp", full_from_the_second_checkpoint)
+    out = tmp_path / "run"
+    args = [*tiny_args(out, epochs=2), "--set", "data.train_limit=64", "--set", "train.batch_size=16",
+            "--set", "methods=[il]"]
+    code, _, err = _main(args, capsys)
+    _assert_one_line_error(code, err, f"no space left on the device for {out / 'checkpoint.pt'} (it needed about",
+                           "MiB", "stopped after epoch 2: the checkpoint of epoch 1 is kept")
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1  # whole, and the first epoch's
+    assert [r["epoch"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if r["type"] == "epoch"] == [0, 1]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.jsonl", "plan.json", "recipe.yaml",
+                                                     "run.json"]
+
+
+def test_one_image_per_batchnorm_forward_is_one_line_and_a_few_get_a_note(tmp_path, capsys):
+    """train.batch_size 1 (or a batch that processes and micro-batches cut to one image) cannot train BatchNorm:
+    torch stops inside the first forward with a 100-line traceback. 2 to 7 images train, with a note on clipping."""
+    for sets in (["train.batch_size=1"], ["train.batch_size=4", "train.accumulate=4"]):
+        out = tmp_path / "one"
+        code, _, err = _main([*tiny_args(out, epochs=1), *[x for s in sets for x in ("--set", s)]], capsys)
+        _assert_one_line_error(code, err, "gives BatchNorm one image per forward", "use at least 2 images",
+                               "train.clip_grad")
+        assert not out.exists()
+    code, out, err = _main([*tiny_args(tmp_path / "two", epochs=1), "--set", "train.batch_size=2",
+                            "--set", "data.train_limit=4", "--set", "data.test_limit=8"], capsys)
+    assert code == 0, err
+    assert "note: 2 images per forward" in " ".join(out.split()) and "train.clip_grad" in out

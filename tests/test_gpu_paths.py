@@ -3,6 +3,7 @@ autocast, channels_last training, train.compile, and the memory option train.gra
 runs the first three on CUDA itself."""
 import functools
 import json
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -13,7 +14,7 @@ from clcli.cohort import Cohort, enable_grad_checkpointing
 from clcli.errors import ClcliError
 from clcli.tracing import splice
 from clcli.methods import Batch, create
-from clcli.train import build_cohort, mixed_precision, train
+from clcli.train import build_cohort, mixed_precision, resume, train
 
 from _helpers import TINY, tiny_recipe
 
@@ -54,6 +55,49 @@ def test_mixed_precision_is_off_on_the_cpu():
     assert not amp and scaler is None
 
 
+def test_a_gpu_without_native_bf16_trains_in_fp16_with_a_gradient_scaler(monkeypatch):
+    """A V100 or T4: torch counts emulated bf16 as supported unless asked for native support only."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the scaler warns that this machine has no CUDA
+        amp, dtype, scaler = mixed_precision(torch.device("cuda"), True)
+    assert amp and dtype == torch.float16 and isinstance(scaler, torch.amp.GradScaler)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere and later
+    assert mixed_precision(torch.device("cuda"), True)[1:] == (torch.bfloat16, None)
+
+
+def test_an_fp16_run_interrupted_and_resumed_continues_with_the_gradient_scalers_state(tmp_path, monkeypatch):
+    """What fp16 training adds to a checkpoint: the GradScaler's scale and growth tracker, here doubling every 3
+    steps, so a resumed run that restarted them would scale differently from the uninterrupted one (and, in fp16,
+    skip other steps). Autocast stays off: the CPU's fp16 kernels take minutes where float32 takes seconds, and the
+    scaler's state is the same either way."""
+    from clcli.train import _optim
+
+    monkeypatch.setattr(_optim, "mixed_precision", lambda device, enabled: (
+        False, torch.float16, torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=3)))
+    torch.set_num_threads(1)
+
+    def recipe():
+        r = tiny_recipe(epochs=2)
+        r.data.train_limit, r.data.test_limit, r.train.batch_size = 64, 16, 16  # 4 steps an epoch
+        return r
+
+    train(recipe(), tmp_path / "straight", show_progress=False)
+    monkeypatch.setenv("CLCLI_FAULT_KILL_AT_STEP", "6")
+    monkeypatch.setenv("CLCLI_FAULT_SIGNAL", "INT")
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe(), tmp_path / "stopped", show_progress=False)
+    monkeypatch.delenv("CLCLI_FAULT_KILL_AT_STEP")
+    stopped = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)
+    assert stopped["epoch"] == 1 and stopped["scaler"]["scale"] == 2.0 ** 11  # grown once in the first 4 steps
+    resume(tmp_path / "stopped", show_progress=False)
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)
+    assert a["scaler"] == b["scaler"]
+    for key, value in a["method"].items():
+        torch.testing.assert_close(b["method"][key], value, rtol=0, atol=0, msg=key)
+
+
 def test_cl_step_under_bf16_autocast_keeps_losses_and_gradients_in_float32():
     """What the loop does on CUDA (bf16 autocast), here under the CPU's autocast: bf16 logits, a float32 loss
     (the distances are computed in float32) close to the float32 step's, finite float32 gradients."""
@@ -64,6 +108,67 @@ def test_cl_step_under_bf16_autocast_keeps_losses_and_gradients_in_float32():
     assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
     assert abs(out["loss"].item() - reference["loss"].item()) <= 0.05 * abs(reference["loss"].item())
     assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values())
+
+
+def test_speed_settings_on_cuda_only():
+    """cuDNN's kernel benchmark and TF32 matmuls for CUDA training (and clcli bench); the CPU is left as it was."""
+    from clcli.train import speed_settings
+
+    saved = torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision()
+    try:
+        torch.backends.cudnn.benchmark = False
+        torch.set_float32_matmul_precision("highest")
+        speed_settings(torch.device("cpu"))
+        assert (torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision()) == (False, "highest")
+        speed_settings(torch.device("cuda"))  # settable without a GPU: process-wide flags
+        assert (torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision()) == (True, "high")
+    finally:
+        torch.backends.cudnn.benchmark = saved[0]
+        torch.set_float32_matmul_precision(saved[1])
+
+
+def test_evaluation_runs_under_trainings_autocast():
+    import timm
+
+    from clcli.train import evaluate
+
+    net = timm.create_model("test_resnet", num_classes=10)
+    dtypes = []
+    net.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    evaluate(net, images, torch.zeros(4, dtype=torch.int64), (0.5,) * 3, (0.25,) * 3,
+             autocast=(True, torch.bfloat16))  # the CPU's autocast here; CUDA's in training
+    evaluate(net, images, torch.zeros(4, dtype=torch.int64), (0.5,) * 3, (0.25,) * 3)
+    assert dtypes == [torch.bfloat16, torch.float32]
+
+
+def test_a_channels_last_batch_is_made_in_one_copy_off_the_cpu():
+    """uint8 to normalised float channels-last in one copy on a GPU (not a contiguous float copy, then a second
+    one): checked on the meta device, which runs the same ops without data; the CPU keeps its faster two copies."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from clcli.data import to_input
+
+    class Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func.__name__.split(".")[0] in ("_to_copy", "clone", "copy_", "contiguous")
+            return func(*args, **(kwargs or {}))
+
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    counted = {}
+    for device in ("meta", "cpu"):
+        on_device = images.to(device)
+        to_input(on_device, (0.5,) * 3, (0.25,) * 3)  # the normalisation's constants, made once per device
+        with Copies() as copies:
+            x = to_input(on_device, (0.5,) * 3, (0.25,) * 3, channels_last=True)
+        counted[device] = copies.n
+        assert x.is_contiguous(memory_format=torch.channels_last)
+    assert counted == {"meta": 1, "cpu": 2}
+    torch.testing.assert_close(x, to_input(images, (0.5,) * 3, (0.25,) * 3), rtol=0, atol=0)
 
 
 def test_channels_last_step_computes_the_contiguous_step():

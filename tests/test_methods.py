@@ -232,16 +232,44 @@ def test_wel_regresses_embedding_distances_on_cached_w2(plan, batch):
     out = method(batch)
     assert set(out["parts"]) == {"0/cls", "0/wel", "1/cls", "1/wel"}
     cache = method.w2_cache
-    assert (cache.misses, cache.hits) == (32, 32)  # 32 neighbour pairs solved once, network 1 reads them back
+    assert (cache.misses, cache.hits) == (16, 16)  # 16 pairs (images 2k, 2k + 1) solved once, network 1 reads them
     method(batch)
-    assert (cache.misses, cache.hits) == (32, 96)
+    assert (cache.misses, cache.hits) == (16, 48)
     idx, raw = batch.indices[0], batch.raw[0]
-    direct = wasserstein2_sq(raw, raw.roll(1, dims=0), grid=cache.grid)
-    assert torch.allclose(cache.get(idx, idx.roll(1, dims=0), raw, raw.roll(1, dims=0)), direct)
+    direct = wasserstein2_sq(raw[0::2], raw[1::2], grid=cache.grid)
+    assert torch.allclose(cache.get(idx[0::2], idx[1::2], raw[0::2], raw[1::2]), direct)
     out["loss"].backward()
     assert all(h.weight.grad is not None and h.weight.grad.abs().sum() > 0 for h in method.heads)
     groups = param_groups(method, _recipe())
     assert {id(p) for p in method.heads.parameters()} <= {id(p) for g in groups for p in g["params"]}
+
+
+def test_wel_batches_hold_pairs_fixed_for_the_run(plan):
+    """The loop feeds WEL (`paired`) batches whose images 2k and 2k + 1 are partners in every epoch, so each pair's
+    W2 is solved in the first epoch only (in-batch neighbours changed every epoch: a solve for the whole batch at
+    every step); a batch that would split a pair across processes or micro-batches is refused in one line."""
+    from types import SimpleNamespace
+
+    from clcli.errors import ClcliError
+    from clcli.train import _dist
+    from clcli.train._loop import _Feed
+
+    n = 41  # odd: the last image pairs with another
+    data = SimpleNamespace(train_labels=torch.zeros(n, dtype=torch.int64), class_names=[str(k) for k in range(10)],
+                           train_images=torch.zeros(n, 3, 8, 8, dtype=torch.uint8), mean=(0.5,) * 3, std=(0.25,) * 3)
+    recipe = _recipe()
+    recipe.train.batch_size = 8
+    method = create("wel", _cohort(plan, "wel"), recipe)
+    feed = _Feed(data, recipe, method, _dist.Dist())
+    epochs = [[batch.indices[0].tolist() for batch in feed.epoch(e)] for e in (0, 1)]
+    assert len(epochs[0]) == feed.steps == 21 // 4
+    fixed = {frozenset(p) for p in feed.pairs.tolist()}
+    assert len(fixed) == 21 and all(len(p) == 2 for p in fixed)
+    pairs = [{frozenset(b[k:k + 2]) for b in batches for k in range(0, len(b), 2)} for batches in epochs]
+    assert all(len(p) == 20 and p <= fixed for p in pairs) and epochs[0] != epochs[1]  # the same pairs, shuffled
+    recipe.train.batch_size, recipe.train.accumulate = 6, 2  # 3 images per micro-batch: a pair split
+    with pytest.raises(ClcliError, match="pairs of images that stay in one forward"):
+        _Feed(data, recipe, method, _dist.Dist())
 
 
 # --- MKB w/o CL ------------------------------------------------------------------------------------------------------

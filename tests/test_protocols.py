@@ -197,6 +197,31 @@ def test_stream_train_transform_is_a_seeded_random_resized_crop_and_flip(image_f
     assert not torch.equal(a, plain)                                        # cropped and flipped, not just resized
 
 
+def test_streamed_workers_persist_and_follow_the_machine(image_folder, monkeypatch):
+    """One DataLoader per split and kind, its workers kept from epoch to epoch (persistent_workers), each image's
+    crop drawn from its own seed: an epoch is the same with 1 or 2 workers and after other epochs (as resumed);
+    the default worker count follows the CPUs, shared by a machine's torchrun processes."""
+    from clcli.data._stream import default_workers
+
+    order = list(torch.arange(30).split(10))
+
+    def feed(split, epoch):
+        return torch.cat([images for images, _ in split.epoch_feed(order, seed=0, epoch=epoch)])
+
+    one = StreamSplit(str(image_folder), "train", train=True, size=24, augment="rrc_flip", workers=1)
+    two = StreamSplit(str(image_folder), "train", train=True, size=24, augment="rrc_flip", workers=2)
+    first = feed(one, 0)
+    loader = one._loaders["train"][1]
+    assert loader.persistent_workers and loader._iterator is not None  # its workers wait for the next epoch
+    second = feed(one, 1)
+    assert one._loaders["train"][1] is loader and loader._iterator is not None
+    assert torch.equal(second, feed(two, 1)) and torch.equal(first, feed(two, 0))
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert default_workers() == 15  # a 16-core GPU host (was capped at 8)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert default_workers() == 3
+
+
 def test_imagenet_recipe_streams_an_image_folder_end_to_end_with_top5(image_folder, tmp_path):
     out = tmp_path / "run"
     result = runner.invoke(app, ["train", "--recipe", "imagenet", "--data", str(image_folder), "--models", *TINY,

@@ -61,6 +61,31 @@ def test_existing_run_folder_is_never_overwritten_without_force(tmp_path):
     assert (out / "mine.txt").read_text() == "keep me"
 
 
+def test_an_existing_out_is_refused_whatever_the_methods_and_force_replaces_only_a_run(tmp_path, monkeypatch):
+    """A two-method recipe writes il/ and cl/ inside --out: into an existing single-method run folder that would mix
+    two runs in one folder."""
+    from clcli import train as train_module
+
+    prepared = []
+    monkeypatch.setattr(train_module, "_train_prepared", lambda recipe, runs, *rest: prepared.append(runs) or {})
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "run.json").write_text("{}")
+    (single / "checkpoint.pt").write_text("an earlier run's weights")
+    with pytest.raises(ClcliError, match=f"{single} already exists; use --resume to continue it or --force"):
+        train_lib.train(tiny_recipe(methods=("il", "cl")), single, show_progress=False)
+    assert sorted(p.name for p in single.iterdir()) == ["checkpoint.pt", "run.json"] and not prepared
+    train_lib.train(tiny_recipe(methods=("il", "cl")), single, force=True, show_progress=False)
+    assert sorted(p.name for p in single.iterdir()) == ["cl", "il"]  # the earlier run replaced, not joined
+    assert [[d.name for _, d in runs] for runs in prepared] == [["il", "cl"]]
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "cat.jpg").write_text("not a run")
+    with pytest.raises(ClcliError, match="--force replaces run folders only"):
+        train_lib.train(tiny_recipe(), other, force=True, show_progress=False)
+    assert (other / "cat.jpg").read_text() == "not a run"
+
+
 def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
     out = tmp_path / "run"
     train_lib.train(tiny_recipe(epochs=1), out, show_progress=False)
@@ -215,6 +240,25 @@ def test_the_progress_shows_one_line_per_network():
     lines = buffer.getvalue().splitlines()
     assert any(line.strip().startswith("resnet10t") and "verification 2.000" in line for line in lines)
     assert any(line.strip().startswith("mobilenetv3_small_050") and "cls 2.000" in line for line in lines)
+
+
+def test_the_progress_counts_every_step_between_log_windows(tmp_path, monkeypatch):
+    """The bar's step count and ETA move every step, not only at the log windows (a slow step would show
+    0/N and no ETA for log_every steps)."""
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    shown = []
+    update = Progress.update
+    monkeypatch.setattr(Progress, "update", lambda self, task, **kw: shown.append(kw.get("completed"))
+                        or update(self, task, **kw))
+    recipe = tiny_recipe(methods=("il",), epochs=1)
+    recipe.data.train_limit, recipe.data.test_limit, recipe.train.batch_size = 64, 16, 16  # 4 steps
+    recipe.train.log_every = 100
+    train_lib.train(recipe, tmp_path / "run", console=Console(file=io.StringIO(), width=100))
+    assert [c for c in shown if c is not None] == [1, 2, 3, 4]
 
 
 def test_a_distance_registered_in_python_trains_from_a_recipe(tmp_path):

@@ -29,7 +29,8 @@ class BatchAugment:
 
     kind: 'none' (identity) | 'flip' (random horizontal flip, p=0.5) | 'crop_flip' (zero-pad `padding` px, random
     crop back to HxW, random horizontal flip: the CIFAR recipe). Per batch the generator is drawn in a fixed order
-    (row offsets, column offsets, flips), so one seed gives one augmentation whatever the batch's device.
+    (row offsets, column offsets, flips), so one seed gives one augmentation whatever the batch's device, given a
+    generator on the CPU (what the training loop passes; a CUDA generator draws other numbers from the same seed).
     auto_augment: after the crop and flip, a timm auto-augment string (`rand-m9-n2-mstd0.5`, `original`, ...) or
     `trivialaugment`: each image draws its own ops and magnitudes from the generator (after the crop/flip draws) and
     the images that drew the same op and magnitude go through one batched torchvision call (see `_autoaugment`);
@@ -116,8 +117,13 @@ def batch_erasing(cfg, device) -> Callable[[torch.Tensor], torch.Tensor] | None:
     return RandomErasing(probability=cfg.re_prob, mode=cfg.re_mode, max_count=cfg.re_count, device=device)
 
 
-def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], *, channels: int = 3) -> torch.Tensor:
-    """uint8 [B, C, H, W] -> float32 (x / 255 - mean) / std, contiguous.
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], *, channels: int = 3,
+              memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """uint8 [B, C, H, W] -> float32 (x / 255 - mean) / std, in `memory_format`.
+
+    Channels-last on a GPU is made in the one copy that converts to float (three kernels: convert, scale, shift,
+    not a fourth copy). On the CPU the batch is normalised contiguous and then copied: elementwise ops on a
+    3-channel channels-last tensor take a slow path there (measured 0.68 ms against 0.21 ms a 128x3x32x32 batch).
 
     A 1-channel batch is repeated to `channels` (grayscale -> RGB), so any timm model takes MNIST; `mean` and `std`
     of length 1 are repeated the same way. A C-channel batch with C > 1 must have C == channels.
@@ -138,9 +144,11 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
         raise ClcliError(f"normalisation std must be positive, got {tuple(std)}")
     scale, shift = _affine(tuple(mean), tuple(std), images.device)
     src = images.expand(b, out_c, h, w) if c != out_c else images
-    x = src.to(torch.float32, memory_format=torch.contiguous_format)
+    on_cpu = images.device.type == "cpu"
+    x = src.to(torch.float32, memory_format=torch.contiguous_format if on_cpu else memory_format)
     # In place on the fresh float copy: one allocation for the whole batch.
-    return x.mul_(scale).add_(shift)
+    x = x.mul_(scale).add_(shift)
+    return x.contiguous(memory_format=memory_format) if on_cpu else x
 
 
 @functools.lru_cache(maxsize=64)

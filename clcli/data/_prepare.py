@@ -224,9 +224,10 @@ def load_stream(recipe, source: str, device) -> "LoadedData":
 
 
 def to_input(images_u8: torch.Tensor, mean, std, channels_last: bool = False) -> torch.Tensor:
-    """uint8 images as the networks' normalised float input (optionally channels-last)."""
-    x = normalize(images_u8, mean, std, channels=3)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    """uint8 images as the networks' normalised float input (optionally channels-last: on a GPU made so in the one
+    copy that converts the batch to float)."""
+    return normalize(images_u8, mean, std, channels=3,
+                     memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def eval_batches(images, labels, batch_size: int):

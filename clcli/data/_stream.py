@@ -72,7 +72,18 @@ class _Decoded(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, tuple[str, str] | None]:
+    def __getitem__(self, item) -> tuple[torch.Tensor, tuple[str, str] | None]:
+        """`item`: a row, or (row, seed) for a training image, whose random transform draws from `seed` alone: the
+        same augmentation whichever worker decodes it, in whichever epoch of a persistent worker."""
+        i, seed = item if isinstance(item, tuple) else (item, None)
+        if seed is not None:
+            import random
+
+            import numpy as np
+
+            torch.manual_seed(seed)          # torchvision's transforms
+            random.seed(seed)                # timm's auto-augment: magnitudes, probabilities
+            np.random.seed(seed % (1 << 32))  # and RandAugment's choice of ops
         record = self.images[int(i)].column(0)[0].as_py() or {}
         rec = (record.get("bytes"), record.get("path"))
         try:
@@ -144,10 +155,18 @@ class StreamSplit:
         return (f"StreamSplit({len(self)} images, {'train' if self.train else 'test'}, {self.size}px, "
                 f"{self.workers} workers)")
 
-    def _loader(self, batch_sampler: Sequence[Sequence[int]], seed: int):
-        return torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=batch_sampler, num_workers=self.workers, collate_fn=_collate,
-            pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(seed))
+    def _loader(self, kind: str, batches: list) -> "torch.utils.data.DataLoader":
+        """The split's DataLoader for `kind` ("train" or "eval"), made once: its workers persist from epoch to epoch
+        (and evaluation to evaluation) instead of being forked again; each pass reads the batches given now."""
+        loaders = self.__dict__.setdefault("_loaders", {})
+        if kind not in loaders:
+            sampler = _Batches()
+            loaders[kind] = (sampler, torch.utils.data.DataLoader(
+                self.dataset, batch_sampler=sampler, num_workers=self.workers, collate_fn=_collate,
+                pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0))
+        sampler, loader = loaders[kind]
+        sampler.batches = batches
+        return loader
 
     def _readable(self, problems: list[tuple | None]) -> torch.Tensor:
         """Which slots of a decoded batch hold a real image; records the others in `skipped`."""
@@ -160,7 +179,7 @@ class StreamSplit:
         """(uint8 images [B', 3, S, S], labels [B']) on `device`, in row order (evaluation); unreadable images are
         left out, so B' may be smaller than the batch size."""
         order = torch.arange(len(self)).split(int(batch_size))
-        for (images, problems), idx in zip(self._loader([b.tolist() for b in order], 0), order):
+        for (images, problems), idx in zip(self._loader("eval", [b.tolist() for b in order]), order):
             ok = self._readable(problems)
             if not bool(ok.all()):  # copies only for a batch that has an unreadable image
                 images, idx = images[ok], idx[ok]
@@ -169,11 +188,13 @@ class StreamSplit:
     def epoch_feed(self, order: Sequence[torch.Tensor], *, seed: int,
                    epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         """For each index batch of `order` (training): uint8 images [B, 3, S, S] on `device`, and None, or, where
-        some images could not be decoded, the position in the batch whose image (and label) each slot holds. The
-        augmentation draws come from the workers' torch generators, seeded from (seed, epoch): one run per seed."""
+        some images could not be decoded, the position in the batch whose image (and label) each slot holds. Each
+        image's augmentation draws from its own seed, from (seed, epoch, image): one run per seed, whatever the
+        number of workers, and a resumed epoch draws what the uninterrupted one drew."""
         digest = hashlib.sha256(f"clcli.stream:{int(seed)}:{int(epoch)}".encode()).digest()
-        loader = self._loader([b.tolist() for b in order], int.from_bytes(digest[:8], "little"))
-        for images, problems in loader:
+        base = int.from_bytes(digest[:8], "little")
+        batches = [[(i, (base + i * 1_000_003) % (1 << 63)) for i in b.tolist()] for b in order]
+        for images, problems in self._loader("train", batches):
             ok = self._readable(problems)
             if bool(ok.all()):
                 yield images.to(self.device, non_blocking=True), None
@@ -190,12 +211,27 @@ class StreamSplit:
             yield images[positions].to(self.device, non_blocking=True), positions
 
 
+class _Batches:
+    """A batch sampler whose batches are set before each pass (the loader, and its workers, stay)."""
+
+    batches: list = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 def default_workers() -> int:
+    """DataLoader workers for a streamed split: the CPUs this process may use, shared with the other torchrun
+    processes of this machine (LOCAL_WORLD_SIZE), one left for the training process; at most 32."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
-    return max(0, min(8, cpus - 1))
+    per_process = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(32, per_process - 1))
 
 
 __all__ = ["StreamSplit", "STREAM_AUGMENTS", "default_workers"]

@@ -38,6 +38,7 @@ class Method(nn.Module):
     `cl=CLConfig`, `kd=KDConfig`, ...); it sees nothing else of the recipe. What the one training loop asks of it:
 
     - `input`: "siamese" (every network gets the same batch) or "different" (each network a partner image);
+      `paired`: batches of image pairs fixed for the run (images 2k and 2k + 1);
     - `active_network(step)`: the one network a step updates (iterative training), or None for all of them;
     - `set_epoch(epoch)`: called at the start of every epoch (staged methods, warm-ups);
     - `task_state()` / `load_task_state(state)`: what a checkpoint keeps besides the parameters (W2 caches);
@@ -58,6 +59,9 @@ class Method(nn.Module):
     recipe_sections: tuple[str, ...] = ()
     progress_parts: dict[str, str] = {}
     input = "siamese"
+    # Each batch is made of pairs of images fixed for the run: positions 2k and 2k + 1 are partners (WEL's W2
+    # pairs, solved once and cached); the batch per forward is then even.
+    paired = False
     iterative = False         # update one network per step, in turn (cl.manner: iterative)
 
     def __init__(self, cohort):
@@ -80,7 +84,7 @@ class Method(nn.Module):
         """Why the method cannot run with one network per process (train.placement per-network), or None."""
         if not self.per_network:
             return (f"method '{self.name}' cannot run with one network per process (train.placement per-network: il, "
-                    f"cl); use train.placement replicated")
+                    f"cl, mkb-solo); use train.placement replicated")
         if self.iterative:
             return "cl.manner iterative updates one network at a time: use train.placement replicated"
         return None

@@ -16,3 +16,6 @@ class MKBWithoutCL(IndividualLearning):
     def __init__(self, cohort, *, cl):
         super().__init__(cohort)
         self.input, self.iterative = cl.input, cl.manner == "iterative"
+        # The cohort builds verification heads for every MKB method; without a verification term they would get no
+        # gradient, which DDP (told that every trainable parameter gets one: `per_network`) stops at. Frozen.
+        cohort.verifiers.requires_grad_(False)

@@ -5,10 +5,11 @@ global-pooled features (the classifier's input) whose squared distances mimic W2
 
 with D the squared Euclidean distance between L2-normalised embeddings (bounded, in [0, 4]; unnormalised squared
 distances make this regression diverge) and the target scaled as in CL's different-input loss, which computes it
-(`losses.different_input_metric_loss`, the partner side detached). The pairs are each image with its neighbour in
-the batch (k' = k - 1, cyclic). W2^2 comes from the same cache as CL's different-input mode (keyed by dataset
-indices, saved in the checkpoint); all networks see the same pairs, so one network's solve is the others' cache hit.
-The cache is bounded: in-batch pairs rarely come back in a later epoch.
+(`losses.different_input_metric_loss`, the partner side detached; each pair is counted both ways, so both images'
+embeddings learn). The pairs are fixed for the run (`paired`: the loop puts partners at positions 2k and 2k + 1 of
+every batch), so W2^2 is solved once per pair, in the first epoch, and read from the cache after that (CL's
+different-input mode does the same with its partner images); the cache is keyed by dataset indices and saved in
+the checkpoint, and all networks see the same pairs, so one network's solve is the others' cache hit.
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ from clcli.features import FeatureRecorder
 
 from ._base import Batch, Method, register
 
-_CACHE_ENTRIES = 100_000
 
 
 def _pooled_width(net: nn.Module) -> int:
@@ -32,6 +32,7 @@ def _pooled_width(net: nn.Module) -> int:
 @register("wel")
 class WassersteinEmbeddingLearning(Method):
     recipe_sections = ("wel",)
+    paired = True
 
     def __init__(self, cohort, *, wel):
         super().__init__(cohort)
@@ -39,7 +40,7 @@ class WassersteinEmbeddingLearning(Method):
         self.weight = cfg.weight
         self.heads = nn.ModuleList(nn.Linear(_pooled_width(net), cfg.embedding) for net in cohort.networks)
         self.heads.to(next(cohort.parameters()).device)
-        self.w2_cache = losses.W2Cache(grid=cfg.w2_grid, max_entries=_CACHE_ENTRIES)
+        self.w2_cache = losses.W2Cache(grid=cfg.w2_grid)  # one entry per pair: half the training images
         self.recorder = FeatureRecorder()  # network index -> its classifier's input in the last forward
         for i, net in enumerate(cohort.networks):
             self.recorder.input_of(i, net.get_classifier())
@@ -59,8 +60,9 @@ class WassersteinEmbeddingLearning(Method):
     def embedding_loss(self, i: int, batch: Batch) -> torch.Tensor:
         e = self.heads[i](self.pooled(i)).float()
         idx, raw = batch.indices[i], batch.raw[i]
-        w2 = self.w2_cache.get(idx, idx.roll(1, dims=0), raw, raw.roll(1, dims=0))
-        return losses.different_input_metric_loss(e, e.roll(1, dims=0), w2, kind="l2")
+        w2 = self.w2_cache.get(idx[0::2], idx[1::2], raw[0::2], raw[1::2])  # the batch's fixed pairs
+        return (losses.different_input_metric_loss(e[0::2], e[1::2], w2, kind="l2")
+                + losses.different_input_metric_loss(e[1::2], e[0::2], w2, kind="l2")) / 2
 
     def forward(self, batch: Batch) -> dict:
         logits = self.cohort(batch.images, active=batch.active)

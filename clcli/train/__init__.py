@@ -1,8 +1,8 @@
 """Training: `train(recipe, out)` runs every method of a recipe on its data and writes one run folder per method.
 
 Public API: `train`, `resume`, `fit`, `train_step`, `Interrupted` and `interrupt_signals` (SIGINT, SIGTERM and
-SIGHUP raise `Interrupted` inside it); re-exported for convenience: `load_data` (clcli.data),
-`evaluate` (clcli.evaluation), `build_cohort` and `Cohort` (clcli.cohort).
+SIGHUP raise `Interrupted` inside it; `as_interrupted` makes a plain KeyboardInterrupt one); re-exported for
+convenience: `load_data` (clcli.data), `evaluate` (clcli.evaluation), `build_cohort` and `Cohort` (clcli.cohort).
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from clcli.evaluation import evaluate
 
 from . import _dist
 from ._dist import resolve_device
-from ._interrupt import Interrupted, interrupt_signals
-from ._loop import fit, mixed_precision, param_groups, train_step
+from ._interrupt import Interrupted, as_interrupted, interrupt_signals
+from ._loop import fit, mixed_precision, param_groups, speed_settings, train_step
 
 def _resolve_pretrained_input(recipe) -> list[str]:
     """input_size None becomes the first model's pretrained input size (images are decoded at that size). Returns
@@ -153,8 +153,9 @@ def _train(recipe, out: Path, *, plan_path: str | None, force: bool, show_progre
     main = _dist.is_main_process()  # under torchrun, rank 0 alone writes the run folder
     out_existed = out.exists()
     if main:
+        run_folder.prepare(out, resume=False, force=force)  # all of --out: a new run never joins an earlier one
         for _, run_dir in runs:
-            run_folder.prepare(run_dir, resume=False, force=force)
+            run_dir.mkdir(exist_ok=True)
     try:
         return _train_prepared(recipe, runs, plan, notes, main, show_progress, console)
     except BaseException:
@@ -239,7 +240,10 @@ def _train_one(method_name, recipe, plan, data, run_dir: Path, device, state, sh
         info["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
         trackers.close(info["status"])
         if main:
-            files.write_json(run_dir / "run.json", info)
+            try:
+                files.write_json(run_dir / "run.json", info)
+            except ClcliError:  # a full disk: the error being raised says so; run.json keeps "running"
+                pass
         raise
     info.update(status="finished", epochs=summary["epochs"], test_acc=summary["test_acc"],
                 **{k: summary[k] for k in ("ema_test_acc", "best", "stopped_early", "per_class") if k in summary})
@@ -353,5 +357,5 @@ def _apply_threads(recipe) -> None:
         torch.set_num_threads(recipe.train.threads)
 
 
-__all__ = ["train", "resume", "Interrupted", "interrupt_signals", "fit", "train_step", "param_groups", "mixed_precision", "resolve_device", "load_data",
+__all__ = ["train", "resume", "Interrupted", "as_interrupted", "interrupt_signals", "fit", "train_step", "param_groups", "mixed_precision", "speed_settings", "resolve_device", "load_data",
            "evaluate", "build_cohort", "Cohort", "Data", "LoadedData"]

@@ -133,7 +133,7 @@ def check(d: Dist, method, recipe, n_nets: int, batch_size: int, scaler) -> None
     if refusal:
         raise ClcliError(refusal)
     if scaler is not None:
-        raise ClcliError("train.placement per-network needs bf16 autocast (this GPU has no bf16): set "
+        raise ClcliError("train.placement per-network needs bf16 autocast (this GPU has no native bf16): set "
                          "train.amp=false")
 
 
@@ -167,10 +167,14 @@ def sync_networks(method: nn.Module, optimizer: torch.optim.Optimizer, d: Dist, 
     """Per-network placement, end of an epoch: network j's weights, buffers, optimiser state (whatever the
     optimiser keeps per parameter: SGD's momentum, Adam's moments and step, ...) and EMA copy from process j to all;
     the shared transfers' BatchNorm statistics (each process updated them with its own network's codes; one process
-    updates them with every network's in turn) averaged."""
+    updates them with every network's in turn) averaged. A space transfer that is one network's own (mkb-solo) is
+    that network's like the rest of it: its statistics come from its process."""
     if not d.per_network:
         return
     import torch.distributed as dist
+
+    def shared(name: str) -> bool:
+        return method.shared_transfer and mkb.is_shared(name)
 
     for j, net in enumerate(method.cohort.networks):
         own = [p for name, p in net.named_parameters() if not mkb.is_shared(name)]
@@ -185,13 +189,13 @@ def sync_networks(method: nn.Module, optimizer: torch.optim.Optimizer, d: Dist, 
                 optimizer.state[p] = {k: v.to(p.device) if torch.is_tensor(v) and v.dim() > 0 else v
                                       for k, v in state.items()}
         for name, b in net.named_buffers():
-            if not mkb.is_shared(name):
+            if not shared(name):
                 dist.broadcast(b, src=j)
         if ema_networks:
             for t in ema_networks[j].state_dict().values():
                 dist.broadcast(t, src=j)
     for name, b in method.named_buffers():
-        if mkb.is_shared(name) and b.is_floating_point():
+        if shared(name) and b.is_floating_point():
             dist.all_reduce(b)
             b.div_(d.world)
 

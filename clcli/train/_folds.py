@@ -16,7 +16,7 @@ from clcli import files
 from clcli import run as run_folder
 from clcli.errors import ClcliError
 
-FOLDS_FILE = "folds.json"
+FOLDS_FILE = run_folder.FOLDS_FILE
 FOLDS_FORMAT = 1
 
 

@@ -21,13 +21,20 @@ from clcli.evaluation import evaluate, per_class_accuracy
 from . import _dist
 from ._ema import CohortEma
 from ._interrupt import as_interrupted
-from ._optim import Optimisation, mixed_precision, param_groups  # noqa: F401 (re-exported by clcli.train)
+from ._optim import Optimisation, mixed_precision, param_groups, speed_settings  # noqa: F401 (re-exported)
 from ._targets import TargetMixer, hard_labels
 
 
 def _partners(n: int, n_nets: int, seed: int) -> list[torch.Tensor]:
     """A fixed random permutation of the dataset per extra network (different-input mode)."""
     return [torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + j)) for j in range(1, n_nets)]
+
+
+def _pairs(n: int, seed: int) -> torch.Tensor:
+    """The n images in fixed pairs for the run, [ceil(n / 2), 2] (paired methods: WEL); with n odd the last one
+    pairs with the first of the permutation."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + 104729))
+    return (torch.cat([order, order[:1]]) if n % 2 else order).view(-1, 2)
 
 
 def _fault_injection(step: int) -> None:
@@ -72,6 +79,12 @@ class _Progress:
         if self.enabled:
             self.networks = networks
             self.progress.update(self.task, completed=completed, status=status)
+
+    def advance(self, completed: int) -> None:
+        """The step count, and with it the ETA, after every step; the loss parts wait for `update` at a log window
+        (reading them needs a host sync, counting steps does not)."""
+        if self.enabled:
+            self.progress.update(self.task, completed=completed)
 
     def log(self, text: str) -> None:
         if self.enabled:
@@ -157,11 +170,15 @@ def train_step(model: nn.Module, batch, optimizer: torch.optim.Optimizer, *, acc
     return out
 
 
+def _has_batch_norm(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
 class _Feed:
     """The training batches, epoch by epoch, as the method asks for them (`method.input`): a seeded order per epoch,
     this process's slice of each batch, augmentation on the device (or decoded and augmented in DataLoader workers
     when streamed), normalisation; the same batch for every network (siamese) or a fixed partner image per network
-    (different inputs)."""
+    (different inputs); for a paired method, batches of fixed pairs of images."""
 
     def __init__(self, data: Data, recipe, method, d: _dist.Dist):
         from clcli.data import BatchAugment, batch_erasing
@@ -172,6 +189,22 @@ class _Feed:
         self.steps = len(data.train_labels) // self.batch_size
         if self.steps == 0:
             raise ClcliError(f"the training split has {len(data.train_labels)} images, fewer than one batch")
+        # What one BatchNorm layer normalises in a training forward: a process's slice of the batch, cut into
+        # micro-batches. One image has no batch statistics (torch stops with a 100-line traceback).
+        self.per_forward = self.batch_size // (d.part[1] * self.cfg.accumulate)
+        if self.per_forward < 2 and _has_batch_norm(method):
+            raise ClcliError(f"train.batch_size {self.cfg.batch_size} gives BatchNorm one image per forward "
+                             f"({d.part[1]} process(es) x train.accumulate {self.cfg.accumulate}), from which it "
+                             "cannot compute statistics: use at least 2 images per process and micro-batch, and "
+                             "below 8 also train.clip_grad (e.g. 1.0; docs/results.md)")
+        self.pairs = _pairs(len(data.train_labels), self.cfg.seed) if method.paired else None
+        if self.pairs is not None:
+            if self.per_forward % 2:
+                raise ClcliError(f"method '{method.name}' trains on pairs of images that stay in one forward: "
+                                 f"train.batch_size {self.cfg.batch_size} must give an even number of images per "
+                                 f"forward ({d.part[1]} process(es) x train.accumulate {self.cfg.accumulate})")
+            self.steps = len(self.pairs) // (self.batch_size // 2)
+
         self.device = data.train_images.device
         self.streamed = hasattr(data.train_images, "epoch_feed")  # decoded and augmented in DataLoader workers
         self.augment = None if self.streamed else BatchAugment(
@@ -185,12 +218,28 @@ class _Feed:
             raise ClcliError("cl.input=different pairs images across the whole training set; it needs in-memory "
                              "data (data.stream=false)")
 
+    def small_batch_note(self, method) -> str | None:
+        """A few images per forward without clipping: a BatchNorm layer on a small feature map (1x1 at the end of
+        a network at 32 px) then normalises a few values per channel, and its gradient can blow weights up (measured:
+        mobilenetv3_small_050's stem, IL as CL, docs/results.md)."""
+        if self.per_forward >= 8 or self.cfg.clip_grad is not None or not _has_batch_norm(method):
+            return None
+        return (f"{self.per_forward} images per forward: BatchNorm on a network's small feature maps sees as few "
+                "values per channel and can blow weights up in a step (IL as CL); train.clip_grad (e.g. 1.0) keeps "
+                "such small batches training")
+
     def epoch(self, epoch: int):
         """The epoch's batches (an iterator of `Batch`); everything random derives from (seed, epoch)."""
         from clcli.data import epoch_batches
 
         data, d, cfg, device = self.data, self.d, self.cfg, self.device
-        orders = [epoch_batches(len(data.train_labels), self.batch_size, seed=cfg.seed, epoch=epoch)]
+        if self.pairs is not None:
+            # Images 2k and 2k+1 of every batch are partners for the whole run, so each pair's W2 is solved once
+            # (first epoch) and cached after that; an epoch shuffles the pairs.
+            orders = [[self.pairs[b].flatten() for b in epoch_batches(len(self.pairs), self.batch_size // 2,
+                                                                      seed=cfg.seed, epoch=epoch)]]
+        else:
+            orders = [epoch_batches(len(data.train_labels), self.batch_size, seed=cfg.seed, epoch=epoch)]
         feed = data.train_images.epoch_feed([d.take(b) for b in orders[0][:self.steps]], seed=cfg.seed,
                                             epoch=epoch) if self.streamed else None
         if not self.siamese:
@@ -198,8 +247,9 @@ class _Feed:
             # for the run, so each image pair's W2 is solved once (first epoch) and cached after that.
             orders += [[partner[b] for b in orders[0]] for partner in _partners(len(data.train_labels), self.n_nets,
                                                                                  cfg.seed)]
-        gens = [torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + epoch * 131 + j)
-                for j in range(len(orders))]
+        # CPU generators whatever the device: one seed gives the same crops, flips and auto-augment draws on a GPU
+        # as on the CPU (a CUDA generator draws other numbers); the few numbers a batch draws then move in one copy.
+        gens = [torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 131 + j) for j in range(len(orders))]
         # The epoch's indices go to the device once (no copy per step); the CPU copy keys the W2 cache.
         dev_orders = [_to_device(torch.stack(order[:self.steps]), device) for order in orders]
         return (self._batch(epoch, step, orders, dev_orders, gens, feed) for step in range(self.steps))
@@ -256,8 +306,10 @@ class _Report:
     progress, each epoch's evaluation of every network as deployed, and the checkpoint."""
 
     def __init__(self, method, data: Data, recipe, run_dir: Path, d: _dist.Dist, start_epoch: int,
-                 steps_per_epoch: int, show_progress: bool, console, trackers: tracking.Trackers):
+                 steps_per_epoch: int, show_progress: bool, console, trackers: tracking.Trackers,
+                 autocast=(False, torch.float16)):
         self.method, self.cohort, self.data, self.d, self.run_dir = method, method.cohort, data, d, run_dir
+        self.autocast = autocast  # evaluation under training's mixed precision
         self.cfg, self.steps = recipe.train, steps_per_epoch
         self.start_epoch = start_epoch
         self.topk = (1, 5) if len(data.class_names) > 5 else (1,)
@@ -282,7 +334,8 @@ class _Report:
         images, labels = (data.test_images, data.test_labels) if images is None else (images, labels)
         classes = len(data.class_names) if confusion else None
         return _dist.from_main(d, {name: evaluate(net, images, labels, data.mean, data.std, topk=self.topk,
-                                                  channels_last=self.cfg.channels_last, num_classes=classes)
+                                                  channels_last=self.cfg.channels_last, num_classes=classes,
+                                                  autocast=self.autocast)
                                    for name, net in zip(self.cohort.labels, networks)} if d.main else None)
 
     def per_class(self, epoch_scores: dict[str, dict]) -> dict[str, dict]:
@@ -357,7 +410,11 @@ class _Report:
             state["best"] = best.state_dict()
         self._check_finite(state["method"], epoch)
         if d.main:
-            run_folder.save_checkpoint(self.run_dir / run_folder.CHECKPOINT, state)
+            try:
+                run_folder.save_checkpoint(self.run_dir / run_folder.CHECKPOINT, state)
+            except ClcliError as e:  # a full disk: say what is kept
+                raise ClcliError(f"{e}; stopped after epoch {epoch + 1}: "
+                                 f"{run_folder.kept_checkpoint(self.run_dir, self.saved_epoch)}") from None
         self.saved_epoch = epoch + 1
         return summary
 
@@ -428,10 +485,13 @@ def fit(method, data: Data, recipe, run_dir: Path, *, start_state: dict | None =
         if best is not None and "best" in start_state:
             best.load_state_dict(start_state["best"])
     _dist.check(d, method, recipe, len(cohort.networks), feed.batch_size, optimisation.scaler)
+    note = feed.small_batch_note(method)
+    if note and console is not None and d.main:
+        console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     cohort.local = d.rank if d.per_network else None
     model = _dist.wrap(method, d, find_unused=method.iterative or not method.per_network)
     report = _Report(method, data, recipe, run_dir, d, start_epoch, feed.steps, show_progress, console,
-                     trackers if trackers is not None else tracking.NONE)
+                     trackers if trackers is not None else tracking.NONE, optimisation.autocast)
     clip = optimisation.clip if cfg.clip_grad is not None else None
     summary: dict = {}
     epoch, step = start_epoch, -1  # where an interruption stopped
@@ -461,6 +521,8 @@ def fit(method, data: Data, recipe, run_dir: Path, *, start_state: dict | None =
                 tally.add(feed.batch_size)
                 if (step + 1) % cfg.log_every == 0 or step + 1 == feed.steps:
                     report.window(tally, epoch, step, optimisation.lr)
+                else:
+                    report.progress.advance((epoch - start_epoch) * feed.steps + step + 1)
             summary = report.epoch(epoch, tally, optimisation, ema, best)
             if best is not None and best.exhausted(epoch):
                 summary["stopped_early"] = epoch + 1

@@ -109,11 +109,24 @@ def create_scheduler(optimizer: torch.optim.Optimizer, cfg, steps_per_epoch: int
 
 
 def mixed_precision(device: torch.device, enabled: bool):
-    """(autocast on?, its dtype, GradScaler or None): bf16 autocast on CUDA where the GPU has it, else fp16 with a
-    gradient scaler; nothing on other devices."""
+    """(autocast on?, its dtype, GradScaler or None): bf16 autocast on CUDA where the GPU computes bf16 natively
+    (Ampere and later), else fp16 with a gradient scaler; nothing on other devices. torch counts emulated bf16 as
+    supported by default: a V100 or T4 would get it, slow and without the scaler's overflow checks."""
     amp = device.type == "cuda" and enabled
-    dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
+    dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return amp, dtype, torch.amp.GradScaler("cuda") if amp and dtype == torch.float16 else None
+
+
+def speed_settings(device: torch.device) -> None:
+    """What a GPU user expects of training on CUDA (process-wide; nothing on other devices): cuDNN times its
+    convolution kernels for the batch's fixed shapes once and keeps the fastest (`cudnn.benchmark`), and float32
+    matmuls and convolutions (what autocast leaves in float32, or everything with train.amp off) run on TF32 tensor
+    cores (Ampere and later)."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.set_float32_matmul_precision("high")
 
 
 class Optimisation:
@@ -126,9 +139,13 @@ class Optimisation:
         self.optimizer = create_optimizer(groups, cfg)
         self.scheduler = create_scheduler(self.optimizer, cfg, steps_per_epoch)
         self.on_metric = cfg.schedule == "plateau"  # stepped per epoch on the evaluation accuracy
+        speed_settings(device)
         amp, amp_dtype, self.scaler = mixed_precision(device, cfg.amp)
         self.autocast = (amp, amp_dtype)
-        self.shared = [p for g in self.optimizer.param_groups if g.get("name") == MKB_GROUP for p in g["params"]]
+        # What the networks share, summed over the processes under per-network placement (frozen parameters, such
+        # as mkb-solo's verification heads, have no gradient to sum).
+        self.shared = [p for g in self.optimizer.param_groups if g.get("name") == MKB_GROUP for p in g["params"]
+                       if p.requires_grad]
         # Clipping is per network (and once for the shared group), as timm clips one model: one network's large
         # gradients never shrink another's, and per-network placement clips exactly what one process would.
         self.clip_sets: dict[str, list] = {}
