@@ -491,26 +491,45 @@ def test_ctrl_c_in_eval_predict_and_compares_el_measurement_is_one_line_and_130(
     assert f"interrupted (SIGINT); {hint}" in " ".join(err.split())
 
 
-@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux): a file whose writes fail ENOSPC")
 def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
-    """The second epoch's checkpoint meets a full disk (its temporary file is /dev/full, whose every write fails
-    with ENOSPC as a full filesystem's do): one line naming the file and the space it needed, exit code 2, the
-    first epoch's checkpoint and every earlier file as they were."""
+    """The second epoch's checkpoint meets a full disk (every write to its temporary file fails with ENOSPC, as a
+    full filesystem's do; patched, so that no device file of the machine is touched): one line naming the file and
+    the space it needed, exit code 2, the first epoch's checkpoint and every earlier file as they were."""
+    import builtins
+    import errno
     import tempfile
 
     from clcli import files
 
-    mkstemp, checkpoints = tempfile.mkstemp, []
+    mkstemp, checkpoints, real_open = tempfile.mkstemp, [], builtins.open
+
+    class _Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
 
     def full_from_the_second_checkpoint(prefix="", suffix="", dir=None):
         fd, name = mkstemp(prefix=prefix, suffix=suffix, dir=dir)
         if prefix.startswith(".checkpoint.pt."):
             checkpoints.append(name)
-            if len(checkpoints) == 2:
-                os.unlink(name)
-                os.symlink("/dev/full", name)
         return fd, name
 
+    def open_full(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        return _Full(f) if len(checkpoints) == 2 and str(file) == checkpoints[1] and "w" in mode else f
+
+    monkeypatch.setattr(builtins, "open", open_full)
     monkeypatch.setattr(files.tempfile, "mkstemp", full_from_the_second_checkpoint)
     out = tmp_path / "run"
     args = [*tiny_args(out, epochs=2), "--set", "data.train_limit=64", "--set", "train.batch_size=16",

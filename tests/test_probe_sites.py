@@ -133,7 +133,7 @@ def test_two_mkbs_never_share_a_tap():
 
 def test_a_version_1_plan_still_loads_and_trains(tmp_path):
     from clcli import train as train_lib
-    from tests._helpers import tiny_recipe
+    from _helpers import tiny_recipe
 
     raw = json.loads((DATA / "plan_v1.json").read_text())  # written by clcli before issue 28 (commit 5d3f8aa)
     assert raw["version"] == 1
