@@ -141,11 +141,18 @@ def write_error(path: str | os.PathLike, error: OSError, needed: int | None = No
 
 
 def _os_error(error: BaseException | None) -> OSError | None:
-    """The OSError that `error` is or that it was raised while handling, if any."""
+    """The OSError that `error` is, that it was raised while handling, or that its message quotes as Rust writers
+    do ("... No space left on device (os error 28)": safetensors), if any."""
+    import re
+
     seen = 0
     while error is not None and seen < 8:
         if isinstance(error, OSError):
             return error
+        quoted = re.search(r"\(os error (\d+)\)", str(error))
+        if quoted:
+            code = int(quoted.group(1))
+            return OSError(code, os.strerror(code))
         error, seen = error.__cause__ or error.__context__, seen + 1
     return None
 
