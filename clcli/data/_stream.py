@@ -147,6 +147,7 @@ class StreamSplit:
                                 _transform(train, self.size, augment, padding, test_resize, auto_augment, fill),
                                 self.size)
         self.skipped: dict[str, str] = {}  # image -> reason, in the order met; filled as batches are decoded
+        self._loaders: dict = {}  # kind -> (its batch sampler, its DataLoader), made when first read
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -158,7 +159,7 @@ class StreamSplit:
     def _loader(self, kind: str, batches: list) -> "torch.utils.data.DataLoader":
         """The split's DataLoader for `kind` ("train" or "eval"), made once: its workers persist from epoch to epoch
         (and evaluation to evaluation) instead of being forked again; each pass reads the batches given now."""
-        loaders = self.__dict__.setdefault("_loaders", {})
+        loaders = self._loaders
         if kind not in loaders:
             sampler = _Batches()
             loaders[kind] = (sampler, torch.utils.data.DataLoader(
