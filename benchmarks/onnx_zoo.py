@@ -161,16 +161,11 @@ def main() -> None:
         print(markdown(json.loads(out.read_text())))
         return
 
-    import timm
-
     from clcli import files
 
-    done: dict = json.loads(out.read_text()).get("families", {}) if out.is_file() else {}
-    zoo = json.loads(Path(args.zoo).read_text())["families"] if Path(args.zoo).is_file() else {}
-    families = [f for f in args.families.split(",") if f] or sorted(timm.models.list_modules())
-    unknown = sorted(set(families) - set(timm.models.list_modules()))
-    if unknown:
-        parser.error(f"not timm.models modules: {', '.join(unknown)}")
+    done = train_zoo.recorded(out)
+    zoo = train_zoo.recorded(Path(args.zoo))
+    families = train_zoo.chosen_families(args.families, parser)
 
     def wanted(family: str) -> bool:
         status = done.get(family, {}).get("onnx", {}).get("status")

@@ -223,6 +223,23 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def recorded(out: Path) -> dict:
+    """The families a results file (train_zoo's, onnx_zoo's) holds already: a re-run resumes from them."""
+    return json.loads(out.read_text()).get("families", {}) if out.is_file() else {}
+
+
+def chosen_families(names: str, parser: argparse.ArgumentParser) -> list[str]:
+    """--families as timm.models modules (default: every one); an unknown name stops the script."""
+    import timm
+
+    every = timm.models.list_modules()
+    families = [f for f in names.split(",") if f] or sorted(every)
+    unknown = sorted(set(families) - set(every))
+    if unknown:
+        parser.error(f"not timm.models modules: {', '.join(unknown)} (e.g. sequencer, not sequencer2d)")
+    return families
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="train_zoo.json")
@@ -249,15 +266,10 @@ def main() -> None:
         print(markdown(json.loads(out.read_text())))
         return
 
-    import timm
-
     from clcli import files
 
-    done: dict = json.loads(out.read_text()).get("families", {}) if out.is_file() else {}
-    families = [f for f in args.families.split(",") if f] or sorted(timm.models.list_modules())
-    unknown = sorted(set(families) - set(timm.models.list_modules()))
-    if unknown:
-        parser.error(f"not timm.models modules: {', '.join(unknown)} (e.g. sequencer, not sequencer2d)")
+    done = recorded(out)
+    families = chosen_families(args.families, parser)
 
     retry_statuses = {s for s in args.retry_status.split(",") if s}
 

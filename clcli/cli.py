@@ -201,8 +201,8 @@ def _print_results(console, results: dict) -> None:
         if "ema_test_acc" in summary:  # train.ema_decay: the moving average of the weights
             table.add_row(f"{m} (EMA)", *[f"{summary['ema_test_acc'][n]:.2f}" for n in names])
         if "best" in summary:  # train.keep_best: each network's best epoch on the held-out validation images
-            table.add_row(f"{m} (best epoch)", *[f"{summary['best'][n]['test_acc']:.2f} (ep {summary['best'][n]['epoch']})"
-                                                 for n in names])
+            best = summary["best"]
+            table.add_row(f"{m} (best epoch)", *[f"{best[n]['test_acc']:.2f} (ep {best[n]['epoch']})" for n in names])
     console.print(table)
 
 
@@ -247,6 +247,8 @@ def recipes_show(name: str = typer.Argument(..., help="recipe name or YAML file"
 
 
 @app.command()
+@_interruptible("each file is either written whole or not at all: run the same command again with --force (the "
+                "files already written are complete)")
 def export(
     run: Optional[Path] = typer.Argument(None, help="run folder (default: the newest under runs/)"),
     split: bool = typer.Option(True, "--split/--no-split", help="one file per network with its MKB half"),
@@ -272,6 +274,8 @@ def export(
 
     if not split:
         raise ClcliError("only --split export exists: each network is written on its own")
+    if ema and best:
+        raise ClcliError("--ema and --best choose different weights: give one of them")
     console = _console()
     if run is None:
         run = Run.latest().path
@@ -282,18 +286,8 @@ def export(
         from clcli import tracking
 
         tracking.mlflow_run(Run.open(run_dir).info)  # before exporting: no MLflow run, or no extra, is one line
-    from clcli.train import Interrupted, interrupt_signals
-
-    with _reported_interrupt(), interrupt_signals():
-        try:
-            if ema and best:
-                raise ClcliError("--ema and --best choose different weights: give one of them")
-            index = export_run(run_dir, out, plain=plain, hub_folder=hub_folder, onnx=onnx, measure=measure,
-                               force=force, weights="ema" if ema else "best" if best else "last")
-        except Interrupted as e:  # the atomic writes left no half-written file behind
-            e.hint = ("each file is either written whole or not at all: run the same command again with --force "
-                      "(the files already written are complete)")
-            raise
+    index = export_run(run_dir, out, plain=plain, hub_folder=hub_folder, onnx=onnx, measure=measure, force=force,
+                       weights="ema" if ema else "best" if best else "last")
     if index["status"] != "finished":
         console.print(f"[yellow]warning:[/] {run_dir} is not finished ({index['status']}, "
                       f"{index['epochs_trained']} of {index['epochs_planned']} epochs): exported its last checkpoint",

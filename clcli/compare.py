@@ -286,7 +286,8 @@ def compare(recipe, methods: list[str], seeds: int, out: str | Path, *, show_pro
             for m, s in grid:
                 run_dir = out / "runs" / m / f"seed{s}"
                 progress.start(f"{m} seed {s} → {run_dir}")
-                done = _ensure_run(_run_recipe(recipe, m, s, out / "runs" / "il" / f"seed{s}", group), run_dir, progress)
+                run_recipe = _run_recipe(recipe, m, s, out / "runs" / "il" / f"seed{s}", group)
+                done = _ensure_run(run_recipe, run_dir, progress)
                 runs[m].append(_read_run(m, s, run_dir))
                 progress.advance(f"{m} seed {s}: {done}, test acc "
                                  + " / ".join(f"{a:.2f}" for a in runs[m][-1].test_acc))

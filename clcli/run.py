@@ -17,8 +17,8 @@ from clcli.errors import ClcliError, one_line
 CHECKPOINT = "checkpoint.pt"
 FOLDS_FILE = "folds.json"  # a fold protocol folder (clcli.train's fold protocol writes it)
 RUN_FORMAT = 1
-COHORT_PREFIX = "cohort."
-WEIGHTS = ("last", "ema", "best")  # which weights of a run `cohort()` and `clcli export` take  # the cohort's keys in a checkpoint's method state
+COHORT_PREFIX = "cohort."  # the cohort's keys in a checkpoint's method state
+WEIGHTS = ("last", "ema", "best")  # which weights of a run `cohort()` and `clcli export` take
 # What resuming and exporting read from run.json, and the kind of value each holds.
 _INFO_KEYS = {"method": "text", "models": "a list of model names", "class_names": "a list of class names",
               "mean": "a list of numbers", "std": "a list of numbers", "input_size": "a list of numbers"}

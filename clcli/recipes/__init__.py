@@ -70,7 +70,8 @@ class DataConfig:
     # with folds: train on this fold only; None runs every fold, then mean ± std
     fold: int | None = _within(None, 0, 1 << 20)
     stream: bool = False                # decode images in DataLoader workers each epoch instead of into memory
-    workers: int | None = _within(None, 0, 256)  # DataLoader workers when streaming (None: the CPUs less one, per process, up to 32)
+    # DataLoader workers when streaming (None: the CPUs less one, shared by a machine's processes, up to 32)
+    workers: int | None = _within(None, 0, 256)
     # streaming test images: shorter side to this, then center crop input_size
     test_resize: int | None = _within(None, 8, 8192)
     # after the crop and flip: timm's auto_augment string (rand-m9-n2-mstd0.5, original, v0, ...) or trivialaugment;

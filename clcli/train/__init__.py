@@ -357,5 +357,6 @@ def _apply_threads(recipe) -> None:
         torch.set_num_threads(recipe.train.threads)
 
 
-__all__ = ["train", "resume", "Interrupted", "as_interrupted", "interrupt_signals", "fit", "train_step", "param_groups", "mixed_precision", "speed_settings", "resolve_device", "load_data",
-           "evaluate", "build_cohort", "Cohort", "Data", "LoadedData"]
+__all__ = ["train", "resume", "Interrupted", "as_interrupted", "interrupt_signals", "fit", "train_step",
+           "param_groups", "mixed_precision", "speed_settings", "resolve_device", "load_data", "evaluate",
+           "build_cohort", "Cohort", "Data", "LoadedData"]

@@ -13,7 +13,8 @@ Two placements (`train.placement`):
   processes exchange only what the losses and the shared space transfer need: the MKB embeddings (an all_gather that
   back-propagates to each owner, `Cohort.embeddings`) and the gradients of what the networks share (space
   transfers, verification heads), summed as one process sums them. At the end of each epoch every network's weights,
-  buffers, optimiser state and EMA copy go from its process to all, so each process (and rank 0's checkpoint) holds the whole cohort.
+  buffers, optimiser state and EMA copy go from its process to all, so each process (and rank 0's checkpoint)
+  holds the whole cohort.
 
 Rank 0 alone writes the run folder (run.json, metrics.jsonl, checkpoints), shows progress and evaluates.
 """

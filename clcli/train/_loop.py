@@ -137,8 +137,9 @@ def train_step(model: nn.Module, batch, optimizer: torch.optim.Optimizer, *, acc
     gradients summed over the processes (per-network placement), then the optimiser step (through the fp16 gradient
     scaler when there is one), after `clip()` (gradient clipping) when given. `model` is the method, or DDP around
     it; `autocast` is (on?, dtype) from `mixed_precision`. Targets are class indices or soft targets [B, C] (label
-    smoothing, mixup), whose argmax training accuracy counts. The loss parts (detached, on the device: no host sync) are added into `sums` and the right
-    top-1 answers per network into `correct`, when given. Returns the last micro-batch's output."""
+    smoothing, mixup), whose argmax training accuracy counts. The loss parts (detached, on the device: no host
+    sync) are added into `sums` and the right top-1 answers per network into `correct`, when given. Returns the
+    last micro-batch's output."""
     amp, amp_dtype = autocast
     device_type = batch.images[0].device.type
     optimizer.zero_grad(set_to_none=True)
@@ -192,7 +193,8 @@ class _Feed:
         # What one BatchNorm layer normalises in a training forward: a process's slice of the batch, cut into
         # micro-batches. One image has no batch statistics (torch stops with a 100-line traceback).
         self.per_forward = self.batch_size // (d.part[1] * self.cfg.accumulate)
-        if self.per_forward < 2 and _has_batch_norm(method):
+        self.batch_norm = _has_batch_norm(method)
+        if self.per_forward < 2 and self.batch_norm:
             raise ClcliError(f"train.batch_size {self.cfg.batch_size} gives BatchNorm one image per forward "
                              f"({d.part[1]} process(es) x train.accumulate {self.cfg.accumulate}), from which it "
                              "cannot compute statistics: use at least 2 images per process and micro-batch, and "
@@ -218,11 +220,11 @@ class _Feed:
             raise ClcliError("cl.input=different pairs images across the whole training set; it needs in-memory "
                              "data (data.stream=false)")
 
-    def small_batch_note(self, method) -> str | None:
+    def small_batch_note(self) -> str | None:
         """A few images per forward without clipping: a BatchNorm layer on a small feature map (1x1 at the end of
         a network at 32 px) then normalises a few values per channel, and its gradient can blow weights up (measured:
         mobilenetv3_small_050's stem, IL as CL, docs/results.md)."""
-        if self.per_forward >= 8 or self.cfg.clip_grad is not None or not _has_batch_norm(method):
+        if self.per_forward >= 8 or self.cfg.clip_grad is not None or not self.batch_norm:
             return None
         return (f"{self.per_forward} images per forward: BatchNorm on a network's small feature maps sees as few "
                 "values per channel and can blow weights up in a step (IL as CL); train.clip_grad (e.g. 1.0) keeps "
@@ -485,7 +487,7 @@ def fit(method, data: Data, recipe, run_dir: Path, *, start_state: dict | None =
         if best is not None and "best" in start_state:
             best.load_state_dict(start_state["best"])
     _dist.check(d, method, recipe, len(cohort.networks), feed.batch_size, optimisation.scaler)
-    note = feed.small_batch_note(method)
+    note = feed.small_batch_note()
     if note and console is not None and d.main:
         console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     cohort.local = d.rank if d.per_network else None

@@ -142,15 +142,17 @@ class Optimisation:
         speed_settings(device)
         amp, amp_dtype, self.scaler = mixed_precision(device, cfg.amp)
         self.autocast = (amp, amp_dtype)
-        # What the networks share, summed over the processes under per-network placement (frozen parameters, such
-        # as mkb-solo's verification heads, have no gradient to sum).
-        self.shared = [p for g in self.optimizer.param_groups if g.get("name") == MKB_GROUP for p in g["params"]
-                       if p.requires_grad]
-        # Clipping is per network (and once for the shared group), as timm clips one model: one network's large
-        # gradients never shrink another's, and per-network placement clips exactly what one process would.
-        self.clip_sets: dict[str, list] = {}
-        for g in self.optimizer.param_groups:
-            self.clip_sets.setdefault(g.get("name", MKB_GROUP), []).extend(g["params"])
+        # Each network's own parameters, its MKB half included (its MKB half trains in the 'shared' lr group).
+        own = {name: [p for n, p in net.named_parameters() if not mkb.is_shared(n)]
+               for net, name in zip(method.cohort.networks, method.cohort.labels)}
+        owned = {id(p) for params in own.values() for p in params}
+        # What the networks share (space transfers, verification heads, methods' own heads), summed over the
+        # processes under per-network placement; frozen parameters (mkb-solo's verification heads) have no gradient.
+        self.shared = [p for p in method.parameters() if p.requires_grad and id(p) not in owned]
+        # Clipping is per network, its MKB half included, and once for the shared parameters, as timm clips one
+        # model: one network's large gradients never shrink another's, and per-network placement clips exactly what
+        # one process would.
+        self.clip_sets = [*own.values(), self.shared]
 
     @property
     def lr(self) -> float:
@@ -171,7 +173,7 @@ class Optimisation:
 
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        for params in self.clip_sets.values():
+        for params in self.clip_sets:
             dispatch_clip_grad([p for p in params if p.grad is not None], value=self.cfg.clip_grad,
                                mode=self.cfg.clip_mode)
 
