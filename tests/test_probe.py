@@ -286,3 +286,28 @@ def test_a_vit_input_that_is_no_multiple_of_its_patches_is_noted_or_refused():
     assert _patch_notes("test_vit", flooring, (64, 64)) == []
     with pytest.raises(ClcliError, match="divisible by patch size"):  # the CLI prints it as one line, exit 2
         probe.plan(["test_vit", "test_resnet"], 33)
+
+
+def test_fallback_trace_runs_a_model_with_real_buffers(monkeypatch):
+    """Where the meta trace fails (test_coatnet's relative positions under --stem small), the real trace runs a
+    model built for real: its integer buffers hold their values, not the memory a `to_empty` model holds, so the
+    refusal names the model's real limit."""
+    from clcli import models
+    from clcli.probe import _graph
+
+    real_trace, seen = _graph.trace, []
+
+    def spy(model, x, export=True):
+        if x.device.type != "meta":
+            seen.append({k: b.clone() for k, b in model.named_buffers() if not b.is_floating_point()})
+        return real_trace(model, x, export)
+
+    monkeypatch.setattr(_graph, "trace", spy)
+    with pytest.raises(ClcliError, match="size of tensor"):
+        probe.analyse("test_coatnet", 32, stem="small")
+    expected = {k: b for k, b in models.create("test_coatnet", models.model_kwargs("test_coatnet", num_classes=10))
+                .named_buffers() if not b.is_floating_point()}
+    assert seen and any("index" in k for k in seen[0])
+    for buffers in seen:
+        assert buffers.keys() == expected.keys()
+        assert all(torch.equal(buffers[k], expected[k]) for k in expected)
