@@ -6,7 +6,9 @@
 #   paper    SGD lr 0.1 Nesterov momentum 0.9, wd 5e-4, cosine, pad-4 crop + flip (section 4's recipe)
 #   current  the current recipe of section 5, frozen after its IL pilot: the CURRENT_SETTINGS below
 # Each seed is its own `clcli compare` into OUT/RECIPE (runs are reused), two seeds at a time with one thread each;
-# a last compare over the three seeds writes table.md, results.csv and curves.png. Re-running resumes.
+# a last compare over the three seeds writes table.md, results.csv and curves.png, then scripts/train_accuracy.py
+# measures every run on its un-augmented training images (OUT/train_accuracy.json) and scripts/overfit_report.py
+# prints the section's tables. Re-running resumes.
 # Usage: scripts/cifar10_overfit.sh DATA OUT RECIPE WEAK [METHODS=il,cl]   e.g.
 #   scripts/cifar10_overfit.sh ../shared/data/cifar10 reports/overfit paper mobilenetv2_050
 #   METHODS=dml scripts/cifar10_overfit.sh ../shared/data/cifar10 reports/overfit paper mobilenetv2_050
@@ -38,4 +40,6 @@ for ((s = 0; s < SEEDS; s += 2)); do
   wait
 done
 clcli compare "${COMMON[@]}" --seeds "$SEEDS" --out "$REPORT" > "$REPORT/table.log" 2>&1
-cat "$REPORT/table.md"
+HERE=$(dirname "$0")
+python "$HERE/train_accuracy.py" "$REPORT" --out "$OUT/train_accuracy.json"
+python "$HERE/overfit_report.py" "$OUT"
