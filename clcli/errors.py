@@ -24,3 +24,15 @@ def one_line(error: BaseException, limit: int | None = 300) -> str:
         if keep:
             text = text[:keep[-1]].rstrip(".;")
     return f"{name}: {text}"
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A failed allocation, on any device: torch's OutOfMemoryError (CUDA), Python's MemoryError, or the
+    RuntimeError the CPU and MPS allocators raise ("can't allocate memory", "MPS backend out of memory")."""
+    import torch
+
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(error)
+    return isinstance(error, (RuntimeError, OSError)) and any(
+        words in text for words in ("can't allocate memory", "Cannot allocate memory", "out of memory"))

@@ -565,3 +565,38 @@ def test_a_full_disk_during_export_is_one_line_and_leaves_no_file(trained_run, t
     code, _, err = _main(["export", trained_run, "--out", out, "--no-measure"], capsys)
     _assert_one_line_error(code, err, "no space left on the device for", str(out))
     assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize("error, epoch", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                  "tried to allocate 92274688 bytes. Error code 12 (Cannot allocate memory)"), 2),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 79 GiB"),
+     1),
+])
+def test_out_of_memory_while_training_is_one_line_with_what_to_change(error, epoch, tmp_path, monkeypatch, capsys):
+    """The zoo sweep found it: a 412M-parameter ViT at 1024 tokens ran out of memory in its first step, a traceback.
+    Out of memory (the CPU allocator's RuntimeError, CUDA's OutOfMemoryError) is one line naming the batch size and
+    the options that lower memory, saying what is kept; exit code 2."""
+    from clcli.train import _loop
+
+    real, calls = _loop.evaluate, []
+
+    def evaluate_until_out_of_memory(net, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2 * (epoch - 1):  # two networks per evaluation
+            raise error
+        return real(net, *args, **kwargs)
+
+    monkeypatch.setattr(_loop, "evaluate", evaluate_until_out_of_memory)
+    out = tmp_path / "run"
+    args = [*tiny_args(out, epochs=2), "--set", "data.train_limit=64", "--set", "train.batch_size=16",
+            "--set", "methods=[il]"]
+    code, _, err = _main(args, capsys)
+    kept = f"the last checkpoint is kept in {out / 'checkpoint.pt'}" if epoch > 1 else "nothing was kept"
+    _assert_one_line_error(code, err, "out of memory on cpu training", "at train.batch_size 16", kept,
+                           "train.accumulate", "train.grad_checkpointing")
+    if epoch > 1:
+        assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+        assert json.loads((out / "run.json").read_text())["status"] == "failed"
+    else:
+        assert not out.exists()

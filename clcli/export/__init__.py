@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from clcli import files
-from clcli.errors import ClcliError, one_line
+from clcli.errors import ClcliError, is_out_of_memory, one_line
 from clcli.models import network_labels
 
 from . import _onnx
@@ -256,7 +256,7 @@ def safetensors_header(path: str | Path) -> dict:
 
 def _raise_if_out_of_memory(path: Path, error: Exception) -> None:
     # safetensors maps the whole file: under a memory limit that fails like damage would, but the file is fine.
-    if isinstance(error, MemoryError) or "Cannot allocate memory" in str(error):
+    if is_out_of_memory(error):
         raise ClcliError(f"not enough memory to read {path} ({path.stat().st_size / 2**30:.1f} GiB; "
                          f"{one_line(error)})") from None
 

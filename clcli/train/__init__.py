@@ -14,7 +14,7 @@ from clcli import run as run_folder
 from clcli.cohort import (Cohort, build_cohort, check_networks_run, compile_networks,
                           enable_grad_checkpointing)
 from clcli.data import Data, LoadedData, load_data, streamed_skips
-from clcli.errors import ClcliError
+from clcli.errors import ClcliError, is_out_of_memory, one_line
 from clcli.evaluation import evaluate
 
 from . import _dist
@@ -244,6 +244,14 @@ def _train_one(method_name, recipe, plan, data, run_dir: Path, device, state, sh
                 files.write_json(run_dir / "run.json", info)
             except ClcliError:  # a full disk: the error being raised says so; run.json keeps "running"
                 pass
+        if is_out_of_memory(e):
+            checkpoint = run_dir / run_folder.CHECKPOINT
+            kept = (f"the last checkpoint is kept in {checkpoint}" if checkpoint.is_file()
+                    else "no epoch had finished, so nothing was kept")
+            raise ClcliError(f"out of memory on {device} training {' + '.join(plan.names)} at train.batch_size "
+                             f"{recipe.train.batch_size} ({one_line(e, 120)}); {kept}; lower train.batch_size, "
+                             f"split each step with train.accumulate, or turn on train.grad_checkpointing "
+                             f"(and train.mixed_precision on a GPU)") from None
         raise
     info.update(status="finished", epochs=summary["epochs"], test_acc=summary["test_acc"],
                 **{k: summary[k] for k in ("ema_test_acc", "best", "stopped_early", "per_class") if k in summary})
