@@ -594,7 +594,7 @@ def test_out_of_memory_while_training_is_one_line_with_what_to_change(error, epo
     code, _, err = _main(args, capsys)
     kept = f"the last checkpoint is kept in {out / 'checkpoint.pt'}" if epoch > 1 else "nothing was kept"
     _assert_one_line_error(code, err, "out of memory on cpu training", "at train.batch_size 16", kept,
-                           "train.accumulate", "train.grad_checkpointing")
+                           "allocate", "train.accumulate", "train.grad_checkpointing")
     if epoch > 1:
         assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
         assert json.loads((out / "run.json").read_text())["status"] == "failed"

@@ -249,7 +249,7 @@ def _train_one(method_name, recipe, plan, data, run_dir: Path, device, state, sh
             kept = (f"the last checkpoint is kept in {checkpoint}" if checkpoint.is_file()
                     else "no epoch had finished, so nothing was kept")
             raise ClcliError(f"out of memory on {device} training {' + '.join(plan.names)} at train.batch_size "
-                             f"{recipe.train.batch_size} ({one_line(e, 120)}); {kept}; lower train.batch_size, "
+                             f"{recipe.train.batch_size} ({one_line(e, 200)}); {kept}; lower train.batch_size, "
                              f"split each step with train.accumulate, or turn on train.grad_checkpointing "
                              f"(and train.mixed_precision on a GPU)") from None
         raise
