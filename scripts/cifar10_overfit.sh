@@ -21,8 +21,8 @@ COMMON=(--recipe quickstart --no-progress --data "$DATA" --epochs "$EPOCHS" --me
         --set "models=[resnet10t, $WEAK]" --set data.train_limit=10000 --set train.batch_size=128
         --set train.lr=0.1 --set train.threads=1)
 # The current recipe (section 5): label smoothing, mixup/cutmix, RandAugment, random erasing, EMA on top of the paper
-# recipe's optimiser and schedule. A proposal until its one IL pilot (seed 0) has run; then frozen here, and
-# docs/results.md section 5 says so.
+# recipe's optimiser and schedule. Frozen after its one IL pilot (seed 0, docs/results.md section 5), which is also
+# the grid's IL run of seed 0.
 CURRENT_SETTINGS=(--set train.warmup_epochs=2 --set train.label_smoothing=0.1 --set train.mixup=0.2
                   --set train.cutmix=1.0 --set train.mixup_prob=0.5 --set data.auto_augment=rand-m9-n2-mstd0.5
                   --set data.re_prob=0.25 --set train.ema_decay=0.999)
