@@ -74,7 +74,7 @@ def main() -> None:
     accuracy_file = args.out / "train_accuracy.json"
     accuracy = json.loads(accuracy_file.read_text()) if accuracy_file.exists() else {}
     lines = []
-    for folder in sorted(p.parent for p in args.out.glob("*/results.csv")):
+    for folder in sorted((p.parent for p in args.out.glob("*/results.csv")), key=lambda f: (f.name != "paper", f.name)):
         lines += recipe_tables(folder, accuracy)
     print("\n".join(lines))
 
