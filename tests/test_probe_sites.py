@@ -21,7 +21,7 @@ def _stage(cin, cout, k, stride, pad=0):
 
 
 def _taps_of(net: nn.Module, side: int) -> list[probe.Tap]:
-    return _module_taps(net, _traced(net, 3, (side, side)), 3, (side, side))
+    return _module_taps(net, _traced(net, 3, (side, side))[1], 3, (side, side))
 
 
 class ValidPadding(nn.Module):

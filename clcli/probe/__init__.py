@@ -140,10 +140,11 @@ def _as_hw(input_size) -> tuple[int, int]:
     return hw  # type: ignore[return-value]
 
 
-def _traced(model, build_real, in_chans: int, hw: tuple[int, int], export: bool = True):
+def _traced(model, in_chans: int, hw: tuple[int, int], export: bool = True, *, build_real=None):
     """(model, graph): shapes on the meta device (no memory, no compute); where a meta kernel is missing, a model
     built for real by `build_real()`. Not the meta model moved with `to_empty`: its integer buffers (relative
-    position indices) would hold whatever memory held, and a model be refused for garbage, not its real limit."""
+    position indices) would hold whatever memory held, and a model be refused for garbage, not its real limit.
+    A model already on the CPU is traced as it is."""
     import torch
 
     from ._graph import trace
@@ -152,6 +153,8 @@ def _traced(model, build_real, in_chans: int, hw: tuple[int, int], export: bool 
         try:
             return model, trace(model, torch.empty(1, in_chans, *hw, device="meta"), export)
         except ClcliError:
+            if build_real is None:
+                raise
             model = build_real()
     return model, trace(model, torch.zeros(1, in_chans, *hw), export)
 
@@ -219,7 +222,7 @@ def analyse(
     model = models.create(name, kwargs, meta=True)
     change = None
     if stem == "small":
-        model, graph = _stem_graph(model, lambda: models.create(name, kwargs), in_chans, hw)
+        model, graph = _stem_graph(model, in_chans, hw, build_real=lambda: models.create(name, kwargs))
         change = find_small_stem(model, graph)
         if change.conv is None and change.pool is None:
             raise ClcliError(f"{name}: no strided conv or pooling found for --stem small ({_no_stem_reason(model)}); "
@@ -227,28 +230,28 @@ def analyse(
         models.apply_stem(model, change)
         try:
             # torch.export only where fx needed it before the change: it takes minutes to fail on a broken model
-            model, graph = _traced(model, lambda: models.create(name, kwargs, stem=change), in_chans, hw,
-                                   export=graph.tracer == "export")
+            model, graph = _traced(model, in_chans, hw, export=graph.tracer == "export",
+                                   build_real=lambda: models.create(name, kwargs, stem=change))
         except ClcliError as e:
             raise ClcliError(f"{name}: --stem small breaks the model ({e}); use --stem imagenet") from None
     else:
-        model, graph = _traced(model, lambda: models.create(name, kwargs), in_chans, hw)
+        model, graph = _traced(model, in_chans, hw, build_real=lambda: models.create(name, kwargs))
     taps = _module_taps(model, graph, in_chans, hw)
     return ModelProbe(name, kwargs, change, graph.tracer, models.count_params(model), graph.macs,
                       taps, stage_taps(taps), _patch_notes(name, model, hw))
 
 
-def _stem_graph(model, build_real, in_chans: int, hw: tuple[int, int]):
+def _stem_graph(model, in_chans: int, hw: tuple[int, int], *, build_real=None):
     """The graph the stem is found in: at `hw`, or where the model fails there as built (Inception's valid
     convolutions leave nothing of a 32 px input before the small stem keeps it large), at its own input size."""
     try:
-        return _traced(model, build_real, in_chans, hw)
+        return _traced(model, in_chans, hw, build_real=build_real)
     except ClcliError as at_size:
         own = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size") or ())[-2:]
         if len(own) != 2 or own == tuple(hw):
             raise
         try:
-            return _traced(model, build_real, in_chans, own, export=False)
+            return _traced(model, in_chans, own, export=False, build_real=build_real)
         except ClcliError:
             raise at_size from None
 
