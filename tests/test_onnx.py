@@ -215,3 +215,16 @@ def test_export_onnx_without_the_extra_is_one_line_with_the_pip_command(exported
     result = runner.invoke(app, ["export", str(run_dir), "--onnx", "--out", str(tmp_path / "exp")])
     _refused(result, "onnxscript", "pip install 'clcli[onnx]'")
     assert not (tmp_path / "exp").exists()
+
+
+def test_a_graph_over_protobufs_2_gib_is_one_line_before_any_file(tmp_path, monkeypatch):
+    """deepseek_vit_412m's 1.6 GiB of weights pass the weight check, but its exported graph did not serialise
+    (EncodeError traceback in the zoo sweep): the graph's own size is checked before the file is written."""
+    net, _, _ = _network(["test_resnet", "test_efficientnet"], 32, "small")
+    monkeypatch.setattr(_onnx, "PROTOBUF_LIMIT", 1000)  # the tiny graph stands for one over the limit
+    target = tmp_path / "test_resnet.onnx"
+    with pytest.raises(ClcliError, match=r"test_resnet: its ONNX graph takes .* GiB .* over the 2 GiB an ONNX file "
+                                         r"can hold") as error:
+        _onnx.export_onnx(net, _manifest("test_resnet", 32), target)
+    assert "\n" not in str(error.value)
+    assert not list(tmp_path.iterdir())

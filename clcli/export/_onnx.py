@@ -35,7 +35,8 @@ INPUT_NAME, OUTPUT_NAME = "image", "logits"
 # Kernels differ in summation order and fusions: about 1e-6 of the largest logit (docs/results.md, the zoo sweep).
 ATOL, RTOL = 1e-5, 1e-4
 CHECK_BATCH, EXAMPLE_BATCH = 4, 2  # the check runs another batch size than the traced one: the axis is really free
-MAX_BYTES = 2 * 2**30 - 2**20  # protobuf's limit for one file, less room for the graph itself
+PROTOBUF_LIMIT = 2**31 - 1  # bytes: the most one serialised protobuf message (an ONNX file without external data) holds
+MAX_BYTES = 2 * 2**30 - 2**20  # weights over this cannot fit, whatever the graph: refused before exporting
 PIP = "pip install 'clcli[onnx]'"
 
 
@@ -81,6 +82,11 @@ def export_onnx(net, manifest: dict, target: str | Path) -> dict:
         gen = torch.Generator().manual_seed(0)
         example = torch.randn(EXAMPLE_BATCH, 3, height, width, generator=gen)
         proto = _graph(net, example, manifest["model"])
+        graph_bytes = proto.ByteSize()
+        if graph_bytes > PROTOBUF_LIMIT:  # the weights fit, but the exporter's constants push the graph over
+            raise ClcliError(f"{manifest['model']}: its ONNX graph takes {graph_bytes / 2**30:.2f} GiB "
+                             f"({size / 2**30:.2f} GiB of weights and the constants the exporter adds), over the "
+                             f"2 GiB an ONNX file can hold")
         batch = torch.randn(CHECK_BATCH, 3, height, width, generator=gen)
         with torch.no_grad():
             expected = net(batch).float().numpy()
