@@ -82,11 +82,11 @@ def export_onnx(net, manifest: dict, target: str | Path) -> dict:
         gen = torch.Generator().manual_seed(0)
         example = torch.randn(EXAMPLE_BATCH, 3, height, width, generator=gen)
         proto = _graph(net, example, manifest["model"])
-        graph_bytes = proto.ByteSize()
-        if graph_bytes > PROTOBUF_LIMIT:  # the weights fit, but the exporter's constants push the graph over
-            raise ClcliError(f"{manifest['model']}: its ONNX graph takes {graph_bytes / 2**30:.2f} GiB "
-                             f"({size / 2**30:.2f} GiB of weights and the constants the exporter adds), over the "
-                             f"2 GiB an ONNX file can hold")
+        graph_bytes = _graph_bytes(proto)
+        if graph_bytes is None or graph_bytes > PROTOBUF_LIMIT:  # the weights fit, the exporter's constants do not
+            taken = "is" if graph_bytes is None else f"takes {graph_bytes / 2**30:.2f} GiB,"
+            raise ClcliError(f"{manifest['model']}: its ONNX graph ({size / 2**30:.2f} GiB of weights and the "
+                             f"constants the exporter adds) {taken} over the 2 GiB an ONNX file can hold")
         batch = torch.randn(CHECK_BATCH, 3, height, width, generator=gen)
         with torch.no_grad():
             expected = net(batch).float().numpy()
@@ -101,6 +101,16 @@ def export_onnx(net, manifest: dict, target: str | Path) -> dict:
         _write_metadata(tmp, manifest, errors, seconds)
     return {"onnx_file": target.name, "onnx_max_abs_error": errors["max_abs_error"],
             "onnx_max_rel_error": errors["max_rel_error"], "onnx_seconds": round(seconds, 2)}
+
+
+def _graph_bytes(proto) -> int | None:
+    """The graph's serialised size; None where protobuf cannot even count it (over its 2 GiB limit)."""
+    from google.protobuf.message import EncodeError
+
+    try:
+        return proto.ByteSize()
+    except EncodeError:
+        return None
 
 
 def _deployed(net):
