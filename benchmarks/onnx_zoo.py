@@ -14,7 +14,6 @@ where it was raised) or `timeout`. One worker process per family, with a CPU-tim
 """
 from __future__ import annotations
 
-import argparse
 import json
 import signal
 import sys
@@ -143,17 +142,11 @@ def markdown(results: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="onnx_zoo.json")
+    parser = train_zoo.zoo_parser(__doc__, "onnx_zoo.json", workers=1, timeout_help="CPU seconds per family")
     parser.add_argument("--zoo", default=str(Path(__file__).resolve().parent.parent / "docs/results/train_zoo.json"),
                         help="train_zoo's results: its representatives and their own sizes are reused")
-    parser.add_argument("--markdown", action="store_true", help="print --out's results as markdown and stop")
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--families", default="", help="comma-separated timm.models modules (default: all)")
     parser.add_argument("--retry", action="store_true", help="redo the named families (or, without --families, "
                         "every family not ok)")
-    parser.add_argument("--timeout", type=int, default=300, help="CPU seconds per family")
-    parser.add_argument("--memory-gib", type=float, default=8.0, help="address-space cap per worker")
     args = parser.parse_args()
 
     out = Path(args.out)

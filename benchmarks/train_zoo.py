@@ -240,25 +240,32 @@ def chosen_families(names: str, parser: argparse.ArgumentParser) -> list[str]:
     return families
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="train_zoo.json")
-    parser.add_argument("--markdown", action="store_true", help="print --out's results as markdown tables and stop")
-    parser.add_argument("--workers", type=int, default=2)
+def zoo_parser(doc: str, out: str, *, workers: int, timeout_help: str) -> argparse.ArgumentParser:
+    """The options every zoo sweep takes (train_zoo, onnx_zoo): where results go, their markdown, the workers, the
+    families, the time limit and the memory cap."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--markdown", action="store_true", help="print --out's results as markdown and stop")
+    parser.add_argument("--workers", type=int, default=workers)
     parser.add_argument("--families", default="", help="comma-separated timm.models modules (default: all)")
+    parser.add_argument("--timeout", type=int, default=300, help=timeout_help)
+    parser.add_argument("--memory-gib", type=float, default=8.0, help="address-space cap per worker")
+    return parser
+
+
+def main() -> None:
+    parser = zoo_parser(__doc__, "train_zoo.json", workers=2, timeout_help="seconds per setting")
     parser.add_argument("--settings", default="abc")
     parser.add_argument("--retry", action="store_true", help="redo the named families even if recorded")
     parser.add_argument("--retry-failed", action="store_true", help="redo every setting that is not ok")
     parser.add_argument("--retry-status", default="", help="with --retry-failed: only settings of these statuses "
                         "(comma-separated, e.g. bug,timeout)")
-    parser.add_argument("--timeout", type=int, default=300, help="seconds per setting")
     parser.add_argument("--batch", type=int, default=BATCH, help="batch size (two steps: 2 x batch training images); "
                         "2 fits the largest models at their own size in memory")
     parser.add_argument("--grad-checkpointing", action="store_true", help="train with train.grad_checkpointing "
                         "(for the largest models at their own size)")
     parser.add_argument("--accumulate", type=int, default=1, help="train.accumulate: each step's batch in this many "
                         "micro-batches (less memory)")
-    parser.add_argument("--memory-gib", type=float, default=8.0, help="address-space cap per worker")
     args = parser.parse_args()
 
     out = Path(args.out)
