@@ -181,11 +181,10 @@ def _hookable(model, taps: list[Tap], in_chans: int, hw: tuple[int, int]) -> lis
     handles = [model.get_submodule(p).register_forward_hook(
         lambda m, i, out, p=p: seen[p].append(tuple(out.shape) if isinstance(out, torch.Tensor) else None))
         for p in paths]
-    device = next(iter(model.parameters()), torch.empty(0, device="meta")).device
     try:
         with torch.no_grad():
-            model(torch.zeros(1, in_chans, *hw, device=device) if device.type != "meta"
-                  else torch.empty(1, in_chans, *hw, device="meta"))
+            model(torch.empty(1, in_chans, *hw, device="meta") if _on_meta(model)
+                  else torch.zeros(1, in_chans, *hw, device=next(model.parameters()).device))
     except Exception:  # noqa: BLE001 - a model that only the tracer can run: its hooks cannot be checked either
         seen = {p: [] for p in paths}
     finally:
