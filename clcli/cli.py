@@ -308,7 +308,8 @@ def export(
         if plain:
             row.append(f"{e['plain_test_acc']:.2f}" if e.get("plain_test_acc") is not None else "-")
         if onnx:
-            row += [e["onnx_file"], f"{e['onnx_max_abs_error']:.1e} / {e['onnx_max_rel_error']:.1e}",
+            onnx_files = e["onnx_file"] + (f" + {e['onnx_data_file']}" if e.get("onnx_data_file") else "")
+            row += [onnx_files, f"{e['onnx_max_abs_error']:.1e} / {e['onnx_max_rel_error']:.1e}",
                     f"{e['onnx_seconds']:.1f}"]
         table.add_row(*row)
     console.print(table)

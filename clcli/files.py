@@ -2,14 +2,15 @@
 
 Reading: `read_text`, `read_json`, `read_yaml` turn every way a read can fail (missing, a folder, no permission,
 not UTF-8, not JSON/YAML, the wrong top-level type) into one-line `ClcliError`s that say what the file was for.
-Writing: `atomic_path` (a reader never sees half a file, a crash never destroys the previous version; the file gets
-the mode the umask gives new files) and `check_output_file` / `check_output_dir`, called before any work so that a
+Writing: `atomic_path` and, for files that go together, `atomic_files` (a reader never sees half a file, a crash
+never destroys the previous version; a file gets the mode the umask gives new files) and `check_output_file` / `check_output_dir`, called before any work so that a
 bad output path fails at once.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -159,37 +160,45 @@ def _os_error(error: BaseException | None) -> OSError | None:
 
 @contextmanager
 def atomic_path(path: str | os.PathLike, needed: int | None = None) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success fsync it and rename it over `path`. The file ends with the
-    mode a new file gets (0666 less the umask), not mkstemp's private 0600. A write that fails (a full disk: about
+    """Yield a temporary path for `path`; on success fsync it and rename it over `path`. The file ends with the
+    mode a new file gets (0666 less the umask). A write that fails (a full disk: about
     `needed` bytes) is a one-line error, and `path` keeps what it held."""
     path = Path(path)
+    with atomic_files(path.parent, [path.name], needed) as folder:
+        yield folder / path.name
+
+
+@contextmanager
+def atomic_files(folder: str | os.PathLike, names: list[str], needed: int | None = None) -> Iterator[Path]:
+    """Yield a temporary folder beside the files `names` of `folder`, in which the caller writes each of them (they
+    exist, empty, to begin with); on success each is fsynced and renamed into `folder` in the order given. Name the
+    file that refers to the others last (an ONNX graph after its external data): a reader that finds it finds the
+    rest. A write that fails is a one-line error and `folder` keeps what it held."""
+    folder = Path(folder)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{names[-1]}.", suffix=".tmp", dir=folder))
+        for name in names:
+            (tmp / name).touch()
     except OSError as e:
-        raise write_error(path, e, needed) from None
-    os.close(fd)
-    tmp = Path(tmp)
+        raise write_error(folder / names[-1], e, needed) from None
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        for name in names:
+            with open(tmp / name, "rb+") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp / name, 0o666 & ~_umask())
+        for name in names:
+            os.replace(tmp / name, folder / name)
+        _fsync_dir(folder)
     except Exception as e:  # noqa: BLE001 - a writer may wrap the OSError (torch.save: a RuntimeError after it)
         cause = _os_error(e)
         if cause is None:
             raise
-        _remove(tmp)  # first: the free space the error quotes is what the user has
-        raise write_error(path, cause, needed) from None
+        shutil.rmtree(tmp, ignore_errors=True)  # first: the free space the error quotes is what the user has
+        raise write_error(folder / names[-1], cause, needed) from None
     finally:
-        _remove(tmp)
-
-
-def _remove(path: Path) -> None:
-    if path.exists() or path.is_symlink():
-        path.unlink()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _fsync_dir(directory: Path) -> None:

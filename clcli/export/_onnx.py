@@ -7,6 +7,10 @@ exporter is deprecated since torch 2.9, and torch.export sees through the MKB ho
 alike. Opset 18, the exporter's own. The batch axis is dynamic; the input size is fixed (what the network was
 trained at and what its position tables and MKB shapes are made for).
 
+A graph over protobuf's 2 GiB (a large network's weights and the constants the exporter adds) is written with ONNX's
+external data: the graph in `<name>.onnx`, its weights in `<name>.onnx.data` beside it, the two renamed into place
+together (the data first).
+
 Before the file appears, ONNX's checker runs on it and ONNX Runtime's outputs on a fixed batch are compared with
 PyTorch's: a difference over the tolerance is an error and nothing is written.
 
@@ -36,7 +40,7 @@ INPUT_NAME, OUTPUT_NAME = "image", "logits"
 ATOL, RTOL = 1e-5, 1e-4
 CHECK_BATCH, EXAMPLE_BATCH = 4, 2  # the check runs another batch size than the traced one: the axis is really free
 PROTOBUF_LIMIT = 2**31 - 1  # bytes: the most one serialised protobuf message (an ONNX file without external data) holds
-MAX_BYTES = 2 * 2**30 - 2**20  # weights over this cannot fit, whatever the graph: refused before exporting
+EXTERNAL_THRESHOLD = 1024  # bytes: with external data, every tensor from this size on goes to the .onnx.data file
 PIP = "pip install 'clcli[onnx]'"
 
 
@@ -75,32 +79,40 @@ def export_onnx(net, manifest: dict, target: str | Path) -> dict:
     net.eval()
     try:
         height, width = manifest["input_size"]
-        size = sum(t.numel() * t.element_size() for t in net.state_dict().values())
-        if size > MAX_BYTES:
-            raise ClcliError(f"{manifest['model']}: {size / 2**30:.1f} GiB of weights exceed the 2 GiB an ONNX file "
-                             f"can hold")
         gen = torch.Generator().manual_seed(0)
         example = torch.randn(EXAMPLE_BATCH, 3, height, width, generator=gen)
         proto = _graph(net, example, manifest["model"])
         graph_bytes = _graph_bytes(proto)
-        if graph_bytes is None or graph_bytes > PROTOBUF_LIMIT:  # the weights fit, the exporter's constants do not
-            taken = "is" if graph_bytes is None else f"takes {graph_bytes / 2**30:.2f} GiB,"
-            raise ClcliError(f"{manifest['model']}: its ONNX graph ({size / 2**30:.2f} GiB of weights and the "
-                             f"constants the exporter adds) {taken} over the 2 GiB an ONNX file can hold")
         batch = torch.randn(CHECK_BATCH, 3, height, width, generator=gen)
         with torch.no_grad():
             expected = net(batch).float().numpy()
     finally:
         net.train(was_training)
-    with files.atomic_path(target) as tmp:
+    # One file where the graph fits in one protobuf message; over that, ONNX's external data: the weights in
+    # `<name>.onnx.data` beside it, which ONNX Runtime and onnx.load find by the path the graph records.
+    data_file = f"{target.name}.data" if graph_bytes is None or graph_bytes > PROTOBUF_LIMIT else None
+    names = [target.name] if data_file is None else [data_file, target.name]
+    with files.atomic_files(target.parent, names) as tmp:
         import onnx
 
-        onnx.save_model(proto, str(tmp))
-        errors = _check(tmp, batch.numpy(), expected, manifest["model"])
+        graph_path = tmp / target.name
+        if data_file is None:
+            onnx.save_model(proto, str(graph_path))
+        else:
+            onnx.save_model(proto, str(graph_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_file, size_threshold=EXTERNAL_THRESHOLD, convert_attribute=True)
+        del proto  # the weights are on disk now; the check loads them again
+        errors = _check(graph_path, batch.numpy(), expected, manifest["model"])
         seconds = time.perf_counter() - start
-        _write_metadata(tmp, manifest, errors, seconds)
-    return {"onnx_file": target.name, "onnx_max_abs_error": errors["max_abs_error"],
-            "onnx_max_rel_error": errors["max_rel_error"], "onnx_seconds": round(seconds, 2)}
+        _write_metadata(graph_path, manifest, errors, seconds, data_file)
+    stale = target.parent / f"{target.name}.data"
+    if data_file is None and stale.is_file():  # an earlier export's weights (replaced with --force), now orphaned
+        stale.unlink()
+    result = {"onnx_file": target.name, "onnx_max_abs_error": errors["max_abs_error"],
+              "onnx_max_rel_error": errors["max_rel_error"], "onnx_seconds": round(seconds, 2)}
+    if data_file is not None:
+        result["onnx_data_file"] = data_file
+    return result
 
 
 def _graph_bytes(proto) -> int | None:
@@ -221,14 +233,15 @@ def compare(got, expected) -> dict:
             "within_tolerance": bool(max_abs <= ATOL + RTOL * scale)}
 
 
-def _write_metadata(path: Path, manifest: dict, errors: dict, seconds: float) -> None:
+def _write_metadata(path: Path, manifest: dict, errors: dict, seconds: float, data_file: str | None) -> None:
     import onnx
     import torch
 
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)  # the graph only: external weights stay where they are
     described = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION,
                      onnx={"exporter": "torch.onnx.export(dynamo=True)", "opset": OPSET, "torch": torch.__version__,
                            "onnx": onnx.__version__, "input": INPUT_NAME, "output": OUTPUT_NAME,
+                           "external_data": data_file,
                            "check": {"batch": CHECK_BATCH, "max_abs_error": errors["max_abs_error"],
                                      "max_rel_error": errors["max_rel_error"], "atol": ATOL, "rtol": RTOL},
                            "seconds": round(seconds, 2)})
@@ -276,6 +289,10 @@ def load_onnx(path: str | Path, *, device: str = "cpu"):
     with device cuda, ONNX Runtime's CUDA provider where installed), with `clcli_manifest` like `clcli.load`'s."""
     require("onnxruntime")
     manifest = read_onnx_manifest(path)
+    data_file = (manifest.get("onnx") or {}).get("external_data")
+    if data_file and not (Path(path).parent / data_file).is_file():
+        raise ClcliError(f"{path} keeps its weights in {data_file} beside it, which is missing; copy the two files "
+                         f"together")
     return _runtime_module(path, manifest, device)
 
 
