@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows[: args.top]:
         print(f"{r['op'][:40]:40s} {r['il_ms']:9.2f} {r['cl_ms']:9.2f} {r['diff_ms']:8.2f} {r['il_calls']:8.0f} "
               f"{r['cl_calls']:8.0f}")
-    print(f"total: " + ", ".join(f"{k} {v:.1f} ms" for k, v in totals.items())
+    print("total: " + ", ".join(f"{k} {v:.1f} ms" for k, v in totals.items())
           + f"; CL / (IL sum) {result['ratio_ms']:.3f}")
     print("aten calls per step: " + ", ".join(f"{k} {v:.0f}" for k, v in calls.items()))
     return result

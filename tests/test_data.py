@@ -3,7 +3,6 @@
 Tiny synthetic datasets are written to tmp_path; expected pixels are computed by hand or with plain PIL/numpy.
 Everything runs offline and writes only under tmp_path.
 """
-import os
 from pathlib import Path
 
 import datasets

@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import clcli
-from clcli import export, probe
+from clcli import export
 from clcli.cli import app
 from clcli.errors import ClcliError
 from clcli.run import Run

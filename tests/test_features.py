@@ -15,7 +15,7 @@ def test_records_a_module_output_an_input_and_a_graph_node_of_the_last_forward()
     recorder = FeatureRecorder()
     recorder.output_of("layer1", net.layer1)
     recorder.input_of("pooled", net.get_classifier())
-    plain = net(torch.randn(2, 3, 32, 32))
+    net(torch.randn(2, 3, 32, 32))
     assert torch.equal(recorder["layer1"], seen["layer1"]) and torch.equal(recorder["pooled"], seen["fc_in"])
 
     # the residual add of the last block before its activation: no module outputs it, so it is spliced (fx)

@@ -1,7 +1,6 @@
 """The code paths that training takes on a GPU, checked on the CPU where they can run there: the CL step under bf16
 autocast, channels_last training, train.compile, and the memory option train.grad_checkpointing. tests/test_cuda.py
 runs the first three on CUDA itself."""
-import functools
 import json
 import warnings
 from types import SimpleNamespace

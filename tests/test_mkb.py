@@ -28,8 +28,6 @@ def test_mkb_halves_keep_every_tap_shape_and_give_the_planned_embedding(names, s
     shapes = {}
     for i, net in enumerate(cohort.networks):
         tap = site.taps[i]
-        net.get_submodule(tap.module).register_forward_pre_hook(lambda *a: None)
-        half = net.mkb["site0"]
         handle = net.get_submodule(tap.module).register_forward_hook(
             lambda m, inp, out, i=i: shapes.__setitem__(i, tuple(out.shape)), prepend=True)
         logits = net(x)

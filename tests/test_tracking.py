@@ -264,7 +264,7 @@ def test_a_missing_extra_is_one_line_exit_2_before_any_folder(tmp_path, name, pa
 
 
 def test_an_unknown_tracker_is_refused_by_the_recipe():
-    with pytest.raises(Exception, match="choose from tensorboard, wandb, mlflow"):
+    with pytest.raises(Exception, match=r"'train.log.0' must be one of tensorboard, wandb, mlflow, got 'tensorbored'"):
         recipes.resolve("quickstart", log="tensorbored")
 
 

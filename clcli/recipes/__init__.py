@@ -25,6 +25,11 @@ def _one_of(default: str, choices):
     return field(default=default, metadata={"choices": choices})
 
 
+def _each_one_of(choices):
+    """A list field (empty by default) each of whose items must be one of `choices` (as for `_one_of`)."""
+    return field(default_factory=list, metadata={"choices": choices})
+
+
 def _within(default, low, high):
     """A numeric field whose value must lie in [low, high]."""
     return field(default=default, metadata={"range": (low, high)})
@@ -109,6 +114,12 @@ class CLConfig:
     temperature: float = _within(3.0, 0.05, 100.0)  # T of the soft-target term
 
 
+def _tracker_names() -> tuple[str, ...]:
+    from clcli import tracking
+
+    return tuple(tracking.TRACKERS)
+
+
 def _optimizer_names() -> tuple[str, ...]:
     from timm.optim import list_optimizers
 
@@ -165,7 +176,7 @@ class TrainConfig:
     placement: str = _one_of("replicated", ("replicated", "per-network"))
     log_every: int = _within(20, 1, 1 << 20)
     # Experiment trackers that receive every metrics.jsonl record: tensorboard, wandb, mlflow (clcli.tracking)
-    log: list[str] = field(default_factory=list)
+    log: list[str] = _each_one_of(_tracker_names)
     log_project: str | None = None      # W&B project / MLflow experiment (None: WANDB_PROJECT, MLFLOW_EXPERIMENT_NAME)
     log_entity: str | None = None       # W&B entity (None: WANDB_ENTITY)
     log_group: str | None = None        # W&B group / MLflow parent run (`clcli compare` sets it)
@@ -279,7 +290,7 @@ def _check_value(key: str, tp, value: Any, where: str, meta=None) -> Any:
     if origin is list:
         if not isinstance(value, list):
             raise ClcliError(f"{where}: '{key}' must be a list, got {type(value).__name__}")
-        return [_check_value(f"{key}.{i}", args[0], v, where) for i, v in enumerate(value)]
+        return [_check_value(f"{key}.{i}", args[0], v, where, meta) for i, v in enumerate(value)]  # each item
     if origin is dict:
         if not isinstance(value, dict):
             raise ClcliError(f"{where}: '{key}' must be a mapping, got {type(value).__name__}")
@@ -415,11 +426,6 @@ def _check_train(recipe: Recipe, where: str) -> None:
         if cfg.batch_size % 2:
             raise ClcliError(f"{where}: train.mixup/cutmix mix each batch with its mirror and need an even "
                              f"train.batch_size, got {cfg.batch_size}")
-    from clcli import tracking
-
-    unknown = [name for name in cfg.log if name not in tracking.TRACKERS]
-    if unknown:
-        raise ClcliError(f"{where}: 'train.log' names '{unknown[0]}'; choose from {', '.join(tracking.TRACKERS)}")
     if cfg.patience is not None and not cfg.keep_best:
         raise ClcliError(f"{where}: train.patience (early stopping) watches the validation split that "
                          "train.keep_best holds out; set train.keep_best=true")
