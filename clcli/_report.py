@@ -35,12 +35,12 @@ def print_plan(console, plan) -> None:
     for note in plan.notes:
         console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
     # One row per network and site, so that a narrow terminal never has to wrap a number.
-    table = Table(title="MKB sites, best first (* = planned); each network's MKB half: params, % of the network, "
-                        "MACs per image", title_justify="left")
-    for col in ("", "size", "network", "tap", "code", "emb", "params", "%", "MACs"):
+    table = Table(title="MKB sites, best first (* = planned; --site N or cl.sites plans site N); each network's MKB "
+                        "half: params, % of the network, MACs per image", title_justify="left")
+    for col in ("#", "size", "network", "tap", "code", "emb", "params", "%", "MACs"):
         table.add_column(col, overflow="fold", no_wrap=col in ("size", "code", "params", "MACs"))
-    for s in plan.candidates:
-        mark = "*" if any(s.taps is c.taps for c in plan.sites) else ""
+    for number, s in enumerate(plan.candidates, 1):
+        mark = f"{number}{'*' if any(s.taps is c.taps for c in plan.sites) else ''}"
         spec = s.mkb
         budget = "" if spec.within_budget else " [red]over budget[/]"
         for i, (name, tap, half) in enumerate(zip(plan.names, s.taps, spec.halves)):

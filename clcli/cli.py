@@ -85,6 +85,8 @@ def probe(
     input_size: int = typer.Option(32, "--input-size", help="square input size in pixels"),
     stem: str = typer.Option("imagenet", help="imagenet (as built) or small (stride-1 stem, no stem pooling)"),
     mkbs: int = typer.Option(1, "--mkbs", help="number of MKB sites to plan, on different stages"),
+    site: Optional[List[int]] = typer.Option(None, "--site", help="plan the listed site of this number instead of "
+                                             "the best (repeat for several MKBs); the table numbers them"),
     num_classes: int = typer.Option(10, "--num-classes"),
     as_json: bool = typer.Option(False, "--json", help="print the versioned plan as JSON"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="also draw the plan as a PNG: tap points of each "
@@ -97,7 +99,7 @@ def probe(
         from clcli import files
 
         files.check_output_file(plot, "plot", force=True)  # before tracing: a bad path fails at once
-    result = probe_lib.plan(models, input_size, stem=stem, mkbs=mkbs, num_classes=num_classes)
+    result = probe_lib.plan(models, input_size, stem=stem, mkbs=mkbs, num_classes=num_classes, sites=site)
     if plot is not None:
         from clcli.plots import probe_png
 

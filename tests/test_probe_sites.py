@@ -131,6 +131,50 @@ def test_two_mkbs_never_share_a_tap():
         assert p.sites[0].taps[i].node != p.sites[1].taps[i].node
 
 
+def test_a_site_chosen_by_its_number_is_planned_and_trained(tmp_path):
+    """`clcli probe --site N` and the recipe's cl.sites plan the listed site N instead of the best: the table numbers
+    the sites and marks the planned one; the run trains exactly that site."""
+    from typer.testing import CliRunner
+
+    from clcli import train as train_lib
+    from clcli.cli import app
+    from _helpers import tiny_recipe
+
+    best = probe.plan(["test_resnet", "test_efficientnet"], 32, stem="small")
+    assert len(best.candidates) >= 3 and best.sites[0] is best.candidates[0]
+    third = probe.plan(["test_resnet", "test_efficientnet"], 32, stem="small", sites=[3])
+    assert [s.to_dict() for s in third.candidates] == [s.to_dict() for s in best.candidates]  # numbers stay put
+    assert third.sites == [third.candidates[2]] and third.sites[0].to_dict() != best.sites[0].to_dict()
+    result = CliRunner().invoke(app, ["probe", "test_resnet", "test_efficientnet", "--stem", "small", "--site", "3"])
+    assert result.exit_code == 0, result.output
+    marks = [line.split("│")[1].strip() for line in result.stdout.splitlines()
+             if line.startswith("│") and line.split("│")[1].strip()]
+    assert marks[-len(best.candidates):] == [f"{n}{'*' if n == 3 else ''}" for n in
+                                              range(1, len(best.candidates) + 1)]
+
+    recipe = tiny_recipe(epochs=1)
+    recipe.data.train_limit, recipe.data.test_limit = 64, 32
+    recipe.stem, recipe.cl.sites = "small", [3]
+    train_lib.train(recipe, tmp_path / "run", show_progress=False)
+    written = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert written["sites"] == [third.sites[0].to_dict()]
+
+
+@pytest.mark.parametrize("sites, message", [([99], r"site 99 is not listed: the probe lists sites 1 to \d+"),
+                                            ([1, 1], "sites 1 and 1 share test_resnet's tap")])
+def test_a_site_number_not_listed_or_sharing_a_tap_is_one_line(sites, message):
+    with pytest.raises(ClcliError, match=message) as error:
+        probe.plan(["test_resnet", "test_efficientnet"], 32, stem="small", sites=sites)
+    assert "\n" not in str(error.value)
+
+
+def test_a_recipe_site_number_below_1_is_refused():
+    from clcli import recipes
+
+    with pytest.raises(ClcliError, match=r"'cl.sites.0' must be between 1 and 1000, got 0"):
+        recipes.resolve("quickstart", overrides=["cl.sites=[0]"])
+
+
 def test_a_version_1_plan_still_loads_and_trains(tmp_path):
     from clcli import train as train_lib
     from _helpers import tiny_recipe

@@ -297,8 +297,11 @@ def plan(
     in_chans: int = 3,
     embedding: int = EMBEDDING,
     budget: float = 0.10,
+    sites: list[int] | None = None,
 ) -> Plan:
-    """Probe every model and choose `mkbs` MKB sites common to all of them."""
+    """Probe every model and choose `mkbs` MKB sites common to all of them, the best ones; or, with `sites`, the
+    listed sites of those numbers (1 = the first of `Plan.candidates`, the probe table's numbers with the same
+    arguments), as many as given."""
     from clcli.models import check_model_name
 
     from ._pairing import candidate_sites, nearest_sizes, shown, spread
@@ -323,12 +326,29 @@ def plan(
     if len(chosen_raw) < mkbs:
         raise ClcliError(f"asked for {mkbs} MKBs but only {len(chosen_raw)} sites share no tap")
     params = [p.params for p in probes]
-    sites = {id(s): Site(tuple(s["size"]), s["taps"], s["score"], s["resized"],
+    by_id = {id(s): Site(tuple(s["size"]), s["taps"], s["score"], s["resized"],
                          size_mkb([(t.channels, t.height, t.width) for t in s["taps"]], params,
                                   embedding=embedding, budget=budget), s["pairing"])
              for s in shown(raw, chosen_raw)}
-    chosen = [sites[id(s)] for s in chosen_raw]
-    return Plan(probes, hw, stem, chosen, list(sites.values()), any(s.resized for s in chosen))
+    listed = list(by_id.values())
+    chosen = [by_id[id(s)] for s in chosen_raw] if not sites else _numbered(listed, sites, names)
+    return Plan(probes, hw, stem, chosen, listed, any(s.resized for s in chosen))
+
+
+def _numbered(listed: list[Site], numbers: list[int], names: list[str]) -> list[Site]:
+    """The listed sites of these 1-based numbers; two sites may not share a tap (one MKB per feature map)."""
+    bad = [n for n in numbers if not 1 <= n <= len(listed)]
+    if bad:
+        raise ClcliError(f"site {bad[0]} is not listed: the probe lists sites 1 to {len(listed)} for these models "
+                         f"(`clcli probe {' '.join(names)}` with the same input size and stem shows them)")
+    for i, a in enumerate(numbers):
+        for b in numbers[i + 1:]:
+            shared = [(name, t.module or t.node) for name, t, u in zip(names, listed[a - 1].taps, listed[b - 1].taps)
+                      if t.node == u.node]
+            if shared:
+                raise ClcliError(f"sites {a} and {b} share {shared[0][0]}'s tap {shared[0][1]}; choose sites on "
+                                 f"different feature maps")
+    return [listed[n - 1] for n in numbers]
 
 
 __all__ = ["Plan", "Site", "ModelProbe", "Tap", "analyse", "plan", "PLAN_VERSION", "has_site"]

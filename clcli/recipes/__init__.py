@@ -97,6 +97,8 @@ class CLConfig:
     manner: str = _one_of("simultaneous", ("simultaneous", "iterative"))
     multi: str = _one_of("pairwise", ("pairwise", "mean"))  # Eq 5 (pairwise) or Eq 6 (mean of the others)
     mkbs: int = _within(1, 1, 16)
+    # the probe's listed sites of these numbers (`clcli probe` numbers them) instead of the best cl.mkbs
+    sites: list[int] = field(default_factory=list, metadata={"range": (1, 1000)})
     embedding: int = _within(1024, 8, 1 << 20)
     budget: float = _within(0.10, 0.0, 10.0)
     w2_grid: int = _within(8, 1, 64)

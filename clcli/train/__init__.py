@@ -78,10 +78,11 @@ def read_plan(recipe, plan_path: str) -> tuple[object, list[str]]:
     changed = []
     for key, planned, current in (("models", plan.names, list(recipe.models)), ("input_size", height,
                                   recipe.input_size), ("stem", plan.stem, recipe.stem),
-                                  ("cl.mkbs", len(plan.sites), recipe.cl.mkbs)):
+                                  ("cl.mkbs", len(plan.sites), recipe.cl.mkbs), ("cl.sites", [], recipe.cl.sites)):
         if planned != current:
             changed.append(f"{key} {current} -> {planned}")
     recipe.models, recipe.input_size, recipe.stem, recipe.cl.mkbs = plan.names, height, plan.stem, len(plan.sites)
+    recipe.cl.sites = []  # the plan's sites are built as they are
     notes = [f"the plan {plan_path} decides: " + "; ".join(changed)] if changed else []
     return plan, notes
 
@@ -90,7 +91,8 @@ def _plan_for(recipe, num_classes: int):
     from clcli import probe
 
     return probe.plan(list(recipe.models), recipe.input_size, stem=recipe.stem, mkbs=recipe.cl.mkbs,
-                      num_classes=num_classes, embedding=recipe.cl.embedding, budget=recipe.cl.budget)
+                      num_classes=num_classes, embedding=recipe.cl.embedding, budget=recipe.cl.budget,
+                      sites=recipe.cl.sites)
 
 
 def _versions() -> dict:
