@@ -9,7 +9,10 @@
 # a last compare over the three seeds writes table.md, results.csv and curves.png, then scripts/train_accuracy.py
 # measures every run on its un-augmented training images (OUT/train_accuracy.json) and scripts/overfit_report.py
 # prints the section's tables. Re-running resumes.
-# Usage: scripts/cifar10_overfit.sh DATA OUT RECIPE WEAK [METHODS=il,cl]   e.g.
+# SITES picks CL's MKB site by the probe table's number (`clcli probe resnet10t WEAK`): section 5 ran at commit
+# 394b0c6, whose probe planned layer2 / s2 (4x4), listed as site 2 since issue 28; the default now is site 1,
+# layer3 / s3 (2x2), measured separately (section 5, "the site").
+# Usage: scripts/cifar10_overfit.sh DATA OUT RECIPE WEAK [METHODS=il,cl] [SITES=2]   e.g.
 #   scripts/cifar10_overfit.sh ../shared/data/cifar10 reports/overfit paper mobilenetv2_050
 #   METHODS=dml scripts/cifar10_overfit.sh ../shared/data/cifar10 reports/overfit paper mobilenetv2_050
 set -euo pipefail
@@ -17,6 +20,7 @@ DATA=$1 OUT=$2 RECIPE=$3 WEAK=$4
 METHODS=${METHODS:-il,cl}
 EPOCHS=${EPOCHS:-40}
 SEEDS=${SEEDS:-3}
+SITES=${SITES:-}
 COMMON=(--recipe quickstart --no-progress --data "$DATA" --epochs "$EPOCHS" --methods "$METHODS"
         --set "models=[resnet10t, $WEAK]" --set data.train_limit=10000 --set train.batch_size=128
         --set train.lr=0.1 --set train.threads=1)
@@ -26,6 +30,7 @@ COMMON=(--recipe quickstart --no-progress --data "$DATA" --epochs "$EPOCHS" --me
 CURRENT_SETTINGS=(--set train.warmup_epochs=2 --set train.label_smoothing=0.1 --set train.mixup=0.2
                   --set train.cutmix=1.0 --set train.mixup_prob=0.5 --set data.auto_augment=rand-m9-n2-mstd0.5
                   --set data.re_prob=0.25 --set train.ema_decay=0.999)
+if [[ -n $SITES ]]; then COMMON+=(--set "cl.sites=[$SITES]"); fi
 case $RECIPE in
   paper) ;;
   current) COMMON+=("${CURRENT_SETTINGS[@]}") ;;
