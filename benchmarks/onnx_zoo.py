@@ -9,7 +9,7 @@ ONNX Runtime against PyTorch on a fixed batch. No training: the export sees the 
     python benchmarks/onnx_zoo.py --out docs/results/onnx_zoo.json --markdown        # the tables of docs/results.md
 
 Per family: `ok` (exported, checker passed, ONNX Runtime within tolerance, with the errors and seconds), `refused`
-(a one-line ClcliError, sorted by kind: export, checker, runtime, mismatch, size), `bug` (any other exception, with
+(a one-line ClcliError, sorted by kind: export, checker, runtime, mismatch), `bug` (any other exception, with
 where it was raised) or `timeout`. One worker process per family, with a CPU-time limit and a memory cap.
 """
 from __future__ import annotations
@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_zoo  # noqa: E402 - the family list, the representatives, the partner and the worker helpers
 
 KINDS = {  # the words of each one-line refusal of export_onnx, in the order they are tried
-    "size": "can hold",
     "checker": "fails onnx.checker",
     "runtime": "ONNX Runtime cannot run",
     "mismatch": "outputs differ",
@@ -59,7 +58,8 @@ def export_family(model: str, size: int, work: Path) -> dict:
         result = export_onnx(net, manifest, work / f"{model}.onnx")
     result.update(onnx_cpu_seconds=round(time.process_time() - cpu_start, 1), layout=site.layout,
                   site="hooked" if site.module else "spliced",
-                  onnx_mib=round((work / f"{model}.onnx").stat().st_size / 2**20, 1))
+                  onnx_mib=round(sum((work / name).stat().st_size for name in (result["onnx_file"],
+                                     result.get("onnx_data_file")) if name) / 2**20, 1))  # with external data
     return result
 
 

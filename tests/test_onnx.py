@@ -219,11 +219,11 @@ def test_export_onnx_without_the_extra_is_one_line_with_the_pip_command(exported
 
 @pytest.mark.parametrize("over", ["counted", "uncountable"])
 def test_a_graph_over_protobufs_2_gib_is_written_with_external_data(over, tmp_path, monkeypatch):
-    """deepseek_vit_412m's graph (1.53 GiB of weights and the exporter's constants) cannot be one protobuf message
-    (EncodeError in the zoo sweep): such a graph is written with ONNX's external data, `<name>.onnx` plus
-    `<name>.onnx.data`, checked like any other, and loads and runs with the same outputs. Both where protobuf counts
-    the graph's size and where counting it fails (as for deepseek_vit). A later export that fits in one file
-    removes the stale .data file it replaces."""
+    """A graph over 2 GiB (timm's largest networks, over 536 M float32 parameters) cannot be one protobuf message:
+    it is written with ONNX's external data, `<name>.onnx` plus `<name>.onnx.data`, checked like any other, and loads
+    and runs with the same outputs. Both where protobuf counts the graph's size and where counting it fails
+    (EncodeError: over 2 GiB, or short of memory, as deepseek_vit_412m under the zoo sweep's 8 GiB cap). A later
+    export that fits in one file removes the stale .data file it replaces."""
     import onnx
 
     net, _, _ = _network(["test_resnet", "test_efficientnet"], 32, "small")

@@ -116,7 +116,8 @@ def export_onnx(net, manifest: dict, target: str | Path) -> dict:
 
 
 def _graph_bytes(proto) -> int | None:
-    """The graph's serialised size; None where protobuf cannot even count it (over its 2 GiB limit)."""
+    """The graph's serialised size; None where protobuf cannot even count it (over its 2 GiB limit, or short of memory:
+    upb raises the same EncodeError), where external data, a smaller message, is the way to write it."""
     from google.protobuf.message import EncodeError
 
     try:
