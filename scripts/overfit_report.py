@@ -2,7 +2,7 @@
 
     python scripts/overfit_report.py reports/overfit          # reads OUT/RECIPE/results.csv, OUT/train_accuracy.json
 
-For every recipe folder under OUT (paper, current): test accuracy mean ± std over seeds per method and network, each
+For every `clcli compare` folder under OUT (paper, current, ...): test accuracy mean ± std over seeds per method and network, each
 seed's difference to IL of the same seed (and their mean ± std), and training accuracy on the un-augmented training
 images beside test accuracy (the train/test gap). Only what the runs recorded; a method or seed missing is left out
 and its count shown.
@@ -17,11 +17,11 @@ from collections import defaultdict
 from pathlib import Path
 
 
-def mean_std(values: list[float]) -> str:
+def mean_std(values: list[float], sign: str = "") -> str:
     if not values:
         return "—"
     std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2f} ± {std:.2f}"
+    return f"{statistics.mean(values):{sign}.2f} ± {std:.2f}"
 
 
 def signed(values: list[float]) -> str:
@@ -44,9 +44,12 @@ def recipe_tables(folder: Path, accuracy: dict) -> list[str]:
         cells = [mean_std(list(test[m, n].values())) for n in networks]
         for n in networks:
             diffs = [test[m, n][s] - test["il", n][s] for s in seeds if s in test["il", n]]
-            cells.append("—" if m == "il" or not diffs else f"{signed(diffs)} ({mean_std(diffs)})")
+            cells.append("—" if m == "il" or not diffs else f"{signed(diffs)} ({mean_std(diffs, '+')})")
         out.append(f"| {m.upper()} | {', '.join(map(str, seeds))} | " + " | ".join(cells) + " |")
-    runs = {k: v for k, v in accuracy.items() if Path(k).parts[-4:-3] == (folder.name,)}
+    # this folder's runs, also where runs/METHOD/seedN links to a run of another folder (one IL for several grids)
+    measured = {str(Path(k).resolve()): v for k, v in accuracy.items()}
+    runs = {key: measured[key] for key in {str((folder / "runs" / r["method"] / f"seed{r['seed']}").resolve())
+                                           for r in rows} if key in measured}
     if runs:
         out += ["", "Un-augmented training images against test images, last epoch's weights (EMA's where kept), "
                 "mean over the seeds:", "",
