@@ -4,6 +4,7 @@ in .whl/ are installed when scripts/device_prepare.sh has been run, else the ins
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 
@@ -12,7 +13,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_dry_device_run_runs_every_phase_and_writes_its_files(tmp_path):
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    # the script's python3 is this interpreter (a venv's, whether activated or not), as python3 is on the device
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path, "OUT": str(out), "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(["bash", str(REPO / "scripts" / "device_run.sh"), "--dry"], capture_output=True, text=True,
                           env=env, timeout=1800)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
