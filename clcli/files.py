@@ -3,8 +3,8 @@
 Reading: `read_text`, `read_json`, `read_yaml` turn every way a read can fail (missing, a folder, no permission,
 not UTF-8, not JSON/YAML, the wrong top-level type) into one-line `ClcliError`s that say what the file was for.
 Writing: `atomic_path` and, for files that go together, `atomic_files` (a reader never sees half a file, a crash
-never destroys the previous version; a file gets the mode the umask gives new files) and `check_output_file` / `check_output_dir`, called before any work so that a
-bad output path fails at once.
+never destroys the previous version; a file gets the mode the umask gives new files) and `check_output_file` /
+`check_output_dir`, called before any work so that a bad output path fails at once.
 """
 from __future__ import annotations
 

@@ -82,7 +82,7 @@ def _targets(names: list[str], out_dir: Path, plain: bool, hub_folder: bool, onn
     if plain:
         paths += [out_dir / f"{n}.timm.safetensors" for n in names]
     if onnx:  # with the weights file a graph over 2 GiB keeps beside it (an earlier export's, too)
-        paths += [out_dir / f"{n}.onnx{data}" for n in names for data in ("", ".data")]
+        paths += [path for n in names for path in (out_dir / f"{n}.onnx", _onnx.data_path(out_dir / f"{n}.onnx"))]
     if hub_folder:
         paths += [out_dir / f"{n}-hub" for n in names]
     return paths

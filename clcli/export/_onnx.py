@@ -90,7 +90,8 @@ def export_onnx(net, manifest: dict, target: str | Path) -> dict:
         net.train(was_training)
     # One file where the graph fits in one protobuf message; over that, ONNX's external data: the weights in
     # `<name>.onnx.data` beside it, which ONNX Runtime and onnx.load find by the path the graph records.
-    data_file = f"{target.name}.data" if graph_bytes is None or graph_bytes > PROTOBUF_LIMIT else None
+    external = graph_bytes is None or graph_bytes > PROTOBUF_LIMIT
+    data_file = data_path(target).name if external else None
     names = [target.name] if data_file is None else [data_file, target.name]
     with files.atomic_files(target.parent, names) as tmp:
         import onnx
@@ -105,14 +106,19 @@ def export_onnx(net, manifest: dict, target: str | Path) -> dict:
         errors = _check(graph_path, batch.numpy(), expected, manifest["model"])
         seconds = time.perf_counter() - start
         _write_metadata(graph_path, manifest, errors, seconds, data_file)
-    stale = target.parent / f"{target.name}.data"
-    if data_file is None and stale.is_file():  # an earlier export's weights (replaced with --force), now orphaned
-        stale.unlink()
+    if not external and data_path(target).is_file():  # an earlier export's weights (replaced with --force), orphaned
+        data_path(target).unlink()
     result = {"onnx_file": target.name, "onnx_max_abs_error": errors["max_abs_error"],
               "onnx_max_rel_error": errors["max_rel_error"], "onnx_seconds": round(seconds, 2)}
     if data_file is not None:
         result["onnx_data_file"] = data_file
     return result
+
+
+def data_path(target: str | Path) -> Path:
+    """Where the ONNX file `target` keeps its weights when its graph is over 2 GiB (ONNX's external data)."""
+    target = Path(target)
+    return target.with_name(f"{target.name}.data")
 
 
 def _graph_bytes(proto) -> int | None:

@@ -25,9 +25,10 @@ def _one_of(default: str, choices):
     return field(default=default, metadata={"choices": choices})
 
 
-def _each_one_of(choices):
-    """A list field (empty by default) each of whose items must be one of `choices` (as for `_one_of`)."""
-    return field(default_factory=list, metadata={"choices": choices})
+def _list_of(**check):
+    """A list field, empty by default, each of whose items is checked as `_one_of` (`choices=`) or `_within`
+    (`range=(low, high)`) check a single value."""
+    return field(default_factory=list, metadata=check)
 
 
 def _within(default, low, high):
@@ -98,7 +99,7 @@ class CLConfig:
     multi: str = _one_of("pairwise", ("pairwise", "mean"))  # Eq 5 (pairwise) or Eq 6 (mean of the others)
     mkbs: int = _within(1, 1, 16)
     # the probe's listed sites of these numbers (`clcli probe` numbers them) instead of the best cl.mkbs
-    sites: list[int] = field(default_factory=list, metadata={"range": (1, 1000)})
+    sites: list[int] = _list_of(range=(1, 1000))
     embedding: int = _within(1024, 8, 1 << 20)
     budget: float = _within(0.10, 0.0, 10.0)
     w2_grid: int = _within(8, 1, 64)
@@ -178,7 +179,7 @@ class TrainConfig:
     placement: str = _one_of("replicated", ("replicated", "per-network"))
     log_every: int = _within(20, 1, 1 << 20)
     # Experiment trackers that receive every metrics.jsonl record: tensorboard, wandb, mlflow (clcli.tracking)
-    log: list[str] = _each_one_of(_tracker_names)
+    log: list[str] = _list_of(choices=_tracker_names)
     log_project: str | None = None      # W&B project / MLflow experiment (None: WANDB_PROJECT, MLFLOW_EXPERIMENT_NAME)
     log_entity: str | None = None       # W&B entity (None: WANDB_ENTITY)
     log_group: str | None = None        # W&B group / MLflow parent run (`clcli compare` sets it)
