@@ -230,7 +230,7 @@ def test_a_graph_over_protobufs_2_gib_is_written_with_external_data(over, tmp_pa
     if over == "counted":
         monkeypatch.setattr(_onnx, "PROTOBUF_LIMIT", 1000)  # the tiny graph stands for one over the limit
     else:
-        monkeypatch.setattr(_onnx, "_graph_bytes", lambda proto: None)  # what protobuf says over 2 GiB
+        monkeypatch.setattr(_onnx, "_serialised", lambda proto: None)  # what protobuf says over 2 GiB
     target = tmp_path / "test_resnet.onnx"
     result = _onnx.export_onnx(net, _manifest("test_resnet", 32), target)
     assert result["onnx_data_file"] == "test_resnet.onnx.data" and result["onnx_max_abs_error"] <= _onnx.ATOL

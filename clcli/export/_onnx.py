@@ -82,7 +82,6 @@ def export_onnx(net, manifest: dict, target: str | Path) -> dict:
         gen = torch.Generator().manual_seed(0)
         example = torch.randn(EXAMPLE_BATCH, 3, height, width, generator=gen)
         proto = _graph(net, example, manifest["model"])
-        graph_bytes = _graph_bytes(proto)
         batch = torch.randn(CHECK_BATCH, 3, height, width, generator=gen)
         with torch.no_grad():
             expected = net(batch).float().numpy()
@@ -90,19 +89,20 @@ def export_onnx(net, manifest: dict, target: str | Path) -> dict:
         net.train(was_training)
     # One file where the graph fits in one protobuf message; over that, ONNX's external data: the weights in
     # `<name>.onnx.data` beside it, which ONNX Runtime and onnx.load find by the path the graph records.
-    external = graph_bytes is None or graph_bytes > PROTOBUF_LIMIT
+    serialised = _serialised(proto)  # once: these bytes are what the single file holds
+    external = serialised is None
     data_file = data_path(target).name if external else None
     names = [target.name] if data_file is None else [data_file, target.name]
     with files.atomic_files(target.parent, names) as tmp:
         import onnx
 
         graph_path = tmp / target.name
-        if data_file is None:
-            onnx.save_model(proto, str(graph_path))
+        if not external:
+            graph_path.write_bytes(serialised)
         else:
             onnx.save_model(proto, str(graph_path), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_file, size_threshold=EXTERNAL_THRESHOLD, convert_attribute=True)
-        del proto  # the weights are on disk now; the check loads them again
+        del proto, serialised  # the weights are on disk now; the check loads them again
         errors = _check(graph_path, batch.numpy(), expected, manifest["model"])
         seconds = time.perf_counter() - start
         _write_metadata(graph_path, manifest, errors, seconds, data_file)
@@ -121,15 +121,16 @@ def data_path(target: str | Path) -> Path:
     return target.with_name(f"{target.name}.data")
 
 
-def _graph_bytes(proto) -> int | None:
-    """The graph's serialised size; None where protobuf cannot even count it (over its 2 GiB limit, or short of memory:
-    upb raises the same EncodeError), where external data, a smaller message, is the way to write it."""
+def _serialised(proto) -> bytes | None:
+    """The graph as one protobuf message; None where it cannot be one (over protobuf's 2 GiB, or protobuf short of
+    memory: upb raises the same EncodeError), where external data, a smaller message, is the way to write it."""
     from google.protobuf.message import EncodeError
 
     try:
-        return proto.ByteSize()
-    except EncodeError:
+        data = proto.SerializeToString()
+    except (EncodeError, ValueError):  # upb's EncodeError; the C++ backend's ValueError over 2 GiB
         return None
+    return data if len(data) <= PROTOBUF_LIMIT else None
 
 
 def _deployed(net):
