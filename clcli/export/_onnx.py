@@ -89,6 +89,7 @@ def export_onnx(net, manifest: dict, target: str | Path) -> dict:
         net.train(was_training)
     # One file where the graph fits in one protobuf message; over that, ONNX's external data: the weights in
     # `<name>.onnx.data` beside it, which ONNX Runtime and onnx.load find by the path the graph records.
+    del proto.metadata_props[:]  # the exporter's: clcli's are appended after the check (_write_metadata)
     serialised = _serialised(proto)  # once: these bytes are what the single file holds
     external = serialised is None
     data_file = data_path(target).name if external else None
@@ -245,7 +246,6 @@ def _write_metadata(path: Path, manifest: dict, errors: dict, seconds: float, da
     import onnx
     import torch
 
-    model = onnx.load(str(path), load_external_data=False)  # the graph only: external weights stay where they are
     described = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION,
                      onnx={"exporter": "torch.onnx.export(dynamo=True)", "opset": OPSET, "torch": torch.__version__,
                            "onnx": onnx.__version__, "input": INPUT_NAME, "output": OUTPUT_NAME,
@@ -255,12 +255,14 @@ def _write_metadata(path: Path, manifest: dict, errors: dict, seconds: float, da
                            "seconds": round(seconds, 2)})
     props = {k: json.dumps(manifest[k]) for k in PREPROCESSING_KEYS}
     props.update(input_layout=INPUT_LAYOUT, **{META_KEY: json.dumps(described)})
-    del model.metadata_props[:]
+    # Appended, not loaded and saved again (a graph of up to 2 GiB): protobuf parses concatenated messages as one,
+    # repeated fields (metadata_props) joined and the last producer_name winning.
+    model = onnx.ModelProto(producer_name="clcli")
     for key, value in props.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
-    model.producer_name = "clcli"
-    onnx.save_model(model, str(path))
+    with open(path, "ab") as f:
+        f.write(model.SerializeToString())
 
 
 def read_onnx_manifest(path: str | Path) -> dict:
