@@ -1,6 +1,8 @@
 """Probe every model in timm.list_models() on the meta device and report how many fx analyses, how many need the
-torch.export fallback, and which fail; and, for each model, whether the probe finds a tap at every stage size that
-timm's own `feature_info` lists (the sizes a meta-device forward of the `features_only` model gives, 2x2 or more).
+torch.export fallback, and which fail; and, for each model, whether the probe offers every stage of timm's own
+`feature_info` of 2x2 or more (sizes from a meta-device forward of the `features_only` model): a stage counts as found
+when a tap the probe offers has its size and sits at the stage's own output or after it (a module later in the same
+stage), not merely when some tap of the same size exists (a stem output of the first stage's size does not count).
 
     python benchmarks/probe_zoo.py --out docs/results/probe_zoo.json            # the whole zoo (about half an hour)
     python benchmarks/probe_zoo.py --every 10 --out /tmp/zoo_sample.json        # every 10th name
@@ -47,7 +49,7 @@ def _probe_one(args) -> dict:
         result = {"name": name, "status": m.tracer, "taps": len(m.stage_taps),
                   "usable_site": probe.has_site(m.stage_taps),
                   "layouts": sorted({t.layout for t in m.stage_taps}), "input_size": list(size)}
-        result["stages"] = _stage_coverage(name, size, {t.size for t in m.taps})
+        result["stages"] = _stage_coverage(name, size, m)
     except BaseException as e:  # noqa: BLE001 - a sweep records every failure and goes on
         text = str(e).strip().splitlines()
         result = {"name": name, "status": "failed", "error": f"{type(e).__name__}: {text[0][:200] if text else ''}"}
@@ -82,16 +84,27 @@ def feature_sizes(name: str, size: tuple[int, int]) -> list[tuple[int, int]]:
     return sizes
 
 
-def _stage_coverage(name: str, size: tuple[int, int], tap_sizes: set) -> dict:
-    """timm's stage sizes of 2x2 or more, and those the probe has a tap of: {"sizes", "found"} or {"error"}."""
+def _stage_coverage(name: str, size: tuple[int, int], m) -> dict:
+    """timm's stages of 2x2 or more and those the probe offers (by module: a stage tap of the stage's size at or
+    after the node that ends the stage's module): {"sizes", "found", "missing"} or {"error"}."""
     try:
         sizes = feature_sizes(name, size)
     except Exception as e:  # noqa: BLE001 - no features_only for this model: recorded, not a probe failure
         text = str(e).strip().splitlines()
         return {"error": f"{type(e).__name__}: {text[0][:160] if text else ''}"}
-    stages = [tuple(s) for s in sizes if min(s) >= 2]
-    return {"sizes": [list(s) for s in stages], "found": sum(s in tap_sizes for s in stages),
-            "missing": [list(s) for s in dict.fromkeys(s for s in stages if s not in tap_sizes)]}
+    # where the graph does not show a stage's module (no such scope, or a features_only model with other stages),
+    # the stage is counted by size alone, and the count says how many were
+    ends = m.feature_stages if len(m.feature_stages) == len(sizes) else [(None, None, None)] * len(sizes)
+    stages, missing, by_size = [], [], 0
+    for s, (module, _, depth) in zip(sizes, ends):
+        if min(s) < 2:
+            continue
+        stages.append(tuple(s))
+        by_size += depth is None
+        if not any(t.size == tuple(s) and (depth is None or t.depth >= depth) for t in m.stage_taps):
+            missing.append({"size": list(s), "module": module})
+    return {"sizes": [list(s) for s in stages], "found": len(stages) - len(missing), "missing": missing,
+            "by_size_only": by_size}
 
 
 def _init(gib: float) -> None:
@@ -109,6 +122,7 @@ def _coverage_summary(results: list[dict]) -> dict:
         "models_with_feature_info": len(covered),
         "stages": sum(len(r["stages"]["sizes"]) for r in covered),
         "found": sum(r["stages"]["found"] for r in covered),
+        "counted_by_size_only": sum(r["stages"].get("by_size_only", 0) for r in covered),
         "models_all_found": sum(r["stages"]["found"] == len(r["stages"]["sizes"]) for r in covered),
         "models_missing": sorted(r["name"] for r in covered if r["stages"]["found"] < len(r["stages"]["sizes"])),
         "no_feature_info": sorted(r["name"] for r in results if "error" in r.get("stages", {})),

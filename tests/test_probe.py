@@ -39,6 +39,22 @@ def test_nchw_taps_are_stage_outputs():
     assert depths == sorted(depths) and 0 < depths[0] and depths[-1] < 1
 
 
+@pytest.mark.parametrize("name", ["test_convnext", "test_efficientnet", "test_mambaout", "test_nfnet"])
+def test_a_first_stage_that_keeps_the_stem_size_offers_its_own_output(name):
+    # ConvNeXt's stages.0, EfficientNet's blocks.0, ...: the stage timm's feature_info names, not the stem before it
+    # (a tap of the same size at depth ~0.01 is no stage output)
+    m = probe.analyse(name, 32)
+    assert m.feature_stages, "timm's feature_info was not read"
+    offered = {t.node: t for t in m.stage_taps}
+    ends = {node: module for module, node, _ in m.feature_stages if node}
+    sizes = {t.node: t.size for t in m.taps}
+    for node, module in ends.items():
+        if node in sizes and min(sizes[node]) >= 2:
+            assert node in offered, f"{name}: stage {module} ({sizes[node]}) not offered: {list(offered)}"
+    first = m.feature_stages[0]
+    assert offered[first[1]].module == first[0]
+
+
 def test_token_grid_taps_of_a_vit():
     m = probe.analyse("test_vit", 64)
     taps = [t for t in m.stage_taps if t.layout == "NLC"]

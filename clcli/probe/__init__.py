@@ -30,6 +30,9 @@ class ModelProbe:
     taps: list[Tap]              # every spatial cut point
     stage_taps: list[Tap]        # what sites may use: a stage output per size, several depths of an isotropic trunk
     notes: list[str] = field(default_factory=list)  # what the user should know about this model at this input
+    # timm's feature_info stages in order: (module, the graph node that ends it or None, that node's depth); not in
+    # the plan file (a plan keeps the taps chosen), read by the zoo's stage coverage
+    feature_stages: list[tuple[str, str | None, float | None]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
@@ -236,8 +239,33 @@ def analyse(
     else:
         model, graph = _traced(model, in_chans, hw, build_real=lambda: models.create(name, kwargs))
     taps = _module_taps(model, graph, in_chans, hw)
+    stages = _feature_stages(model, graph)
     return ModelProbe(name, kwargs, change, graph.tracer, models.count_params(model), graph.macs,
-                      taps, stage_taps(taps), _patch_notes(name, model, hw))
+                      taps, stage_taps(taps, {node for _, node, _ in stages if node}), _patch_notes(name, model, hw),
+                      stages)
+
+
+def _feature_stages(model, graph) -> list[tuple[str, str | None, float | None]]:
+    """timm's own stages (the model's public `feature_info`): each module with the graph node that ends it (the last
+    node run in its scope) and that node's depth; None where the graph has no such scope."""
+    info = getattr(model, "feature_info", None)
+    if not isinstance(info, list):
+        return []
+    last: dict[str, int] = {}
+    for i, n in enumerate(graph.nodes):
+        for path in n.scope:
+            last[path] = i
+        if n.op == "call_module":
+            last[n.target] = i
+    output_pos = max(len(graph.nodes) - 1, 1)
+    stages = []
+    for entry in info:
+        module = entry.get("module") if isinstance(entry, dict) else None
+        if isinstance(module, str):
+            i = last.get(module)
+            stages.append((module, None if i is None else graph.nodes[i].name,
+                           None if i is None else round(i / output_pos, 4)))
+    return stages
 
 
 def _stem_graph(model, in_chans: int, hw: tuple[int, int], *, build_real=None):

@@ -280,11 +280,13 @@ def _path_depth(t: Tap) -> int:
     return t.module.count(".") if t.module else 99
 
 
-def stage_taps(taps: list[Tap]) -> list[Tap]:
+def stage_taps(taps: list[Tap], stage_ends: set[str] = frozenset()) -> list[Tap]:
     """The taps a site may use. In a CNN stage (one size over a short stretch of the depth): the stage output, i.e.
-    the outermost module (fewest path parts) and, among those, the deepest. In an isotropic trunk (ViT, one size
-    for most of the depth): the block outputs nearest each of `TRUNK_DEPTHS`, so that pairing can place the MKB at
-    a depth of its own rather than at the one output a stage would give."""
+    the end of a stage timm's `feature_info` names (`stage_ends`: graph nodes; the deepest of a size, so that a first
+    stage that keeps its stem's size offers `stages.0`, not `stem`), else the outermost module (fewest path parts)
+    and, among those, the deepest. In an isotropic trunk (ViT, one size for most of the depth): the block outputs
+    nearest each of `TRUNK_DEPTHS`, so that pairing can place the MKB at a depth of its own rather than at the one
+    output a stage would give, and the stage's own end where timm names one stage of that size."""
     by_size: dict[tuple[int, int], list[Tap]] = {}
     for t in taps:
         by_size.setdefault(t.size, []).append(t)
@@ -298,7 +300,13 @@ def stage_taps(taps: list[Tap]) -> list[Tap]:
             blocks = [t for t in candidates if t.module and t.module.rsplit(".", 1)[-1].isdigit()] or \
                 [t for t in candidates if _path_depth(t) == min(map(_path_depth, candidates))]
             nearest = {min(blocks, key=lambda t: abs(t.depth - d)).node: d for d in TRUNK_DEPTHS}
-            chosen += [t for t in candidates if t.node in nearest]
+            # and the stage's own end where timm names one stage of this size (a CNN's long stage); a ViT's
+            # feature_info names every block, the depths above already are some of them
+            ends = [t.node for t in candidates if t.node in stage_ends]
+            chosen += [t for t in candidates if t.node in nearest or len(ends) == 1 and t.node in ends]
         else:
-            chosen.append(min(candidates, key=lambda t: (_path_depth(t), -t.depth)))
+            own = [t for t in group if t.node in stage_ends]
+            own = [t for t in own if t.is_module_output] or own
+            chosen.append(max(own, key=lambda t: t.depth) if own else
+                          min(candidates, key=lambda t: (_path_depth(t), -t.depth)))
     return sorted(chosen, key=lambda t: t.depth)
