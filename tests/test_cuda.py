@@ -180,12 +180,12 @@ def test_the_training_feed_augments_on_cuda_exactly_as_on_the_cpu():
     """One seed, one augmentation on any device: the crops and flips are drawn from CPU generators (a CUDA
     generator draws other numbers from the same seed)."""
     from clcli.train import _dist, load_data
-    from clcli.train._loop import _Feed
+    from clcli.train._feed import Feed
 
     recipe = tiny_recipe()
     raw = []
     for device in ("cpu", "cuda"):
         data = load_data(recipe, torch.device(device))
-        feed = _Feed(data, recipe, _cl_method(device), _dist.Dist())
+        feed = Feed(data, recipe, _cl_method(device), _dist.Dist())
         raw.append(next(feed.epoch(0)).raw[0].cpu())
     assert torch.equal(raw[0], raw[1])

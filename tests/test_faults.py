@@ -208,9 +208,9 @@ def test_a_scalar_bound_at_inf_is_not_a_diverged_weight():
 
 def test_a_checkpoint_with_non_finite_buffers_is_never_written(tmp_path, monkeypatch):
     from clcli.errors import ClcliError
-    from clcli.train import _loop
+    from clcli.train import _evaluation
 
-    real, calls = _loop.evaluate, []
+    real, calls = _evaluation.evaluate, []
 
     def evaluate_then_poison(net, *args, **kwargs):
         calls.append(1)
@@ -218,7 +218,7 @@ def test_a_checkpoint_with_non_finite_buffers_is_never_written(tmp_path, monkeyp
             next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_var.fill_(float("inf"))
         return real(net, *args, **kwargs)
 
-    monkeypatch.setattr(_loop, "evaluate", evaluate_then_poison)
+    monkeypatch.setattr(_evaluation, "evaluate", evaluate_then_poison)
     out = tmp_path / "run"
     with pytest.raises(ClcliError, match=r"after epoch 2, .*NaN or inf.*the checkpoint of epoch 1 is kept"):
         train_lib.train(tiny_recipe(epochs=2), out, show_progress=False)
@@ -577,9 +577,9 @@ def test_out_of_memory_while_training_is_one_line_with_what_to_change(error, epo
     """The zoo sweep found it: a 412M-parameter ViT at 1024 tokens ran out of memory in its first step, a traceback.
     Out of memory (the CPU allocator's RuntimeError, CUDA's OutOfMemoryError) is one line naming the batch size and
     the options that lower memory, saying what is kept; exit code 2."""
-    from clcli.train import _loop
+    from clcli.train import _evaluation
 
-    real, calls = _loop.evaluate, []
+    real, calls = _evaluation.evaluate, []
 
     def evaluate_until_out_of_memory(net, *args, **kwargs):
         calls.append(1)
@@ -587,7 +587,7 @@ def test_out_of_memory_while_training_is_one_line_with_what_to_change(error, epo
             raise error
         return real(net, *args, **kwargs)
 
-    monkeypatch.setattr(_loop, "evaluate", evaluate_until_out_of_memory)
+    monkeypatch.setattr(_evaluation, "evaluate", evaluate_until_out_of_memory)
     out = tmp_path / "run"
     args = [*tiny_args(out, epochs=2), "--set", "data.train_limit=64", "--set", "train.batch_size=16",
             "--set", "methods=[il]"]

@@ -252,7 +252,7 @@ def test_wel_batches_hold_pairs_fixed_for_the_run(plan):
 
     from clcli.errors import ClcliError
     from clcli.train import _dist
-    from clcli.train._loop import _Feed
+    from clcli.train._feed import Feed
 
     n = 41  # odd: the last image pairs with another
     data = SimpleNamespace(train_labels=torch.zeros(n, dtype=torch.int64), class_names=[str(k) for k in range(10)],
@@ -260,7 +260,7 @@ def test_wel_batches_hold_pairs_fixed_for_the_run(plan):
     recipe = _recipe()
     recipe.train.batch_size = 8
     method = create("wel", _cohort(plan, "wel"), recipe)
-    feed = _Feed(data, recipe, method, _dist.Dist())
+    feed = Feed(data, recipe, method, _dist.Dist())
     epochs = [[batch.indices[0].tolist() for batch in feed.epoch(e)] for e in (0, 1)]
     assert len(epochs[0]) == feed.steps == 21 // 4
     fixed = {frozenset(p) for p in feed.pairs.tolist()}
@@ -269,7 +269,7 @@ def test_wel_batches_hold_pairs_fixed_for_the_run(plan):
     assert all(len(p) == 20 and p <= fixed for p in pairs) and epochs[0] != epochs[1]  # the same pairs, shuffled
     recipe.train.batch_size, recipe.train.accumulate = 6, 2  # 3 images per micro-batch: a pair split
     with pytest.raises(ClcliError, match="pairs of images that stay in one forward"):
-        _Feed(data, recipe, method, _dist.Dist())
+        Feed(data, recipe, method, _dist.Dist())
 
 
 # --- MKB w/o CL ------------------------------------------------------------------------------------------------------

@@ -64,10 +64,10 @@ def test_existing_run_folder_is_never_overwritten_without_force(tmp_path):
 def test_an_existing_out_is_refused_whatever_the_methods_and_force_replaces_only_a_run(tmp_path, monkeypatch):
     """A two-method recipe writes il/ and cl/ inside --out: into an existing single-method run folder that would mix
     two runs in one folder."""
-    from clcli import train as train_module
+    from clcli.train import _run
 
     prepared = []
-    monkeypatch.setattr(train_module, "_train_prepared", lambda recipe, runs, *rest: prepared.append(runs) or {})
+    monkeypatch.setattr(_run, "_train_prepared", lambda recipe, runs, *rest: prepared.append(runs) or {})
     single = tmp_path / "single"
     single.mkdir()
     (single / "run.json").write_text("{}")
@@ -219,7 +219,7 @@ def test_evaluation_builds_no_autograd_graph():
 
 
 def test_the_progress_rate_never_reads_zero_on_a_slow_run():
-    from clcli.train._loop import images_per_second
+    from clcli.train._display import images_per_second
 
     assert [images_per_second(r) for r in (0.004123, 0.4123, 5.55, 87.53, 1234.5)] == \
         ["0.00412", "0.412", "5.55", "87.5", "1,234"]
@@ -230,10 +230,10 @@ def test_the_progress_shows_one_line_per_network():
 
     from rich.console import Console
 
-    from clcli.train._loop import _Progress
+    from clcli.train._display import LiveProgress
 
     buffer = io.StringIO()
-    progress = _Progress(True, 10, "cl a+b", Console(file=buffer, width=100, color_system=None))
+    progress = LiveProgress(True, 10, "cl a+b", Console(file=buffer, width=100, color_system=None))
     progress.update(5, "epoch 1/2  0.412 img/s", [("resnet10t", {"cls": 1.5, "metric": 0.25, "verification": 2.0},
                                                      40.0), ("mobilenetv3_small_050", {"cls": 2.0}, 30.0)])
     progress.stop()

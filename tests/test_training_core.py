@@ -71,18 +71,19 @@ def _cl_method(recipe):
     from clcli import methods
     from clcli.cohort import build_cohort
     from clcli.data import load_data
+    from clcli.train._plan import plan_for
 
     data = load_data(recipe, torch.device("cpu"))
-    plan = train_lib._plan_for(recipe, len(data.class_names))
+    plan = plan_for(recipe, len(data.class_names))
     cohort = build_cohort(plan, num_classes=len(data.class_names), seed=0, with_mkb=True)
     return methods.create("cl", cohort, recipe), data
 
 
 def _first_batch(recipe, method, data):
     from clcli.train._dist import current
-    from clcli.train._loop import _Feed
+    from clcli.train._feed import Feed
 
-    return next(iter(_Feed(data, recipe, method, current()).epoch(0)))
+    return next(iter(Feed(data, recipe, method, current()).epoch(0)))
 
 
 def test_mixup_targets_reach_the_classification_and_verification_losses():

@@ -31,6 +31,8 @@ from torch import nn
 from clcli import mkb
 from clcli.errors import ClcliError
 
+from ._callbacks import Callback
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -164,9 +166,9 @@ def sum_shared_grads(params: list[torch.Tensor], d: Dist) -> None:
 
 
 @torch.no_grad()
-def sync_networks(method: nn.Module, optimizer: torch.optim.Optimizer, d: Dist, ema_networks=()) -> None:
-    """Per-network placement, end of an epoch: network j's weights, buffers, optimiser state (whatever the
-    optimiser keeps per parameter: SGD's momentum, Adam's moments and step, ...) and EMA copy from process j to all;
+def sync_networks(method: nn.Module, optimizer: torch.optim.Optimizer, d: Dist) -> None:
+    """Per-network placement, end of an epoch: network j's weights, buffers and optimiser state (whatever the
+    optimiser keeps per parameter: SGD's momentum, Adam's moments and step, ...) from process j to all;
     the shared transfers' BatchNorm statistics (each process updated them with its own network's codes; one process
     updates them with every network's in turn) averaged. A space transfer that is one network's own (mkb-solo) is
     that network's like the rest of it: its statistics come from its process."""
@@ -192,13 +194,30 @@ def sync_networks(method: nn.Module, optimizer: torch.optim.Optimizer, d: Dist, 
         for name, b in net.named_buffers():
             if not shared(name):
                 dist.broadcast(b, src=j)
-        if ema_networks:
-            for t in ema_networks[j].state_dict().values():
-                dist.broadcast(t, src=j)
     for name, b in method.named_buffers():
         if shared(name) and b.is_floating_point():
             dist.all_reduce(b)
             b.div_(d.world)
+
+
+@torch.no_grad()
+def sync_averages(networks: list[nn.Module], d: Dist) -> None:
+    """Per-network placement: network j's moving average (train.ema_decay) from process j to all."""
+    if not d.per_network:
+        return
+    import torch.distributed as dist
+
+    for j, net in enumerate(networks):
+        for t in net.state_dict().values():
+            dist.broadcast(t, src=j)
+
+
+class PerNetworkSync(Callback):
+    """Per-network placement: every network, its optimiser state included, on every process at each epoch's end,
+    before anything evaluates or saves it."""
+
+    def on_epoch_end(self, loop, end) -> None:
+        sync_networks(loop.method, loop.optimisation.optimizer, loop.dist)
 
 
 def mean_parts(d: Dist, sums: dict[str, torch.Tensor], steps: int) -> dict[str, float]:

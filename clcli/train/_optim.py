@@ -13,6 +13,8 @@ from clcli import run as run_folder
 from clcli.cohort import Cohort
 from clcli.errors import ClcliError, one_line
 
+from ._callbacks import Callback
+
 SGD_FAMILY = ("sgd", "nesterov", "momentum")
 MKB_GROUP = "shared"  # the MKB halves, space transfers, verification heads and methods' own heads
 
@@ -177,11 +179,6 @@ class Optimisation:
             dispatch_clip_grad([p for p in params if p.grad is not None], value=self.cfg.clip_grad,
                                mode=self.cfg.clip_mode)
 
-    def end_epoch(self, epoch: int, accuracy: float) -> None:
-        """The plateau schedule watches the evaluation accuracy (mean over the networks)."""
-        if self.on_metric:
-            self.scheduler.step(epoch + 1, accuracy)
-
     def restore(self, method, state: dict | None) -> int:
         """Load a checkpoint into the method and the optimiser; returns the epoch to start from."""
         if state is None:
@@ -202,3 +199,11 @@ class Optimisation:
                 **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
                 **({"plateau": self.scheduler.lr_scheduler.state_dict()} if self.on_metric else {}),
                 **method.task_state()}
+
+
+class PlateauSchedule(Callback):
+    """train.schedule plateau: stepped at each epoch's end on the accuracy the evaluation parts watch (mean over the
+    networks; validation where a validation split is kept)."""
+
+    def on_epoch_end(self, loop, end) -> None:
+        loop.optimisation.scheduler.step(end.epoch + 1, end.watched)
