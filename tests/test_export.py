@@ -55,7 +55,7 @@ def test_each_file_holds_only_its_network_and_its_mkb_half(cl_run, tmp_path):
         extra = keys - timm_keys
         assert extra and all(k.startswith("mkb.site0.") for k in extra)
         assert any(".transfer." in k for k in extra) and any(".encoder." in k for k in extra)
-        assert meta["model"] == name and meta["format_version"] == export.FORMAT_VERSION
+        assert meta["model"] == name and meta["format_version"] == export.SPLIT_FORMAT_VERSION
         assert meta["class_names"][0] == "airplane" and meta["stem"]["conv"]
         for field in ("kwargs", "input_size", "mean", "std", "mkb_halves", "recipe", "versions", "test_acc"):
             assert field in meta
