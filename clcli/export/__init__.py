@@ -103,17 +103,21 @@ def _earlier_entries(out_dir: Path) -> list[dict]:
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, plain: bool = False, hub_folder: bool = False,
-               onnx: bool = False, measure: bool = True, force: bool = False, weights: str = "last") -> dict:
+               onnx: bool = False, measure: bool = True, force: bool = False, weights: str = "last",
+               log: bool = False) -> dict:
     """Write one safetensors file per network of the run (and optionally timm-only files, Hub folders, ONNX files
     checked against ONNX Runtime): its last weights, their moving average (`weights="ema"`) or its best epoch's
-    (`"best"`).
+    (`"best"`). With `log`, the files and manifest.json also go to the trackers the run logged to (its MLflow run,
+    under `exported/`), checked before anything is exported.
 
     Nothing is written when any target exists and `force` is off. The folder's manifest.json lists every export
     in it (earlier exports of other networks stay listed), also the files written before a network failed to
-    export. Returns this export's {run, method, networks, status, epochs_trained, epochs_planned}."""
+    export. Returns this export's {run, method, networks, status, epochs_trained, epochs_planned, logged (the
+    files logged)}."""
     import torch
     from safetensors.torch import save_file
 
+    from clcli import tracking
     from clcli.version import __version__
     from clcli.data import load_data
     from clcli.run import Run
@@ -123,6 +127,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, plain: bool = False,
         _onnx.require("onnx", "onnxruntime", "onnxscript")
     files.check_output_dir(out_dir, "export folder")
     run = Run.open(run_dir)
+    log_files = tracking.file_logger(run.info, "exported") if log else None
     info, cohort = run.info, run.cohort(weights)
     for target in [*_output_paths(cohort.labels, out_dir, plain, hub_folder, onnx), out_dir / "manifest.json"]:
         folder = target.name.endswith("-hub")
@@ -157,8 +162,13 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, plain: bool = False,
             files.write_json(out_dir / "manifest.json", {"format": SPLIT_FORMAT,
                                                        "format_version": SPLIT_FORMAT_VERSION,
                                                        "networks": kept + entries})
+    logged = []
+    if log_files is not None:
+        logged = [out_dir / e["file"] for e in entries] + [out_dir / "manifest.json"]
+        log_files(logged)
     return {"run": str(run_dir), "method": info["method"], "networks": entries, "status": info.get("status"),
-            "epochs_trained": int(run.state().get("epoch", 0)), "epochs_planned": run.recipe.train.epochs}
+            "epochs_trained": int(run.state().get("epoch", 0)), "epochs_planned": run.recipe.train.epochs,
+            "logged": [str(path) for path in logged]}
 
 
 def _plain_state(net) -> dict:
