@@ -455,6 +455,8 @@ def bench(
     rounds: int = typer.Option(5, "--rounds", help="minimum timed rounds (one step of each kind per round)"),
     steps_only: bool = typer.Option(False, "--steps-only", help="only the IL and CL steps: no data pipeline, W2 or "
                                     "WEL measurement (what a compiled run adds nothing to)"),
+    overrides: List[str] = typer.Option([], "--set", help="train.* override key=value of the step timed: its "
+                                        "optimiser as training builds it (train.opt=adamw, train.lr, train.clip_grad)"),
     as_json: bool = typer.Option(False, "--json", help="print the results as one JSON object"),
 ) -> None:
     """Step time of each network alone and of the CL cohort on the same batch, their ratio, the MKB overhead, the
@@ -464,7 +466,7 @@ def bench(
     result = run(models or ["resnet10t", "mobilenetv3_small_050"], input_size=input_size, stem=stem,
                  batch_size=batch_size, device=device, threads=threads, amp=amp, channels_last=channels_last,
                  compile=compile, min_rounds=rounds, min_seconds=seconds, w2=not steps_only,
-                 pipeline=not steps_only)
+                 pipeline=not steps_only, overrides=overrides)
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
         return
@@ -472,7 +474,8 @@ def bench(
 
     cpu = result["step_cpu_seconds"]
     table = Table(title=f"training step, batch {batch_size}, {input_size}px, {result['device_name']}, "
-                        f"{result['threads']} threads (median of {result['rounds']} rounds)", title_justify="left")
+                        f"{result['threads']} threads{''.join(f', {o}' for o in result['overrides'])} "
+                        f"(median of {result['rounds']} rounds)", title_justify="left")
     for column in ["step", "wall s", "images/s"] + (["CPU s"] if cpu else []) + ["aten ops"]:
         table.add_column(column, justify="left" if column == "step" else "right")
     for k, v in result["step_seconds"].items():

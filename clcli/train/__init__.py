@@ -21,6 +21,7 @@ from . import _dist
 from ._dist import resolve_device
 from ._interrupt import Interrupted, as_interrupted, interrupt_signals
 from ._loop import fit, mixed_precision, param_groups, speed_settings, train_step
+from ._optim import Optimisation
 
 def _resolve_pretrained_input(recipe) -> list[str]:
     """input_size None becomes the first model's pretrained input size (images are decoded at that size). Returns
@@ -367,6 +368,6 @@ def _apply_threads(recipe) -> None:
         torch.set_num_threads(recipe.train.threads)
 
 
-__all__ = ["train", "resume", "Interrupted", "as_interrupted", "interrupt_signals", "fit", "train_step",
+__all__ = ["train", "resume", "Interrupted", "as_interrupted", "interrupt_signals", "fit", "train_step", "Optimisation",
            "param_groups", "mixed_precision", "speed_settings", "resolve_device", "load_data", "evaluate",
            "build_cohort", "Cohort", "Data", "LoadedData"]
