@@ -2,8 +2,10 @@
 
 `run(models)` measures, in one process:
 
-- the training step (`clcli.train.train_step`: forward, backward, SGD step with momentum and weight decay) of network A
-  alone, network B alone and the CL cohort (both networks with their MKBs and every loss, siamese input,
+- the training step (`clcli.train.train_step`: forward, backward, the optimiser step; the optimiser, its parameter
+  groups, clipping and mixed precision built by `clcli.train.Optimisation` as training builds them, from the default
+  recipe with `--set train.*` overrides: SGD with momentum and weight decay unless `--set train.opt=adamw`, ...) of
+  network A alone, network B alone and the CL cohort (both networks with their MKBs and every loss, siamese input,
   simultaneous), all on the same batch and in alternating rounds so that all three see the same machine. It reports
   medians of wall time (with a device synchronisation around each step on CUDA) and, on the CPU, of the process's
   CPU time, which on a shared machine leaves out the time the process waits for its cores. Ratio
@@ -21,28 +23,57 @@ from __future__ import annotations
 import functools
 import statistics
 import time
+from collections.abc import Sequence
 
 GOAL_RATIO = 1.10
 
 
+def bench_recipe(models: list[str], *, input_size: int = 32, stem: str = "small", amp: bool = True, seed: int = 0,
+                 overrides: Sequence[str] = ()):
+    """The recipe whose training step bench times: the defaults with `overrides` (`--set`, the `train.` keys that
+    build the step: train.opt, train.lr, train.momentum, train.weight_decay, train.clip_grad, ...), on `models` at
+    `input_size` with `stem`, which are bench's own options."""
+    from clcli import recipes
+    from clcli.errors import ClcliError
+
+    raw = {"models": list(models), "input_size": input_size, "stem": stem, "train": {"amp": amp, "seed": seed}}
+    for assignment in overrides:
+        if not assignment.startswith("train."):
+            raise ClcliError(f"bench --set takes train.* keys (the step it times), got '{assignment}'; the models, "
+                             "input size and stem are bench's own options")
+        recipes.apply_override(raw, assignment)
+    return recipes.from_dict(raw, "bench --set" if overrides else "bench")
+
+
+def training_step(method, recipe, dev):
+    """`step(batch)`: one training step of `method` as `clcli train` takes it, `train.train_step` with the optimiser,
+    parameter groups, clipping and mixed precision that `train.Optimisation` builds from `recipe`."""
+    from clcli.train import Optimisation, train_step
+
+    optimisation = Optimisation(method, recipe, steps_per_epoch=1, device=dev)
+    method.train()
+    return functools.partial(train_step, method, optimizer=optimisation.optimizer, autocast=optimisation.autocast,
+                             scaler=optimisation.scaler,
+                             clip=optimisation.clip if recipe.train.clip_grad is not None else None)
+
+
 def make_steps(models: list[str], *, input_size: int = 32, stem: str = "small", batch_size: int = 128,
                device: str = "auto", amp: bool = True, channels_last: bool = False, compile: bool = False,
-               seed: int = 0):
+               seed: int = 0, overrides: Sequence[str] = ()):
     """{"il:<A>": step, "il:<B>": step, "cl": step} on one fixed batch, the plan, and the device. Each step is one
-    optimiser step of `clcli train` (SGD, momentum 0.9, weight decay 1e-4, bf16/fp16 autocast on CUDA; with
-    `compile`, each network torch.compiled after its MKB halves are hooked in, as `train.compile` does)."""
+    optimiser step of `clcli train` (`training_step` with the optimiser of `bench_recipe`: by default SGD, momentum
+    0.9, weight decay 1e-4; bf16/fp16 autocast on CUDA; with `compile`, each network torch.compiled after its MKB
+    halves are hooked in, as `train.compile` does)."""
     import torch
 
-    from clcli import probe, recipes
+    from clcli import probe
     from clcli.cohort import Cohort, build_cohort, compile_networks
     from clcli.methods import Batch, create
-    from clcli.train import mixed_precision, param_groups, resolve_device, speed_settings, train_step
+    from clcli.train import resolve_device
 
+    recipe = bench_recipe(models, input_size=input_size, stem=stem, amp=amp, seed=seed, overrides=overrides)
     dev = resolve_device(device)
-    speed_settings(dev)  # as training sets them
     plan = probe.plan(models, input_size, stem=stem)
-    recipe = recipes.from_dict({"models": list(models), "input_size": input_size, "stem": stem})
-    use_amp, amp_dtype, _ = mixed_precision(dev, amp)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     cl_cohort = build_cohort(plan, num_classes=10, seed=seed, with_mkb=True).to(dev, memory_format=memory_format)
     il_cohort = build_cohort(plan, num_classes=10, seed=seed, with_mkb=False).to(dev, memory_format=memory_format)
@@ -55,17 +86,12 @@ def make_steps(models: list[str], *, input_size: int = 32, stem: str = "small", 
     idx = torch.arange(batch_size)
     n = len(models)
 
-    def step_fn(method, batch):
-        optimizer = torch.optim.SGD(param_groups(method, recipe), lr=0.01, momentum=0.9)
-        scaler = mixed_precision(dev, amp)[2]  # one scaler per optimiser
-        method.train()
-        return functools.partial(train_step, method, batch, optimizer, autocast=(use_amp, amp_dtype), scaler=scaler)
-
     steps = {}
     for net, name in zip(il_cohort.networks, il_cohort.names):
         alone = create("il", Cohort([net], [name]), recipe)
-        steps[f"il:{name}"] = step_fn(alone, Batch([x], [y], [idx], [x]))
-    steps["cl"] = step_fn(create("cl", cl_cohort, recipe), Batch([x] * n, [y] * n, [idx] * n, [x] * n))
+        steps[f"il:{name}"] = functools.partial(training_step(alone, recipe, dev), Batch([x], [y], [idx], [x]))
+    cl = create("cl", cl_cohort, recipe)
+    steps["cl"] = functools.partial(training_step(cl, recipe, dev), Batch([x] * n, [y] * n, [idx] * n, [x] * n))
     return steps, plan, dev
 
 
@@ -180,27 +206,25 @@ def w2_cost(images, batch_size: int, *, rounds: int = 3, grid: int = 8) -> dict:
 
 
 def wel_step_cost(models: list[str], images, *, batch_size: int, input_size: int = 32, stem: str = "small",
-                  device: str = "auto", rounds: int = 3) -> dict:
+                  device: str = "auto", rounds: int = 3, overrides: Sequence[str] = ()) -> dict:
     """Seconds per WEL training step (`train.train_step`: both networks, their embedding heads, the W2^2 targets)
     on batches of uint8 `images` (resized to `input_size`): with pairs never seen before (every step of the first
     epoch; before WEL's pairs were fixed, every step of every epoch) and with the pairs cached (later epochs)."""
     import torch
     import torch.nn.functional as F
 
-    from clcli import probe, recipes
+    from clcli import probe
     from clcli.cohort import build_cohort
     from clcli.data import to_input
     from clcli.methods import Batch, create
-    from clcli.train import mixed_precision, param_groups, resolve_device, speed_settings, train_step
+    from clcli.train import resolve_device
 
     dev = resolve_device(device)
-    speed_settings(dev)
-    recipe = recipes.from_dict({"models": list(models), "input_size": input_size, "stem": stem})
+    recipe = bench_recipe(models, input_size=input_size, stem=stem, overrides=overrides)
     cohort = build_cohort(probe.plan(models, input_size, stem=stem), num_classes=10, seed=0,
                           with_mkb=False).to(dev)
-    method = create("wel", cohort, recipe).train()
-    optimizer = torch.optim.SGD(param_groups(method, recipe), lr=0.01, momentum=0.9)
-    amp, dtype, scaler = mixed_precision(dev, True)
+    method = create("wel", cohort, recipe)
+    step = training_step(method, recipe, dev)
     n = len(models)
 
     def batch(start: int):
@@ -214,7 +238,7 @@ def wel_step_cost(models: list[str], images, *, batch_size: int, input_size: int
 
     def timed(b) -> float:
         t0 = time.perf_counter()
-        train_step(method, b, optimizer, autocast=(amp, dtype), scaler=scaler)
+        step(b)
         _sync(dev)
         return time.perf_counter() - t0
 
@@ -228,13 +252,13 @@ def wel_step_cost(models: list[str], images, *, batch_size: int, input_size: int
 def run(models: list[str], *, input_size: int = 32, stem: str = "small", batch_size: int = 128,
         device: str = "auto", threads: int | None = None, amp: bool = True, channels_last: bool = False,
         compile: bool = False, min_rounds: int = 5, min_seconds: float = 10.0, w2: bool = True,
-        pipeline: bool = True) -> dict:
+        pipeline: bool = True, overrides: Sequence[str] = ()) -> dict:
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     steps, plan, dev = make_steps(models, input_size=input_size, stem=stem, batch_size=batch_size, device=device,
-                                  amp=amp, channels_last=channels_last, compile=compile)
+                                  amp=amp, channels_last=channels_last, compile=compile, overrides=overrides)
     ops = {k: count_ops(fn) for k, fn in steps.items()}
     times = time_steps(steps, dev, min_rounds=min_rounds, min_seconds=min_seconds)
     clocks = ("wall", "cpu") if dev.type == "cpu" else ("wall",)
@@ -247,7 +271,8 @@ def run(models: list[str], *, input_size: int = 32, stem: str = "small", batch_s
         "models": list(models), "input_size": input_size, "stem": stem, "batch_size": batch_size,
         "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "amp": amp and dev.type == "cuda", "channels_last": channels_last,
-        "compile": compile, "torch": torch.__version__, "rounds": min(len(v["wall"]) for v in times.values()),
+        "compile": compile, "overrides": list(overrides), "torch": torch.__version__,
+        "rounds": min(len(v["wall"]) for v in times.values()),
         "step_seconds": {k: round(v, 5) for k, v in med["wall"].items()},
         "step_cpu_seconds": {k: round(v, 5) for k, v in med["cpu"].items()} if "cpu" in med else None,
         "ratio_cl_over_il_sum": round(ratio[main_clock], 4),
@@ -285,7 +310,7 @@ def run(models: list[str], *, input_size: int = 32, stem: str = "small", batch_s
                         "uncached_over_cl_step": round(cost["uncached"] / med[main_clock]["cl"], 3),
                         "grid": grid, "pairs_per_step": batch_size}
         wel = wel_step_cost(models, subset.images, batch_size=batch_size, input_size=input_size, stem=stem,
-                            device=device)
+                            device=device, overrides=overrides)
         result["wel"] = {"seconds_per_step_new_pairs": round(wel["new_pairs"], 5),
                          "seconds_per_step_cached": round(wel["cached"], 5), "pairs_per_step": batch_size // 2}
     return result

@@ -269,8 +269,6 @@ def export(
 ) -> None:
     """Export each network of a run on its own, with its MKB half, as safetensors (and, with --onnx, as ONNX): its
     last weights, or with --ema / --best the moving average or the best epoch's."""
-    from rich.table import Table
-
     from clcli.export import export_run
     from clcli.run import Run
 
@@ -283,20 +281,22 @@ def export(
         run = Run.latest().path
         console.print(f"exporting {run}, the newest run with a checkpoint under runs/", highlight=False,
                       soft_wrap=True)
-    run_dir = Run.pick(run).path
-    if log:
-        from clcli import tracking
+    index = export_run(Run.pick(run).path, out, plain=plain, hub_folder=hub_folder, onnx=onnx, measure=measure,
+                       force=force, weights="ema" if ema else "best" if best else "last", log=log)
+    _print_export(console, index, out, plain=plain, onnx=onnx)
 
-        tracking.mlflow_run(Run.open(run_dir).info)  # before exporting: no MLflow run, or no extra, is one line
-    index = export_run(run_dir, out, plain=plain, hub_folder=hub_folder, onnx=onnx, measure=measure, force=force,
-                       weights="ema" if ema else "best" if best else "last")
+
+def _print_export(console, index: dict, out: Path, *, plain: bool, onnx: bool) -> None:
+    """What `clcli export` did: a table of the files and their accuracy, and what to know about them."""
+    from rich.table import Table
+
     if index["status"] != "finished":
-        console.print(f"[yellow]warning:[/] {run_dir} is not finished ({index['status']}, "
+        console.print(f"[yellow]warning:[/] {index['run']} is not finished ({index['status']}, "
                       f"{index['epochs_trained']} of {index['epochs_planned']} epochs): exported its last checkpoint",
                       highlight=False, soft_wrap=True)
     chosen = {"ema": ", moving-average weights", "best": ", best-epoch weights"}.get(
         index["networks"][0].get("weights", "last"), "") if index["networks"] else ""
-    table = Table(title=f"exported from {run_dir} ({index['method']}{chosen}) to {out}", title_justify="left")
+    table = Table(title=f"exported from {index['run']} ({index['method']}{chosen}) to {out}", title_justify="left")
     for col in ("network", "file", "test acc (%)"):
         table.add_column(col)
     if plain:
@@ -320,12 +320,8 @@ def export(
 
         console.print(f"each ONNX file passed onnx.checker and matched PyTorch in ONNX Runtime on a fixed batch "
                       f"(tolerance {onnx_tolerance()})", highlight=False)
-    if log:
-        from clcli import tracking
-
-        logged = [Path(out) / e["file"] for e in index["networks"]] + [Path(out) / "manifest.json"]
-        tracking.log_files(Run.open(run_dir).info, logged)
-        console.print(f"logged {len(logged)} files to the run's MLflow run (artifacts under exported/)",
+    if index["logged"]:
+        console.print(f"logged {len(index['logged'])} files to the run's MLflow run (artifacts under exported/)",
                       highlight=False)
     if plain:
         changes = [f"{e['network']} {e['plain_test_acc'] - e['test_acc']:+.2f}" for e in index["networks"]
@@ -459,6 +455,8 @@ def bench(
     rounds: int = typer.Option(5, "--rounds", help="minimum timed rounds (one step of each kind per round)"),
     steps_only: bool = typer.Option(False, "--steps-only", help="only the IL and CL steps: no data pipeline, W2 or "
                                     "WEL measurement (what a compiled run adds nothing to)"),
+    overrides: List[str] = typer.Option([], "--set", help="train.* override key=value of the step timed: its "
+                                        "optimiser as training builds it (train.opt=adamw, train.lr, train.clip_grad)"),
     as_json: bool = typer.Option(False, "--json", help="print the results as one JSON object"),
 ) -> None:
     """Step time of each network alone and of the CL cohort on the same batch, their ratio, the MKB overhead, the
@@ -468,7 +466,7 @@ def bench(
     result = run(models or ["resnet10t", "mobilenetv3_small_050"], input_size=input_size, stem=stem,
                  batch_size=batch_size, device=device, threads=threads, amp=amp, channels_last=channels_last,
                  compile=compile, min_rounds=rounds, min_seconds=seconds, w2=not steps_only,
-                 pipeline=not steps_only)
+                 pipeline=not steps_only, overrides=overrides)
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
         return
@@ -476,7 +474,8 @@ def bench(
 
     cpu = result["step_cpu_seconds"]
     table = Table(title=f"training step, batch {batch_size}, {input_size}px, {result['device_name']}, "
-                        f"{result['threads']} threads (median of {result['rounds']} rounds)", title_justify="left")
+                        f"{result['threads']} threads{''.join(f', {o}' for o in result['overrides'])} "
+                        f"(median of {result['rounds']} rounds)", title_justify="left")
     for column in ["step", "wall s", "images/s"] + (["CPU s"] if cpu else []) + ["aten ops"]:
         table.add_column(column, justify="left" if column == "step" else "right")
     for k, v in result["step_seconds"].items():

@@ -119,10 +119,10 @@ def _read_run(method: str, seed: int, run_dir: Path) -> RunResult:
     return RunResult(method, seed, run_dir, names, [float(info["test_acc"][n]) for n in names], curve, per_class)
 
 
-def ensemble_accuracy(run_dir: str | Path) -> float:
-    """EL accuracy (%) of a finished run's networks (the IL run, for the paper's EL row) on its test split: their
-    softmax probabilities averaged. (The paper adds a trainable FC layer on the combined predictions; averaging the
-    probabilities is the parameter-free version.)"""
+def el_accuracy(run_dir: str | Path) -> float:
+    """EL accuracy (%) of a finished run's networks (the IL run, for the paper's EL row) on its test split:
+    `evaluation.ensemble_accuracy`, their softmax probabilities averaged. (The paper adds a trainable FC layer on the
+    combined predictions; averaging the probabilities is the parameter-free version.)"""
     import torch
 
     from clcli import evaluation
@@ -144,7 +144,7 @@ def _ensemble(il_dir: Path, cache: Path) -> float:
             saved = {}
         if saved.get("il_checkpoint_mtime_ns") == stamp and isinstance(saved.get("test_acc"), (int, float)):
             return float(saved["test_acc"])
-    acc = ensemble_accuracy(il_dir)
+    acc = el_accuracy(il_dir)
     files.write_json(cache, {"il_run": str(il_dir), "il_checkpoint_mtime_ns": stamp, "test_acc": acc})
     return acc
 

@@ -63,7 +63,7 @@ def ensemble_probabilities(networks: list[nn.Module], x: torch.Tensor) -> torch.
 
 @torch.no_grad()
 def ensemble_accuracy(networks: list[nn.Module], images: torch.Tensor, labels: torch.Tensor, mean, std, *,
-                         batch_size: int = 500) -> float:
+                      batch_size: int = 500) -> float:
     """Top-1 accuracy (%) of the averaged probabilities on uint8 images."""
     for net in networks:
         net.eval()

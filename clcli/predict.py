@@ -49,7 +49,7 @@ def load_classifier(path: str | Path, *, model: str | None = None, device: str =
         meta = _header(path)
         if export.PLAIN_META_KEY in meta:  # `clcli export --plain`: timm weights with clcli's preprocessing
             return _plain_classifier(path, meta, model, device)
-        if export.META_KEY not in meta:
+        if export.SPLIT_META_KEY not in meta:
             return _timm_classifier(path, model, device)
         manifest = export.manifest_from_header(path, meta)
         if model != manifest["model"]:

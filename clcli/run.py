@@ -34,28 +34,34 @@ def _info_value_ok(key: str, value) -> bool:
     return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
 
 
+def _read_info(path: Path) -> dict:
+    """The run.json of run folder `path`, with what resuming and exporting read from it checked; one line if not."""
+    if not (path / "run.json").is_file():
+        raise ClcliError(f"{path} is not a clcli run folder (no run.json)")
+    info = files.read_json(path / "run.json", "run file")
+    missing = [k for k in _INFO_KEYS if k not in info]
+    if missing:
+        raise ClcliError(f"{path / 'run.json'} is not a clcli run.json (no {', '.join(missing)})")
+    wrong = next((k for k in _INFO_KEYS if not _info_value_ok(k, info[k])), None)
+    if wrong:
+        raise ClcliError(f"{path / 'run.json'} is damaged: '{wrong}' must be {_INFO_KEYS[wrong]}, it is "
+                         f"{json.dumps(info[wrong])[:60]}")
+    return info
+
+
 class Run:
     """One run folder, read: `info` (run.json), `recipe`, `plan`, the last checkpoint (`state`), the networks'
-    weights (`network_state`) and the cohort rebuilt from them (`cohort`). Files are read when first asked for."""
+    weights (`network_state`, `weights_of`, `best_epochs`) and the cohort rebuilt from them (`cohort`). Files are
+    read when first asked for; the checkpoint by `_Checkpoint`, the cohort by `_rebuilt_cohort`."""
 
     def __init__(self, path: Path, info: dict):
         self.path, self.info = path, info
-        self._recipe = self._plan = self._plan_dict = self._state = None
+        self._checkpoint = _Checkpoint(path / CHECKPOINT)
+        self._recipe = self._plan = self._plan_dict = None
 
     @classmethod
     def open(cls, path: str | Path) -> "Run":
-        path = Path(path)
-        if not (path / "run.json").is_file():
-            raise ClcliError(f"{path} is not a clcli run folder (no run.json)")
-        info = files.read_json(path / "run.json", "run file")
-        missing = [k for k in _INFO_KEYS if k not in info]
-        if missing:
-            raise ClcliError(f"{path / 'run.json'} is not a clcli run.json (no {', '.join(missing)})")
-        wrong = next((k for k in _INFO_KEYS if not _info_value_ok(k, info[k])), None)
-        if wrong:
-            raise ClcliError(f"{path / 'run.json'} is damaged: '{wrong}' must be {_INFO_KEYS[wrong]}, it is "
-                             f"{json.dumps(info[wrong])[:60]}")
-        return cls(path, info)
+        return cls(Path(path), _read_info(Path(path)))
 
     @classmethod
     def children(cls, path: str | Path) -> list["Run"]:
@@ -122,17 +128,6 @@ class Run:
             self._plan_dict = files.read_json(self.path / "plan.json", "plan file")
         return self._plan_dict
 
-    def state(self, map_location="cpu") -> dict:
-        """The last checkpoint: {"epoch", "method", "optimizer", "scheduler", ...}."""
-        if self._state is None:
-            self._state = load_checkpoint(self.path / CHECKPOINT, map_location=map_location)
-        return self._state
-
-    def network_state(self, index: int) -> dict:
-        """Network `index`'s weights (with its MKB halves, if any) under the network's own keys."""
-        prefix = f"{COHORT_PREFIX}networks.{index}."
-        return {k[len(prefix):]: v for k, v in self.state()["method"].items() if k.startswith(prefix)}
-
     @property
     def method_class(self):
         """The method this run was trained with (its traits: uses_mkb, shared_transfer)."""
@@ -146,46 +141,82 @@ class Run:
     def with_mkb(self) -> bool:
         return self.method_class.uses_mkb
 
+    def metrics(self) -> list[dict]:
+        return read_metrics(self.path)
+
+    def state(self, map_location="cpu") -> dict:
+        """The last checkpoint: {"epoch", "method", "optimizer", "scheduler", ...}."""
+        return self._checkpoint.state(map_location)
+
+    def network_state(self, index: int) -> dict:
+        return self._checkpoint.network_state(index)
+
+    def weights_of(self, weights: str, labels: list[str]) -> list[dict]:
+        return self._checkpoint.weights_of(weights, labels)
+
+    def best_epochs(self) -> dict[str, int]:
+        return self._checkpoint.best_epochs()
+
     def cohort(self, weights: str = "last"):
         """The cohort as the last checkpoint left it, in eval mode: each network's live weights (`last`), their
         moving average (`ema`, train.ema_decay) or its best epoch's on the validation split (`best`,
         train.keep_best)."""
-        from clcli.cohort import build_cohort
+        return _rebuilt_cohort(self, weights)
 
-        if weights not in WEIGHTS:
-            raise ClcliError(f"unknown weights '{weights}' (choose from {', '.join(WEIGHTS)})")
 
-        traits = self.method_class
-        cohort = build_cohort(self.plan, num_classes=len(self.info["class_names"]), seed=self.recipe.train.seed,
-                              with_mkb=traits.uses_mkb, fuse=self.fuse, shared_transfer=traits.shared_transfer)
-        state = self.state()["method"]
-        # a diverged run is not a model to use (nor a teacher)
-        models.check_finite(state, f"the checkpoint {self.path / CHECKPOINT}")
-        cohort.load_state_dict({k[len(COHORT_PREFIX):]: v for k, v in state.items() if k.startswith(COHORT_PREFIX)})
-        if weights != "last":
-            for net, state in zip(cohort.networks, self.weights_of(weights, cohort.labels)):
-                models.check_finite(state, f"the {weights} weights in {self.path / CHECKPOINT}")
-                net.load_state_dict(state)
-        return cohort.eval()
+class _Checkpoint:
+    """A run's checkpoint.pt (its last completed epoch), loaded when first asked for, and what it keeps of each
+    network: its live weights, their moving average, its best epoch's."""
+
+    def __init__(self, path: Path):
+        self.path, self.run_dir = path, path.parent
+        self._state = None
+
+    def state(self, map_location="cpu") -> dict:
+        if self._state is None:
+            self._state = load_checkpoint(self.path, map_location=map_location)
+        return self._state
+
+    def network_state(self, index: int) -> dict:
+        """Network `index`'s weights (with its MKB halves, if any) under the network's own keys."""
+        prefix = f"{COHORT_PREFIX}networks.{index}."
+        return {k[len(prefix):]: v for k, v in self.state()["method"].items() if k.startswith(prefix)}
 
     def weights_of(self, weights: str, labels: list[str]) -> list[dict]:
-        """Each network's `ema` or `best` state dict from the checkpoint; one line when the run kept none."""
+        """Each network's `ema` or `best` state dict; one line when the run kept none."""
         state = self.state()
         if weights == "ema":
             if "ema" not in state:
-                raise ClcliError(f"{self.path} kept no moving average of its weights (train it with "
+                raise ClcliError(f"{self.run_dir} kept no moving average of its weights (train it with "
                                  "train.ema_decay, e.g. --set train.ema_decay=0.999)")
             return state["ema"]
         if "best" not in state:
-            raise ClcliError(f"{self.path} kept no best-epoch weights (train it with --set train.keep_best=true)")
+            raise ClcliError(f"{self.run_dir} kept no best-epoch weights (train it with --set train.keep_best=true)")
         return [state["best"]["networks"][label] for label in labels]
 
     def best_epochs(self) -> dict[str, int]:
         """{network: its best epoch (1-based)} of a train.keep_best run."""
         return {name: e + 1 for name, e in self.state().get("best", {}).get("epoch", {}).items()}
 
-    def metrics(self) -> list[dict]:
-        return read_metrics(self.path)
+
+def _rebuilt_cohort(run: Run, weights: str):
+    """`Run.cohort`: the cohort built from the run's plan and method, loaded from its checkpoint."""
+    from clcli.cohort import build_cohort
+
+    if weights not in WEIGHTS:
+        raise ClcliError(f"unknown weights '{weights}' (choose from {', '.join(WEIGHTS)})")
+    traits = run.method_class
+    cohort = build_cohort(run.plan, num_classes=len(run.info["class_names"]), seed=run.recipe.train.seed,
+                          with_mkb=traits.uses_mkb, fuse=run.fuse, shared_transfer=traits.shared_transfer)
+    state = run.state()["method"]
+    # a diverged run is not a model to use (nor a teacher)
+    models.check_finite(state, f"the checkpoint {run.path / CHECKPOINT}")
+    cohort.load_state_dict({k[len(COHORT_PREFIX):]: v for k, v in state.items() if k.startswith(COHORT_PREFIX)})
+    if weights != "last":
+        for net, state in zip(cohort.networks, run.weights_of(weights, cohort.labels)):
+            models.check_finite(state, f"the {weights} weights in {run.path / CHECKPOINT}")
+            net.load_state_dict(state)
+    return cohort.eval()
 
 
 def free_folder(name: str, root: str | Path = "runs") -> Path:

@@ -31,3 +31,33 @@ def test_bench_measures_il_and_cl_on_one_batch_and_reports_json():
     assert r["pipeline"]["images_per_s"] > 0
     assert r["w2"]["seconds_per_step_uncached"] > r["w2"]["seconds_per_step_cached"] > 0
     assert r["wel"]["pairs_per_step"] == 8 and r["wel"]["seconds_per_step_new_pairs"] > 0
+
+
+def test_bench_steps_with_the_optimiser_training_builds_from_the_recipe():
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from clcli.bench import make_steps
+
+    def stepped_optimisers(overrides):
+        stepped = []
+        hook = register_optimizer_step_pre_hook(lambda optimizer, args, kwargs: stepped.append(optimizer))
+        try:
+            steps, _, _ = make_steps(list(TINY), batch_size=4, device="cpu", overrides=overrides)
+            for step in steps.values():
+                step()
+        finally:
+            hook.remove()
+        return stepped
+
+    adamw = stepped_optimisers(["train.opt=adamw", "train.lr=0.003", "train.weight_decay=0.05"])
+    assert len(adamw) == 3 and all(type(o) is torch.optim.AdamW for o in adamw)  # IL A, IL B, CL
+    assert {(g["lr"], g["weight_decay"]) for o in adamw for g in o.param_groups} == {(0.003, 0.05)}
+    default = stepped_optimisers([])  # the recipe's defaults: SGD, momentum 0.9, weight decay 1e-4
+    assert all(type(o) is torch.optim.SGD and o.defaults["momentum"] == 0.9 for o in default)
+
+
+def test_bench_set_takes_the_train_keys_only():
+    from clcli.errors import ClcliError
+
+    result = CliRunner().invoke(app, ["bench", *TINY, "--set", "input_size=64", "--json"])
+    assert isinstance(result.exception, ClcliError) and "train.*" in str(result.exception)

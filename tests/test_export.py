@@ -55,7 +55,7 @@ def test_each_file_holds_only_its_network_and_its_mkb_half(cl_run, tmp_path):
         extra = keys - timm_keys
         assert extra and all(k.startswith("mkb.site0.") for k in extra)
         assert any(".transfer." in k for k in extra) and any(".encoder." in k for k in extra)
-        assert meta["model"] == name and meta["format_version"] == export.FORMAT_VERSION
+        assert meta["model"] == name and meta["format_version"] == export.SPLIT_FORMAT_VERSION
         assert meta["class_names"][0] == "airplane" and meta["stem"]["conv"]
         for field in ("kwargs", "input_size", "mean", "std", "mkb_halves", "recipe", "versions", "test_acc"):
             assert field in meta
@@ -269,3 +269,32 @@ def test_exporting_an_unfinished_run_says_so(cl_run, tmp_path):
     assert result.exit_code == 0, result.output
     assert "is not finished (interrupted, 1 of 1 epochs)" in result.stdout
     assert export.read_manifest(tmp_path / "exp" / "test_resnet.safetensors")["epochs_trained"] == 1
+
+
+def test_logging_the_export_of_a_run_never_logged_to_mlflow_is_one_line_before_any_file(cl_run, tmp_path):
+    out = tmp_path / "exp"
+    result = runner.invoke(app, ["export", str(cl_run), "--out", str(out), "--no-measure", "--log"])
+    assert isinstance(result.exception, ClcliError) and "not logged to MLflow" in str(result.exception)
+    assert not out.exists()
+
+
+def test_a_logged_export_sends_its_files_and_manifest_to_the_runs_mlflow_run(cl_run, tmp_path, monkeypatch):
+    import shutil
+
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = (tmp_path / "mlruns").as_uri()
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("clcli")).info.run_id
+    run = tmp_path / "run"
+    shutil.copytree(cl_run, run)
+    info = json.loads((run / "run.json").read_text())
+    info["tracking"] = {"mlflow": {"run_id": run_id, "tracking_uri": uri}}  # as training with --log mlflow keeps
+    (run / "run.json").write_text(json.dumps(info))
+    result = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "exp"), "--no-measure", "--log"])
+    assert result.exit_code == 0, result.output
+    assert "logged 3 files to the run's MLflow run" in result.stdout
+    logged = sorted(a.path.split("/")[-1] for a in client.list_artifacts(run_id, "exported"))
+    assert logged == ["manifest.json", "test_efficientnet.safetensors", "test_resnet.safetensors"]

@@ -356,14 +356,14 @@ def test_el_averages_probabilities():
 
 
 def test_el_is_not_trained_but_computed_from_the_il_runs(grid, tmp_path):
-    from clcli.compare import ensemble_accuracy
+    from clcli.compare import el_accuracy
 
     with pytest.raises(ClcliError, match="clcli compare"):
         train_lib.train(_recipe(methods=("el",)), tmp_path / "el")
     assert not (tmp_path / "el").exists()
     out, _ = grid
     saved = json.loads((out / "runs/el/seed0.json").read_text())
-    assert ensemble_accuracy(out / "runs/il/seed0") == saved["test_acc"]
+    assert el_accuracy(out / "runs/il/seed0") == saved["test_acc"]
 
 
 # --- compare ---------------------------------------------------------------------------------------------------------

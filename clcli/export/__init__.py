@@ -20,9 +20,10 @@ from . import _onnx
 from ._onnx import export_onnx, load_onnx, read_onnx_manifest
 from ._onnx import tolerance as onnx_tolerance
 
-FORMAT = "clcli.split"
-FORMAT_VERSION = 1
-META_KEY = "clcli"
+# A split export's format name and version, in each file's manifest and in the folder's manifest.json
+SPLIT_FORMAT = "clcli.split"
+SPLIT_FORMAT_VERSION = 1
+SPLIT_META_KEY = "clcli"  # the safetensors header entry that holds a file's manifest
 # A --plain file's header: how its images must be prepared (timm does not know: 32 px, small stem, the data's mean and
 # std) and its class names, for `clcli predict --model`; timm itself ignores it.
 PLAIN_META_KEY = "clcli_plain"
@@ -36,8 +37,8 @@ def _manifest(run, index: int, test_acc: float | None, weights: str = "last") ->
     probe_m = plan.models[index]
     halves = [h.to_dict() for h in mkb.half_plans(plan, index, run.fuse)] if run.with_mkb else []
     return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format": SPLIT_FORMAT,
+        "format_version": SPLIT_FORMAT_VERSION,
         "model": probe_m.name,
         "network": network_labels(plan.names)[index],
         "kwargs": dict(probe_m.kwargs, num_classes=len(info["class_names"])),
@@ -77,7 +78,8 @@ def _measure(net, data) -> float:
     return evaluate(net, data.test_images, data.test_labels, data.mean, data.std)["top1"]
 
 
-def _targets(names: list[str], out_dir: Path, plain: bool, hub_folder: bool, onnx: bool) -> list[Path]:
+def _output_paths(names: list[str], out_dir: Path, plain: bool, hub_folder: bool, onnx: bool) -> list[Path]:
+    """The files and folders an export writes into `out_dir` (checked before any is written)."""
     paths = [out_dir / f"{n}.safetensors" for n in names]
     if plain:
         paths += [out_dir / f"{n}.timm.safetensors" for n in names]
@@ -101,17 +103,21 @@ def _earlier_entries(out_dir: Path) -> list[dict]:
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, plain: bool = False, hub_folder: bool = False,
-               onnx: bool = False, measure: bool = True, force: bool = False, weights: str = "last") -> dict:
+               onnx: bool = False, measure: bool = True, force: bool = False, weights: str = "last",
+               log: bool = False) -> dict:
     """Write one safetensors file per network of the run (and optionally timm-only files, Hub folders, ONNX files
     checked against ONNX Runtime): its last weights, their moving average (`weights="ema"`) or its best epoch's
-    (`"best"`).
+    (`"best"`). With `log`, the files and manifest.json also go to the trackers the run logged to (its MLflow run,
+    under `exported/`), checked before anything is exported.
 
     Nothing is written when any target exists and `force` is off. The folder's manifest.json lists every export
     in it (earlier exports of other networks stay listed), also the files written before a network failed to
-    export. Returns this export's {run, method, networks, status, epochs_trained, epochs_planned}."""
+    export. Returns this export's {run, method, networks, status, epochs_trained, epochs_planned, logged (the
+    files logged)}."""
     import torch
     from safetensors.torch import save_file
 
+    from clcli import tracking
     from clcli.version import __version__
     from clcli.data import load_data
     from clcli.run import Run
@@ -121,8 +127,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, plain: bool = False,
         _onnx.require("onnx", "onnxruntime", "onnxscript")
     files.check_output_dir(out_dir, "export folder")
     run = Run.open(run_dir)
+    log_files = tracking.file_logger(run.info, "exported") if log else None
     info, cohort = run.info, run.cohort(weights)
-    for target in [*_targets(cohort.labels, out_dir, plain, hub_folder, onnx), out_dir / "manifest.json"]:
+    for target in [*_output_paths(cohort.labels, out_dir, plain, hub_folder, onnx), out_dir / "manifest.json"]:
         folder = target.name.endswith("-hub")
         if target.exists() and target.is_dir() != folder:
             raise ClcliError(f"{target} is a {'file' if folder else 'folder'}; move it away to export here")
@@ -138,7 +145,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, plain: bool = False,
             manifest = _manifest(run, i, acc, weights)
             manifest["clcli_version"] = __version__
             with files.atomic_path(target) as tmp:
-                save_file(_tensors(net.state_dict()), str(tmp), metadata={META_KEY: json.dumps(manifest)})
+                save_file(_tensors(net.state_dict()), str(tmp), metadata={SPLIT_META_KEY: json.dumps(manifest)})
             entry = {"network": name, "model": cohort.names[i], "file": target.name, "sha256": _sha256(target),
                      "test_acc": acc, "run": str(run_dir), "method": info["method"], "weights": weights}
             entries.append(entry)
@@ -152,10 +159,16 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, plain: bool = False,
         if entries:
             written = {e["file"] for e in entries}
             kept = [e for e in earlier if e.get("file") not in written and (out_dir / str(e.get("file"))).is_file()]
-            files.write_json(out_dir / "manifest.json", {"format": FORMAT, "format_version": FORMAT_VERSION,
+            files.write_json(out_dir / "manifest.json", {"format": SPLIT_FORMAT,
+                                                       "format_version": SPLIT_FORMAT_VERSION,
                                                        "networks": kept + entries})
+    logged = []
+    if log_files is not None:
+        logged = [out_dir / e["file"] for e in entries] + [out_dir / "manifest.json"]
+        log_files(logged)
     return {"run": str(run_dir), "method": info["method"], "networks": entries, "status": info.get("status"),
-            "epochs_trained": int(run.state().get("epoch", 0)), "epochs_planned": run.recipe.train.epochs}
+            "epochs_trained": int(run.state().get("epoch", 0)), "epochs_planned": run.recipe.train.epochs,
+            "logged": [str(path) for path in logged]}
 
 
 def _plain_state(net) -> dict:
@@ -199,7 +212,7 @@ def _export_hub_folder(net, name: str, manifest: dict, out_dir: Path) -> str:
     }
     files.write_json(folder / "config.json", config)
     with files.atomic_path(folder / "model.safetensors") as tmp:
-        save_file(_tensors(net.state_dict()), str(tmp), metadata={META_KEY: json.dumps(manifest)})
+        save_file(_tensors(net.state_dict()), str(tmp), metadata={SPLIT_META_KEY: json.dumps(manifest)})
     acc = manifest["test_acc"]
     others = [n for n in network_labels(manifest["cohort"]) if n != name]
     card = f"""---
@@ -263,19 +276,19 @@ def _raise_if_out_of_memory(path: Path, error: Exception) -> None:
 
 def manifest_from_header(path: Path, meta: dict) -> dict:
     """The clcli manifest in a header read by `safetensors_header`, checked."""
-    if META_KEY not in meta:
-        raise ClcliError(f"{path} is not a clcli export (no '{META_KEY}' manifest in its header)")
+    if SPLIT_META_KEY not in meta:
+        raise ClcliError(f"{path} is not a clcli export (no '{SPLIT_META_KEY}' manifest in its header)")
     try:
-        manifest = json.loads(meta[META_KEY])
+        manifest = json.loads(meta[SPLIT_META_KEY])
     except json.JSONDecodeError:
         raise ClcliError(f"{path} has a corrupt clcli manifest") from None
     if not isinstance(manifest, dict):
         raise ClcliError(f"{path} has a corrupt clcli manifest (not a mapping)")
-    if manifest.get("format") != FORMAT:
+    if manifest.get("format") != SPLIT_FORMAT:
         raise ClcliError(f"{path} is not a clcli split export (format {manifest.get('format')!r})")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") != SPLIT_FORMAT_VERSION:
         raise ClcliError(f"{path} has export format version {manifest.get('format_version')}; this clcli reads "
-                         f"version {FORMAT_VERSION}")
+                         f"version {SPLIT_FORMAT_VERSION}")
     return manifest
 
 
@@ -369,4 +382,4 @@ def evaluate_export(path: str | Path, *, recipe: str | None = None, data: str | 
 
 
 __all__ = ["export_run", "evaluate_export", "load", "load_any", "is_onnx", "read_manifest", "export_onnx",
-           "load_onnx", "read_onnx_manifest", "onnx_tolerance", "FORMAT_VERSION"]
+           "load_onnx", "read_onnx_manifest", "onnx_tolerance", "SPLIT_FORMAT_VERSION", "SPLIT_META_KEY"]

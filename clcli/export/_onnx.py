@@ -27,10 +27,10 @@ from pathlib import Path
 from clcli import files
 from clcli.errors import ClcliError, one_line
 
-FORMAT = "clcli.onnx"
-FORMAT_VERSION = 1
+ONNX_FORMAT = "clcli.onnx"  # an ONNX export's manifest: its format name and version
+ONNX_FORMAT_VERSION = 1
 OPSET = 18
-META_KEY = "clcli"
+ONNX_META_KEY = "clcli"  # the metadata_props entry that holds the manifest
 # Written beside the manifest for runtimes other than clcli; clcli reads them too (predict needs nothing else).
 PREPROCESSING_KEYS = ("model", "input_size", "mean", "std", "class_names")
 INPUT_LAYOUT = "NCHW float32, RGB (grayscale repeated), resized bilinear to input_size, (x/255 - mean) / std"
@@ -246,7 +246,7 @@ def _write_metadata(path: Path, manifest: dict, errors: dict, seconds: float, da
     import onnx
     import torch
 
-    described = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION,
+    described = dict(manifest, format=ONNX_FORMAT, format_version=ONNX_FORMAT_VERSION,
                      onnx={"exporter": "torch.onnx.export(dynamo=True)", "opset": OPSET, "torch": torch.__version__,
                            "onnx": onnx.__version__, "input": INPUT_NAME, "output": OUTPUT_NAME,
                            "external_data": data_file,
@@ -254,7 +254,7 @@ def _write_metadata(path: Path, manifest: dict, errors: dict, seconds: float, da
                                      "max_rel_error": errors["max_rel_error"], "atol": ATOL, "rtol": RTOL},
                            "seconds": round(seconds, 2)})
     props = {k: json.dumps(manifest[k]) for k in PREPROCESSING_KEYS}
-    props.update(input_layout=INPUT_LAYOUT, **{META_KEY: json.dumps(described)})
+    props.update(input_layout=INPUT_LAYOUT, **{ONNX_META_KEY: json.dumps(described)})
     # Appended, not loaded and saved again (a graph of up to 2 GiB): protobuf parses concatenated messages as one,
     # repeated fields (metadata_props) joined and the last producer_name winning.
     model = onnx.ModelProto(producer_name="clcli")
@@ -278,19 +278,19 @@ def read_onnx_manifest(path: str | Path) -> dict:
     except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
         raise ClcliError(f"{path} is not a readable ONNX file ({one_line(e)})") from None
     props = {p.key: p.value for p in model.metadata_props}
-    if META_KEY not in props:
-        raise ClcliError(f"{path} is not a clcli ONNX export (no '{META_KEY}' entry in its metadata); export it with "
-                         f"`clcli export RUN --onnx`")
+    if ONNX_META_KEY not in props:
+        raise ClcliError(f"{path} is not a clcli ONNX export (no '{ONNX_META_KEY}' entry in its metadata); export it "
+                         f"with `clcli export RUN --onnx`")
     try:
-        manifest = json.loads(props[META_KEY])
+        manifest = json.loads(props[ONNX_META_KEY])
     except json.JSONDecodeError:
         raise ClcliError(f"{path} has a corrupt clcli manifest") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != ONNX_FORMAT:
         raise ClcliError(f"{path} is not a clcli ONNX export (format {manifest.get('format')!r})"
                          if isinstance(manifest, dict) else f"{path} has a corrupt clcli manifest (not a mapping)")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") != ONNX_FORMAT_VERSION:
         raise ClcliError(f"{path} has ONNX export format version {manifest.get('format_version')}; this clcli reads "
-                         f"version {FORMAT_VERSION}")
+                         f"version {ONNX_FORMAT_VERSION}")
     return manifest
 
 

@@ -10,7 +10,7 @@ from clcli.errors import ClcliError
 METHODS: dict[str, type["Method"]] = {}
 # Names that are rows of a comparison but not methods one trains: asked to train them, say where they come from.
 NOT_TRAINED = {"el": "el (ensemble learning) is not trained: it is computed from the IL runs by "
-                     "`clcli compare --methods il,el,...` (or clcli.compare.ensemble_accuracy(<IL run>))"}
+                     "`clcli compare --methods il,el,...` (or clcli.compare.el_accuracy(<IL run>))"}
 
 
 def register(name: str):

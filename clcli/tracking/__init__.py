@@ -1,10 +1,12 @@
 """Experiment trackers: every record that goes to metrics.jsonl also goes to TensorBoard, Weights & Biases or MLflow
 (`train.log` in a recipe, `--log tensorboard,wandb,mlflow` on the command line; several at once).
 
-    tracking.check(["tensorboard"])            # before any work: a missing extra is one line with its pip command
-    trackers = tracking.start(names, context)  # one run per tracker; `trackers.ids()` goes to run.json
-    trackers.log(record)                       # a metrics.jsonl record, named per network: resnet18/cls, ...
+    tracking.check(["tensorboard"])               # before any work: a missing extra is one line with its pip command
+    trackers = tracking.start(names, context)     # one run per tracker; `trackers.ids()` goes to run.json
+    trackers.log(record)                          # a metrics.jsonl record, named per network: resnet18/cls, ...
     trackers.finish(table); trackers.close("finished")
+    log = tracking.file_logger(info, "exported")  # `clcli export --log`, later: checked at once
+    log(paths)                                    # the files, to the trackers the run logged to (MLflow)
 
 A record's scalars are named `<network>/<part>` (`resnet18/cls`, `resnet18/metric`, `resnet18/train_acc`) and
 `<network>/<key>` for an epoch record's per-network values (`resnet18/test_acc`, `.../ema_test_acc`,
@@ -14,8 +16,10 @@ record's. A tracker that fails is reported once and dropped: metrics.jsonl stays
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import sys
+from pathlib import Path
 from typing import Callable
 
 from clcli.errors import ClcliError, one_line
@@ -129,26 +133,16 @@ def start(names: list[str], ctx: Context, *, note: Callable[[str], None] | None 
     return trackers
 
 
-def mlflow_run(info: dict) -> dict:
-    """The MLflow run a run folder logged to (its run.json), with the extra installed; one line when there is none."""
-    ids = info.get("tracking", {}).get("mlflow")
-    if not ids:
-        raise ClcliError("--log: this run was not logged to MLflow (train it with --log mlflow); its exported files "
-                         "go to its MLflow run")
+def file_logger(info: dict, folder: str) -> Callable[[list[Path]], None]:
+    """What logs a run folder's files (`clcli export --log`) to the trackers it logged to (`info`: its run.json):
+    its MLflow run, the one tracker here that keeps files, as artifacts under `folder`. Checked at once, before the
+    work that makes the files: a run not logged to MLflow, or MLflow not installed, is one line."""
+    from . import _mlflow  # imports no mlflow itself
+
+    ids = _mlflow.logged_run(info)
     check(["mlflow"])
-    return ids
-
-
-def log_files(info: dict, paths: list, folder: str = "exported") -> None:
-    """`clcli export --log`: files (the exports and manifest.json) as artifacts of the run's MLflow run, under
-    `folder`."""
-    from ._mlflow import client
-
-    ids = mlflow_run(info)
-    mlflow = client(ids)
-    for path in paths:
-        mlflow.log_artifact(ids["run_id"], str(path), folder)
+    return functools.partial(_mlflow.log_files, ids, folder=folder)
 
 
 __all__ = ["TRACKERS", "Context", "Tracker", "Trackers", "NONE", "check", "scalars", "position", "position_of", "start",
-           "mlflow_run", "log_files"]
+           "file_logger"]

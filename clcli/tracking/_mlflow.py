@@ -1,11 +1,13 @@
 """MLflow, through its client: the store of MLFLOW_TRACKING_URI, else a local file store ./mlruns/ (the runs/
 folder's neighbour); the experiment from the recipe, MLFLOW_EXPERIMENT_NAME, else "clcli"; `clcli compare`'s runs
-under one parent run."""
+under one parent run; `clcli export --log`'s files as artifacts of the run's MLflow run (`logged_run`, `log_files`)."""
 from __future__ import annotations
 
 import os
 import time
 from pathlib import Path
+
+from clcli.errors import ClcliError
 
 from ._base import Context, Tracker, position_of
 
@@ -26,6 +28,22 @@ def client(previous: dict):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri(previous))
+
+
+def logged_run(info: dict) -> dict:
+    """The MLflow run a run folder logged to (the ids in its run.json); one line when there is none."""
+    ids = info.get("tracking", {}).get("mlflow")
+    if not ids:
+        raise ClcliError("--log: this run was not logged to MLflow (train it with --log mlflow); its exported files "
+                         "go to its MLflow run")
+    return ids
+
+
+def log_files(ids: dict, paths: list[Path], folder: str) -> None:
+    """Files as artifacts of the MLflow run `ids` (`logged_run`), under `folder`."""
+    mlflow = client(ids)
+    for path in paths:
+        mlflow.log_artifact(ids["run_id"], str(path), folder)
 
 
 class MLflow(Tracker):
