@@ -267,8 +267,9 @@ def export(
     log: bool = typer.Option(False, "--log", help="also log the exported files and manifest.json as artifacts of "
                                                   "the run's MLflow run (trained with --log mlflow)"),
 ) -> None:
-    """Export each network of a run on its own, with its MKB half, as safetensors (and, with --onnx, as ONNX): its
-    last weights, or with --ema / --best the moving average or the best epoch's."""
+    """Export each network of a run on its own, with its MKB half, as safetensors (and, with --onnx, as ONNX).
+
+    Its last weights by default; with --ema the moving average of its weights, with --best its best epoch's."""
     from clcli.export import export_run
     from clcli.run import Run
 
@@ -341,8 +342,7 @@ def evaluate_cmd(
     data: Optional[str] = typer.Option(None, "--data", help="local dataset folder replacing the recipe's"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Measure the test accuracy of an exported network, on its own: overall, per class, and the confusion
-    matrix."""
+    """Measure an exported network's test accuracy on its own: overall, per class, and the confusion matrix."""
     from clcli.export import evaluate_export
 
     result = evaluate_export(file, recipe=recipe, data=data)
@@ -459,8 +459,9 @@ def bench(
                                         "optimiser as training builds it (train.opt=adamw, train.lr, train.clip_grad)"),
     as_json: bool = typer.Option(False, "--json", help="print the results as one JSON object"),
 ) -> None:
-    """Step time of each network alone and of the CL cohort on the same batch, their ratio, the MKB overhead, the
-    data pipeline's images/s and the W2 cost of different-input training."""
+    """Time the training step of each network alone and of the CL cohort on the same batch, and their ratio.
+
+    Also the MKB overhead, the data pipeline's images/s and the W2 cost of different-input training."""
     from clcli.bench import run
 
     result = run(models or ["resnet10t", "mobilenetv3_small_050"], input_size=input_size, stem=stem,
@@ -520,8 +521,9 @@ def compare(
                                       "wandb, mlflow (comma separated for several; train.log)"),
     no_progress: bool = typer.Option(False, "--no-progress", help="no live progress bar"),
 ) -> None:
-    """Train every method on the same recipe and seeds; write table.md (paper Table 2), results.csv, curves.png,
-    per_class.md; with --log, every run to the trackers, grouped."""
+    """Train every method on the same recipe and seeds, and write their comparison (paper Table 2).
+
+    Writes table.md, results.csv, curves.png and per_class.md; with --log, every run goes to the trackers, grouped."""
     from rich.table import Table
 
     from clcli import recipes
@@ -551,8 +553,9 @@ def report(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG to write (default: RUN/curves.png for one "
                                        "folder, else report.png here)"),
 ) -> None:
-    """Draw the training curves of one or several runs side by side: per network, the training loss parts and the
-    test accuracy per epoch; and each network's confusion matrix, with several runs the per-class differences."""
+    """Draw the training curves of one or several runs side by side, and each network's confusion matrix.
+
+    Per network: the training loss parts and test accuracy per epoch; with several runs, the per-class differences."""
     from clcli.plots import report as report_lib
 
     path, (width, height), drawn, per_class = report_lib(runs, out)

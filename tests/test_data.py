@@ -189,6 +189,27 @@ def test_dataset_without_a_label_column_is_a_clear_error(tmp_path):
     one_line_error("no label column .*--set data.label_column=NAME", load, src, tmp_path=tmp_path)
 
 
+@pytest.mark.parametrize("layout,cause", [
+    (["cat/0.png", "cat/1.png"], r"one class folder found \('cat'\)"),
+    (["train/cat/0.png", "val/cat/0.png"], r"one class folder found \('train/cat'\)"),
+    (["0.png", "1.png"], "its images lie in the folder itself, in no class folder"),
+    (["0.png", "dog/0.png"], r"its images lie at different depths \(the folder itself and 'dog/'\)"),
+])
+def test_an_image_folder_without_two_class_folders_names_its_layout_not_a_label_column(tmp_path, layout, cause):
+    """`datasets` labels an image folder's images only from two or more class folders: with one, the error names
+    that folder and asks for one folder per class, whether the split is decoded or streamed."""
+    from clcli.data._stream import StreamSplit
+
+    for file in layout:
+        (tmp_path / "photos" / file).parent.mkdir(parents=True, exist_ok=True)
+        gray(5).save(tmp_path / "photos" / file)
+    expected = cause + r".*at least two class folders, one per class"
+    message = one_line_error(expected, load, tmp_path / "photos", tmp_path=tmp_path)
+    assert "label column" not in message
+    one_line_error(expected, StreamSplit, str(tmp_path / "photos"), "train", train=False, size=4, workers=0,
+                   cache_dir=str(tmp_path / "cache"))
+
+
 def test_unknown_split_names_the_available_ones(tmp_path):
     one_line_error(r"split 'validation' not found .*available: train, test",
                    load, simple_dataset(tmp_path / "ds"), "validation", tmp_path=tmp_path)

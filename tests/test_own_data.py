@@ -196,6 +196,22 @@ def test_a_val_subfolder_is_the_evaluation_split(photos, tmp_path):
 # --- starting weights -----------------------------------------------------------------------------------------
 
 
+def test_a_folder_with_one_class_folder_is_a_one_line_error_that_asks_for_one_folder_per_class(exported, tmp_path):
+    """`datasets` drops the labels of an image folder with a single class folder: training on it, or evaluating an
+    export on it, names that folder and the fix in one line, exit code 2 (not "no label column")."""
+    from _helpers import cli
+
+    one_class = write_image_folder(tmp_path / "frogs", ["frog"], 4)
+    for args in (["train", "--data", one_class, "--models", *TINY, "--epochs", "1", "--out", tmp_path / "run",
+                  "--no-progress"],
+                 ["eval", exported / "test_resnet.safetensors", "--data", one_class]):
+        done = cli([str(arg) for arg in args])
+        assert done.returncode == 2, done.stderr
+        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert "one class folder found ('frog')" in done.stderr and "at least two class folders" in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_weights_file_loads_and_changes_the_starting_accuracy(photos, weights_file, tmp_path):
     path, fitted_acc = weights_file
     data = load_data(held_out_recipe(photos), torch.device("cpu"))

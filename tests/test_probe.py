@@ -208,6 +208,53 @@ def test_shapes_match_a_real_forward():
         assert seen[tap.module] == (1, tap.channels, tap.height, tap.width)
 
 
+class _ListBlock(torch.nn.Module):
+    """Returns [x, skip]: a hook sees a list, never the tap."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return [self.conv(x) + x, x]
+
+
+class _HookTraps(torch.nn.Module):
+    """A block returning a list, a block called twice, and a block returning one tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2, 1), torch.nn.ReLU())
+        self.listed = _ListBlock()
+        self.twice = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU())
+        self.down = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, 2, 1), torch.nn.ReLU())
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        x, skip = self.listed(self.stem(x))
+        x = self.down(self.twice(self.twice(x)) + skip)
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("name", ["hook_traps", "test_resnet", "test_efficientnet", "test_vit", "test_convnext"])
+def test_what_the_trace_says_each_module_returns_is_what_a_hooked_forward_sees(name):
+    """The hook check reads each module's returns from the fx trace (no second forward): for every module the trace
+    calls, the same output shapes per call as forward hooks record in a forward of its own."""
+    import timm
+
+    from clcli.probe import _hooked_forward, _traced
+
+    with torch.device("meta"):
+        model = _HookTraps() if name == "hook_traps" else timm.create_model(name, num_classes=10)
+    model, graph = _traced(model, 3, (64, 64))
+    paths = set(graph.module_returns)
+    shapes = {n.name: n.shape for n in graph.nodes}
+    traced = {p: [shapes.get(node) for node in graph.module_returns.get(p, [])] for p in paths}
+    assert traced == _hooked_forward(model, paths, 3, (64, 64))
+    if name == "hook_traps":
+        assert traced["listed"] == [None] and len(traced["twice"]) == 2 and traced["down"] == [(1, 16, 16, 16)]
+
+
 def test_channels_first_tokens_are_not_mistaken_for_a_token_grid():
     from clcli.probe._taps import _layout
 

@@ -227,13 +227,62 @@ def _pick_column(features, wanted: str | None, feature_type, preferred: tuple[st
     return found[0]
 
 
+def _pick_label_column(dataset, wanted: str | None, split: str, source: str) -> str:
+    import datasets
+
+    features = dataset.features
+    if wanted is None and not any(isinstance(feature, datasets.ClassLabel) for feature in features.values()):
+        _refuse_an_image_folder_without_classes(dataset, source)
+    return _pick_column(features, wanted, datasets.ClassLabel, _LABEL_NAMES, "label", split, source)
+
+
+# Folder names `datasets` reads as a split of an image folder (train/cat/*.jpg), not as a class.
+_SPLIT_FOLDERS = {"train", "training", "val", "valid", "validation", "dev", "test", "testing", "eval", "evaluation"}
+
+
+def _refuse_an_image_folder_without_classes(dataset, source: str) -> None:
+    """`datasets`' image folder labels images by their folders only when it finds two or more class folders, every
+    image one level down; otherwise it yields the images alone, and the cause is the folder's layout (one class
+    folder, images in no class folder, or at different depths), not a label column to name."""
+    import datasets
+
+    features = dataset.features
+    local = _local_folder(source)
+    column = next(iter(features))
+    if (local is None or dataset.info.builder_name != "imagefolder" or len(features) != 1
+            or not isinstance(features[column], datasets.Image)):
+        return
+    paths = dataset.select_columns([column]).with_format("arrow")[:][column].combine_chunks().field("path")
+    folders = sorted({Path(p).parent for p in paths.to_pylist() if p is not None})
+    if not folders or not all(folder.is_relative_to(local) for folder in folders):
+        return
+    folders = [folder.relative_to(local) for folder in folders]
+    depths = sorted({len(folder.parts) for folder in folders})
+    if len(depths) > 1:
+        shallow = next(f for f in folders if len(f.parts) == depths[0])
+        deep = next(f for f in folders if len(f.parts) == depths[-1])
+        cause = f"its images lie at different depths ({_named(shallow)} and {_named(deep)})"
+    elif len(folders) == 1 and (depths[0] == 0 or (depths[0] == 1 and folders[0].name.lower() in _SPLIT_FOLDERS)):
+        cause = f"its images lie in {_named(folders[0])}, in no class folder"
+    elif len(folders) == 1:
+        cause = f"one class folder found ('{folders[0].as_posix()}')"
+    else:
+        cause = "its folders gave its images no class"
+    raise ClcliError(f"{source}: {cause}; an image folder needs at least two class folders, one per class, with the "
+                     f"images inside them (class_name/*.jpg)")
+
+
+def _named(folder: Path) -> str:
+    return f"'{folder.as_posix()}/'" if folder.parts else "the folder itself"
+
+
 def _decode_split(dataset, source: str, split: str, image_column: str | None, label_column: str | None,
                   image_size: int | None, limit: int | None) -> ImageTensors:
     import datasets
 
     features = dataset.features
     image_col = _pick_column(features, image_column, datasets.Image, _IMAGE_NAMES, "image", split, source)
-    label_col = _pick_column(features, label_column, datasets.ClassLabel, _LABEL_NAMES, "label", split, source)
+    label_col = _pick_label_column(dataset, label_column, split, source)
     if image_col == label_col:
         raise ClcliError(f"image and label column are both '{image_col}'")
     if not isinstance(features[image_col], datasets.Image):

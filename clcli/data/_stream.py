@@ -125,8 +125,7 @@ class StreamSplit:
         split_name = split or "the only split"
         image_col = _load._pick_column(features, image_column, datasets.Image, _load._IMAGE_NAMES, "image",
                                        split_name, source)
-        label_col = _load._pick_column(features, label_column, datasets.ClassLabel, _load._LABEL_NAMES, "label",
-                                       split_name, source)
+        label_col = _load._pick_label_column(dataset, label_column, split_name, source)
         if not isinstance(features[image_col], datasets.Image):
             raise ClcliError(f"column '{image_col}' is not an image column "
                              f"(feature {type(features[image_col]).__name__})")

@@ -169,17 +169,35 @@ def _on_meta(model) -> bool:
     return tensor is None or tensor.device.type == "meta"
 
 
-def _hookable(model, taps: list[Tap], in_chans: int, hw: tuple[int, int]) -> list[Tap]:
+def _hookable(model, taps: list[Tap], graph, in_chans: int, hw: tuple[int, int]) -> list[Tap]:
     """Keep a tap's module only where a forward hook there sees exactly the tap: the module runs once per forward
     and returns one tensor of the tap's shape. A block that returns `[x, skip]` or `(x, cls_token)`, or a module
-    called at several places, is spliced in by its graph node instead (`clcli.tracing.splice`)."""
+    called at several places, is spliced in by its graph node instead (`clcli.tracing.splice`). The fx trace says
+    what each module's calls returned; a graph from torch.export does not, so that model runs once more, hooked."""
     import dataclasses
-
-    import torch
 
     paths = {t.module for t in taps if t.module}
     if not paths:
         return taps
+    if graph.module_returns is not None:
+        shapes = {n.name: n.shape for n in graph.nodes}
+        seen = {p: [shapes.get(node) for node in graph.module_returns.get(p, [])] for p in paths}
+    else:
+        seen = _hooked_forward(model, paths, in_chans, hw)
+
+    def batch1(t: Tap) -> tuple:
+        return (1, t.channels, t.height, t.width) if t.layout == "NCHW" else \
+            (1, t.height, t.width, t.channels) if t.layout == "NHWC" else \
+            (1, t.prefix_tokens + t.height * t.width, t.channels)
+
+    return [t if t.module is None or seen[t.module] == [batch1(t)] else
+            dataclasses.replace(t, module=None, is_module_output=False) for t in taps]
+
+
+def _hooked_forward(model, paths: set[str], in_chans: int, hw: tuple[int, int]) -> dict[str, list]:
+    """The output shape of each call of each module in `paths` (None: not one tensor) in one forward."""
+    import torch
+
     seen: dict[str, list] = {p: [] for p in paths}
     handles = [model.get_submodule(p).register_forward_hook(
         lambda m, i, out, p=p: seen[p].append(tuple(out.shape) if isinstance(out, torch.Tensor) else None))
@@ -193,14 +211,7 @@ def _hookable(model, taps: list[Tap], in_chans: int, hw: tuple[int, int]) -> lis
     finally:
         for h in handles:
             h.remove()
-
-    def batch1(t: Tap) -> tuple:
-        return (1, t.channels, t.height, t.width) if t.layout == "NCHW" else \
-            (1, t.height, t.width, t.channels) if t.layout == "NHWC" else \
-            (1, t.prefix_tokens + t.height * t.width, t.channels)
-
-    return [t if t.module is None or seen[t.module] == [batch1(t)] else
-            dataclasses.replace(t, module=None, is_module_output=False) for t in taps]
+    return seen
 
 
 def analyse(
@@ -300,7 +311,8 @@ def _module_taps(model, graph, in_chans: int, hw: tuple[int, int]) -> list[Tap]:
     from ._taps import find_taps_in_graph
 
     prefix = getattr(model, "num_prefix_tokens", None)
-    return _hookable(model, find_taps_in_graph(graph, hw, prefix if isinstance(prefix, int) else None), in_chans, hw)
+    return _hookable(model, find_taps_in_graph(graph, hw, prefix if isinstance(prefix, int) else None), graph,
+                     in_chans, hw)
 
 
 def _patch_notes(name: str, model, hw: tuple[int, int]) -> list[str]:

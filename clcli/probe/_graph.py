@@ -34,6 +34,9 @@ class Graph:
     nodes: list[GNode]
     tracer: str                      # "fx" or "export"
     macs: int                        # multiply-accumulates of conv and linear layers for one image
+    # per module the trace called, the node each call returned (None: no single node, e.g. a list or tuple), i.e.
+    # what a forward hook there would see; None where the tracer does not say (torch.export)
+    module_returns: dict[str, list[str | None]] | None = None
 
 
 def _tensor_shape(value) -> tuple[int, ...] | None:
@@ -62,11 +65,14 @@ def _link(nodes: list[GNode], index: dict) -> list[GNode]:
     return nodes
 
 
-def _fx_graph(model: nn.Module, example: torch.Tensor) -> list[GNode]:
+def _fx_graph(model: nn.Module, example: torch.Tensor) -> tuple[list[GNode], dict[str, list[str | None]]]:
+    """The graph's nodes, and what each module's calls returned (`Graph.module_returns`)."""
     from torch.fx.passes.shape_prop import ShapeProp
 
     tracer = TimmTracer()
-    fx_graph = tracer.trace(model, concrete_args=concrete_args(model))
+    returns: dict[str, list[str | None]] = {}
+    with _recording_returns(model, returns):
+        fx_graph = tracer.trace(model, concrete_args=concrete_args(model))
     gm = torch.fx.GraphModule(tracer.root, fx_graph)
     # ShapeProp prints the traceback of a failing node before raising; the error it raises says it in one line
     with contextlib.redirect_stderr(io.StringIO()):
@@ -83,7 +89,26 @@ def _fx_graph(model: nn.Module, example: torch.Tensor) -> list[GNode]:
         index[node] = len(nodes)
         # ShapeProp sets tensor_meta only where the value holds a tensor: sizes and ints carry no features
         nodes.append(GNode(node.name, node.op, target, scope, shape, tensor="tensor_meta" in node.meta))
-    return _link(nodes, index)
+        if node.op == "call_module":  # a leaf module: fx records its call as this node, without entering it
+            returns.setdefault(node.target, []).append(node.name)
+    return _link(nodes, index), returns
+
+
+@contextlib.contextmanager
+def _recording_returns(model: nn.Module, returns: dict[str, list[str | None]]):
+    """While fx traces `model`, a forward hook on each module records the node each call returns: the probe learns
+    where a hook sees exactly one tap from the trace itself, with no second forward on the meta device."""
+    def record(path: str):
+        def hook(module, args, output):
+            returns.setdefault(path, []).append(output.node.name if isinstance(output, torch.fx.Proxy) else None)
+        return hook
+
+    handles = [module.register_forward_hook(record(path)) for path, module in model.named_modules() if path]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 _EXPORT_PATH = re.compile(r"\[(\d+)\]")
@@ -155,8 +180,9 @@ def trace(model: nn.Module, example: torch.Tensor, export: bool = True) -> Graph
     from clcli.errors import ClcliError, one_line
 
     model.eval()
+    returns = None
     try:
-        nodes = _fx_graph(model, example)
+        nodes, returns = _fx_graph(model, example)
         tracer = "fx"
     except Exception as fx_error:  # noqa: BLE001 - any tracing failure falls back to export
         # before torch.export, which takes minutes to fail on a model that cannot run this input at all
@@ -178,4 +204,4 @@ def trace(model: nn.Module, example: torch.Tensor, export: bool = True) -> Graph
                 f"failed ({one_line(export_error)})"
             ) from None
         tracer = "export"
-    return Graph(nodes, tracer, _count_macs(model, nodes))
+    return Graph(nodes, tracer, _count_macs(model, nodes), returns)
