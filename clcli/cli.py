@@ -85,8 +85,9 @@ def probe(
     input_size: int = typer.Option(32, "--input-size", help="square input size in pixels"),
     stem: str = typer.Option("imagenet", help="imagenet (as built) or small (stride-1 stem, no stem pooling)"),
     mkbs: int = typer.Option(1, "--mkbs", help="number of MKB sites to plan, on different stages"),
-    site: Optional[List[int]] = typer.Option(None, "--site", help="plan the listed site of this number instead of "
-                                             "the best (repeat for several MKBs); the table numbers them"),
+    site: Optional[List[str]] = typer.Option(None, "--site", help="plan this site instead of the best: its number in "
+                                             "the table, a map size (4x4) or all (one MKB at every size the models "
+                                             "meet at); repeat for several MKBs"),
     num_classes: int = typer.Option(10, "--num-classes"),
     as_json: bool = typer.Option(False, "--json", help="print the versioned plan as JSON"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="also draw the plan as a PNG: tap points of each "
@@ -543,6 +544,60 @@ def compare(
     for label, cell in result["rows"]:
         table.add_row(label, cell)
     console.print(table)
+    for what, path in result["paths"].items():
+        console.print(f"{what}: [bold]{path}[/]")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def tune(
+    ctx: typer.Context,
+    recipe: str = typer.Option("quickstart", "--recipe", "-r", help="built-in recipe name or a YAML file; its tune "
+                               "section is the search space"),
+    models: Optional[str] = typer.Option(None, "--models", help="timm model names (space separated)"),
+    data: Optional[str] = typer.Option(None, "--data", help="local dataset folder (or hub id) replacing the recipe's"),
+    overrides: List[str] = typer.Option([], "--set", help="recipe override key=value (dotted keys)"),
+    out: Path = typer.Option(Path("tune"), "--out", "-o", help="study folder: trials/NNN run folders, study.db, "
+                             "study.md, best.yaml"),
+    log: Optional[str] = typer.Option(None, "--log", help="log each trial to experiment trackers, grouped: "
+                                      "tensorboard, wandb, mlflow (comma separated)"),
+    trials: int = typer.Option(20, "--trials", help="finished trials the study ends with, IL (trial 0) included"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="each trial's budget (default: the recipe's)"),
+    study: Optional[str] = typer.Option(None, "--study", help="study name (default: the --out folder's name)"),
+    storage: Optional[str] = typer.Option(None, "--storage", help="an Optuna storage shared by several processes or "
+                                          "machines: a database URL (postgresql://, mysql://, sqlite:///) or a "
+                                          "journal file (default: OUT/study.db)"),
+    no_progress: bool = typer.Option(False, "--no-progress", help="no live progress bar"),
+) -> None:
+    """Search where the MKB helps this pair on this data, and how strongly, with Optuna on a validation split.
+
+    Each trial is a run folder; pruned trials stop early; the same command continues an interrupted study."""
+    from rich.table import Table
+
+    from clcli import recipes
+    from clcli.tune import require_optuna, tune as tune_lib
+
+    require_optuna()  # the missing extra: one line before any work
+    console = _console()
+    if models is None and ctx.args:
+        raise ClcliError(f"unexpected arguments: {' '.join(ctx.args)}")
+    loaded = recipes.resolve(recipe, data=data, models=[models, *ctx.args] if models is not None else None,
+                             log=_trackers(log), overrides=overrides)
+    with _reported_interrupt():
+        result = tune_lib(loaded, out, trials=trials, epochs=epochs, study_name=study, storage=storage,
+                          show_progress=not no_progress, console=console)
+    networks = list(next((r["val_acc"] for r in result["rows"] if r["val_acc"]), {}))
+    table = Table(title="trials: validation accuracy (%) and the difference to IL (trial "
+                  f"{result['il']})", title_justify="left")
+    for column in ("trial", "state", "sites", "alpha", *networks, *(f"{n} − IL" for n in networks)):
+        table.add_column(column)
+    for r in result["rows"]:
+        table.add_row(str(r["trial"]), r["state"], "IL" if r["method"] == "il" else r["sites"],
+                      "" if r["alpha"] is None else f"{r['alpha']:.3g}",
+                      *(f"{r['val_acc'][n]:.2f}" if n in r["val_acc"] else "" for n in networks),
+                      *(f"{r['minus_il'][n]:+.2f}" if n in r["minus_il"] and r["method"] != "il" else ""
+                        for n in networks))
+    console.print(table)
+    console.print(result["verdict"], highlight=False, soft_wrap=True)
     for what, path in result["paths"].items():
         console.print(f"{what}: [bold]{path}[/]")
 

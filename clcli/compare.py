@@ -67,7 +67,7 @@ def _check_same_recipe(recipe, run) -> None:
     every_method_section = {s for m in methods.METHODS.values() for s in m.recipe_sections}
     foreign = every_method_section - set(methods.get(run.method).recipe_sections)
     for key in sorted(set(old) | set(new)):
-        if key.split(".")[0] in foreign:
+        if key.split(".")[0] in foreign or key.startswith("tune."):  # the search space of `clcli tune`: not trained
             continue
         if key not in _IGNORED_KEYS and old.get(key) != new.get(key):
             raise ClcliError(f"{run_dir} was trained with {key}={old.get(key)!r}, this comparison asks for "

@@ -48,8 +48,8 @@ class LoadedData(Data):
     evaluation: str = ""
     skipped: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    # train.keep_best: a part of the training split held out to select each network's best epoch (never the test
-    # split, which stays the reported one)
+    # data.validate (and train.keep_best): a part of the training split held out, evaluated every epoch to select
+    # the best epoch or a configuration (never the test split, which stays the reported one)
     val_images: torch.Tensor | None = None
     val_labels: torch.Tensor | None = None
 
@@ -104,18 +104,24 @@ def load_data(recipe, device) -> LoadedData:
         more = f"; and {len(skipped) - 10} more" if len(skipped) > 10 else ""
         notes.append(f"skipped {len(skipped)} unreadable image{'s' if len(skipped) > 1 else ''}: {shown}{more}")
     val = None
-    if recipe.train.keep_best:
+    if validates(recipe):
         keep, held = stratified_holdout(train.labels, cfg.val_fraction, cfg.val_seed)
         val = ImageTensors(train.images[held], train.labels[held], list(train.class_names))
         train = ImageTensors(train.images[keep], train.labels[keep], list(train.class_names), train.skipped)
-        notes.append(f"train.keep_best selects each network's best epoch on {len(val)} training images held out "
-                     f"({cfg.val_fraction:.0%} of each class, seed {cfg.val_seed}); {evaluation} stays the "
-                     f"reported evaluation")
+        use = ("train.keep_best selects each network's best epoch on" if recipe.train.keep_best
+               else "each epoch is also evaluated on")
+        notes.append(f"{use} {len(val)} training images held out ({cfg.val_fraction:.0%} of each class, seed "
+                     f"{cfg.val_seed}); {evaluation} stays the reported evaluation")
     mean, std = normalization(recipe, channels=train.images.shape[1], train_images=train.images)
     return LoadedData(train.images.to(device), train.labels.to(device), test.images.to(device),
                       test.labels.to(device), list(train.class_names), mean, std, evaluation, skipped,
                       notes, val.images.to(device) if val is not None else None,
                       val.labels.to(device) if val is not None else None)
+
+
+def validates(recipe) -> bool:
+    """Whether a validation split is held out of the training images (data.validate, or train.keep_best)."""
+    return recipe.data.validate or recipe.train.keep_best
 
 
 def normalization(recipe, *, channels: int, train_images=None) -> tuple[tuple, tuple]:
@@ -197,9 +203,10 @@ def load_stream(recipe, source: str, device) -> "LoadedData":
     cfg = recipe.data
     if cfg.folds:
         raise ClcliError("data.folds works with in-memory data only; set data.stream=false")
-    if recipe.train.keep_best:
-        raise ClcliError("train.keep_best holds a validation part out of the training images in memory; it does "
-                         "not work with data.stream (pass a separate folder with --val and select on it yourself)")
+    if validates(recipe):
+        raise ClcliError(f"{'train.keep_best' if recipe.train.keep_best else 'data.validate'} holds a validation part "
+                         "out of the training images in memory; it does not work with data.stream (pass a separate "
+                         "folder with --val and select on it yourself)")
     if cfg.normalize == "dataset":
         raise ClcliError("data.normalize=dataset needs a pass over every training image, which streaming avoids; "
                          "use data.normalize=imagenet (or none)")

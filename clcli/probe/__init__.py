@@ -337,11 +337,11 @@ def plan(
     in_chans: int = 3,
     embedding: int = EMBEDDING,
     budget: float = 0.10,
-    sites: list[int] | None = None,
+    sites: list[int | str] | None = None,
 ) -> Plan:
     """Probe every model and choose `mkbs` MKB sites common to all of them, the best ones; or, with `sites`, the
-    listed sites of those numbers (1 = the first of `Plan.candidates`, the probe table's numbers with the same
-    arguments), as many as given."""
+    listed sites they name (a number: 1 = the first of `Plan.candidates`, the probe table's numbers with the same
+    arguments; a map size such as '4x4'; 'all'), as many as they name."""
     from clcli.models import check_model_name
 
     from ._pairing import candidate_sites, nearest_sizes, shown, spread
@@ -375,12 +375,29 @@ def plan(
     return Plan(probes, hw, stem, chosen, listed, any(s.resized for s in chosen))
 
 
-def _numbered(listed: list[Site], numbers: list[int], names: list[str]) -> list[Site]:
-    """The listed sites of these 1-based numbers; two sites may not share a tap (one MKB per feature map)."""
+def _numbered(listed: list[Site], specs: list[int | str], names: list[str]) -> list[Site]:
+    """The listed sites these specs name: a 1-based number, a map size ('4x4': the best listed site where every
+    network has a map of that size) or 'all' (every such size); two sites may not share a tap (one MKB per feature
+    map)."""
+    numbers = []
+    equal = equal_sizes(listed)
+    how = f"`clcli probe {' '.join(names)}` with the same input size and stem lists them"
+    for spec in specs:
+        spec = int(spec) if isinstance(spec, str) and spec.isdigit() else spec
+        if spec == "all":
+            numbers += list(equal.values())
+        elif isinstance(spec, str):
+            if spec not in equal:
+                raise ClcliError(f"site {spec}: these models do not meet at {spec}; they meet at "
+                                 f"{', '.join(equal) or 'no equal size'} ({how})")
+            numbers.append(equal[spec])
+        else:
+            numbers.append(spec)
+    numbers = list(dict.fromkeys(numbers))
     bad = [n for n in numbers if not 1 <= n <= len(listed)]
     if bad:
         raise ClcliError(f"site {bad[0]} is not listed: the probe lists sites 1 to {len(listed)} for these models "
-                         f"(`clcli probe {' '.join(names)}` with the same input size and stem shows them)")
+                         f"({how})")
     for i, a in enumerate(numbers):
         for b in numbers[i + 1:]:
             shared = [(name, t.module or t.node) for name, t, u in zip(names, listed[a - 1].taps, listed[b - 1].taps)
@@ -391,4 +408,14 @@ def _numbered(listed: list[Site], numbers: list[int], names: list[str]) -> list[
     return [listed[n - 1] for n in numbers]
 
 
-__all__ = ["Plan", "Site", "ModelProbe", "Tap", "analyse", "plan", "PLAN_VERSION", "has_site"]
+def equal_sizes(listed: list[Site]) -> dict[str, int]:
+    """Each map size where every network has a tap of that size ('4x4') -> the number of its best listed site,
+    largest size first."""
+    best: dict[str, int] = {}
+    for number, site in enumerate(listed, 1):
+        if site.pairing == "equal":
+            best.setdefault(f"{site.size[0]}x{site.size[1]}", number)
+    return dict(sorted(best.items(), key=lambda kv: -int(kv[0].split("x")[0])))
+
+
+__all__ = ["Plan", "Site", "ModelProbe", "Tap", "analyse", "plan", "equal_sizes", "PLAN_VERSION", "has_site"]

@@ -17,6 +17,7 @@ from typing import Any
 from clcli.errors import ClcliError
 
 RECIPE_VERSION = 1
+SITE_PATTERN = r"\d+x\d+|all"  # cl.sites: besides a site number
 
 
 def _one_of(default: str, choices):
@@ -27,7 +28,7 @@ def _one_of(default: str, choices):
 
 def _list_of(**check):
     """A list field, empty by default, each of whose items is checked as `_one_of` (`choices=`) or `_within`
-    (`range=(low, high)`) check a single value."""
+    (`range=(low, high)`) check a single value; a string item against `pattern=(regex, what it means)`."""
     return field(default_factory=list, metadata=check)
 
 
@@ -63,6 +64,9 @@ class DataConfig:
     val_source: str | None = None       # a separate folder (or hub id) with the evaluation images
     val_fraction: float = _within(0.1, 0.01, 0.9)  # held out of train_split when there is no evaluation split
     val_seed: int = 0                   # the held-out draw; apart from train.seed so seeds share one validation set
+    # hold val_fraction of each class out of the training images as a validation split, evaluated every epoch (the
+    # plateau schedule, train.keep_best and `clcli tune` watch it; never the test split); keep_best implies it
+    validate: bool = False
     image_column: str | None = None     # auto-detected from the features when None
     label_column: str | None = None
     image_size: int | None = None       # resize on decode (STL-10 96 -> 32); None: input_size
@@ -98,8 +102,10 @@ class CLConfig:
     manner: str = _one_of("simultaneous", ("simultaneous", "iterative"))
     multi: str = _one_of("pairwise", ("pairwise", "mean"))  # Eq 5 (pairwise) or Eq 6 (mean of the others)
     mkbs: int = _within(1, 1, 16)
-    # the probe's listed sites of these numbers (`clcli probe` numbers them) instead of the best cl.mkbs
-    sites: list[int] = _list_of(range=(1, 1000))
+    # instead of the best cl.mkbs: the probe's listed sites, each a number (`clcli probe` numbers them), a map size
+    # (4x4: the best site where the networks meet at that size) or all (one MKB at every size where they meet)
+    sites: list[int | str] = _list_of(range=(1, 1000), pattern=(SITE_PATTERN, "a site number, a map size such as "
+                                                                               "4x4, or all"))
     embedding: int = _within(1024, 8, 1 << 20)
     budget: float = _within(0.10, 0.0, 10.0)
     w2_grid: int = _within(8, 1, 64)
@@ -221,6 +227,29 @@ class WELConfig:
 
 
 @dataclass
+class SearchRange:
+    """One number `clcli tune` searches: a log-uniform range [low, high], or a choice among `values`; neither: the
+    recipe's own value, not searched."""
+    low: float | None = _within(None, 0.0, 1e6)
+    high: float | None = _within(None, 0.0, 1e6)
+    values: list[float] = _list_of(range=(0.0, 1e6))
+
+
+@dataclass
+class TuneConfig:
+    """`clcli tune`'s search space, searched on the validation split held out of the training images."""
+    # MKB configurations to try, each as cl.sites takes it, several sites joined by '+' (4x4, 4x4+2x2, all, 3);
+    # empty: one MKB at each map size the networks meet at, and one at all of them at once
+    sites: list[str] = _list_of(pattern=(rf"({SITE_PATTERN}|\d+)(\+({SITE_PATTERN}|\d+))*",
+                                         "MKB sites as cl.sites takes them, joined by '+' (4x4, 4x4+2x2, all, 3)"))
+    alpha: SearchRange = field(default_factory=lambda: SearchRange(low=0.02, high=2.0))  # cl.alpha
+    lr: SearchRange = field(default_factory=SearchRange)  # train.lr (not searched unless given)
+    sampler: str = _one_of("auto", ("auto", "tpe", "grid", "random"))  # auto: grid when every dimension is a choice
+    pruner: str = _one_of("median", ("median", "halving", "none"))
+    objective: str = _one_of("mean", ("mean", "min"))  # over the networks; min: no network may lose
+
+
+@dataclass
 class Recipe:
     name: str = "custom"
     description: str = ""
@@ -240,6 +269,7 @@ class Recipe:
     dml: DMLConfig = field(default_factory=DMLConfig)
     fitnets: FitNetsConfig = field(default_factory=FitNetsConfig)
     wel: WELConfig = field(default_factory=WELConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -289,7 +319,11 @@ def _check_value(key: str, tp, value: Any, where: str, meta=None) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _check_value(key, inner[0], value, where, meta)
+        arm = next((a for a in inner if isinstance(value, a) and not (a is int and isinstance(value, bool))),
+                   inner[0])  # int | str: the arm the value is, else the first (whose check says what is wrong)
+        if len(inner) > 1 and not isinstance(value, arm):
+            raise ClcliError(f"{where}: '{key}' must be {' or '.join(map(_type_name, inner))}, got {value!r}")
+        return _check_value(key, arm, value, where, meta)
     if origin is list:
         if not isinstance(value, list):
             raise ClcliError(f"{where}: '{key}' must be a list, got {type(value).__name__}")
@@ -311,7 +345,9 @@ def _check_value(key: str, tp, value: Any, where: str, meta=None) -> Any:
         names = choices() if callable(choices) else choices
         if value not in names:
             raise ClcliError(f"{where}: '{key}' must be one of {', '.join(names)}, got {value!r}")
-    if "range" in (meta or {}) and isinstance(value, (int, float)):
+    if "pattern" in (meta or {}) and isinstance(value, str) and not re.fullmatch(meta["pattern"][0], value):
+        raise ClcliError(f"{where}: '{key}' must be {meta['pattern'][1]}, got {value!r}")
+    if "range" in (meta or {}) and isinstance(value, (int, float)) and not isinstance(value, bool):
         lo, hi = meta["range"]
         if not lo <= value <= hi:
             raise ClcliError(f"{where}: '{key}' must be between {lo} and {hi}, got {value!r}")
@@ -413,8 +449,20 @@ def load(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
     return recipe
 
 
+def _check_tune(recipe: Recipe, where: str) -> None:
+    for key, r in (("tune.alpha", recipe.tune.alpha), ("tune.lr", recipe.tune.lr)):
+        if (r.low is None) != (r.high is None):
+            raise ClcliError(f"{where}: '{key}' needs both low and high (a range), or values (a choice)")
+        if r.low is not None and r.values:
+            raise ClcliError(f"{where}: '{key}' is either a range (low, high) or a choice (values), not both")
+        if r.low is not None and not 0 < r.low < r.high:
+            raise ClcliError(f"{where}: '{key}' must have 0 < low < high (searched on a log scale), got "
+                             f"{r.low}, {r.high}")
+
+
 def _check_train(recipe: Recipe, where: str) -> None:
     """Combinations of training options that cannot work, refused before any work."""
+    _check_tune(recipe, where)
     cfg = recipe.train
     if cfg.opt_betas is not None and len(cfg.opt_betas) not in (2, 3):
         raise ClcliError(f"{where}: 'train.opt_betas' needs 2 (or 3) values, got {cfg.opt_betas}")

@@ -2,19 +2,13 @@
 accuracy and weights (its MKB halves included); early stop once no network has improved for `patience` epochs."""
 from __future__ import annotations
 
-from clcli.errors import ClcliError
-
 from ._callbacks import Callback, EpochEnd, Loop
-from ._evaluation import scores, top1
 
 
 class Best(Callback):
     key = "best"
 
-    def __init__(self, labels: list[str], patience: int | None, data):
-        if getattr(data, "val_images", None) is None:
-            raise ClcliError("train.keep_best needs a validation split held out of the training images "
-                             "(in-memory data)")
+    def __init__(self, labels: list[str], patience: int | None):
         self.labels, self.patience = labels, patience
         self.epoch: dict[str, int] = {}
         self.val_acc: dict[str, float] = {}
@@ -28,12 +22,8 @@ class Best(Callback):
             loop.stop = f"train.patience had already stopped this run after epoch {loop.start_epoch}"
 
     def on_epoch_end(self, loop: Loop, end: EpochEnd) -> None:
-        data = loop.data
-        val = top1(scores(loop, None, data.val_images, data.val_labels))
-        end.record["val_acc"] = {k: round(v, 3) for k, v in val.items()}
-        self.update(end.epoch, val, end.test_acc, loop.cohort.networks)
+        self.update(end.epoch, end.val_acc, end.test_acc, loop.cohort.networks)  # after Validation and Evaluation
         end.record["best_epoch"] = {name: e + 1 for name, e in self.epoch.items()}
-        end.watched = sum(val.values()) / len(val)  # the plateau schedule watches the validation split
         if self.exhausted(end.epoch):
             self.stopped_early = end.epoch + 1
             loop.stop = (f"no network has improved on the validation split for {self.patience} epochs: "

@@ -58,12 +58,13 @@ class Window:
 
 @dataclass
 class EpochEnd:
-    """One epoch's end, filled by the parts in order: the record metrics.jsonl and the trackers get, the accuracy the
-    plateau schedule watches, the test accuracy per network."""
+    """One epoch's end, filled by the parts in order: the record metrics.jsonl and the trackers get, the test and
+    validation accuracy per network, the accuracy the plateau schedule watches."""
 
     epoch: int
     record: dict                        # {"type": "epoch", ...}: each part adds its keys
     test_acc: dict[str, float] = field(default_factory=dict)
+    val_acc: dict[str, float] = field(default_factory=dict)  # on the validation split, where one is held out
     watched: float | None = None        # mean accuracy the plateau schedule steps on (validation where there is one)
 
 

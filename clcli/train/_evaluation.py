@@ -1,4 +1,5 @@
-"""Each epoch's evaluation of every network as deployed (with its own MKB halves) on the test images."""
+"""Each epoch's evaluation of every network as deployed (with its own MKB halves): on the test images, and on the
+validation images where a validation split is held out of the training images."""
 from __future__ import annotations
 
 from clcli.evaluation import evaluate, per_class_accuracy
@@ -52,3 +53,24 @@ class Evaluation(Callback):
 
     def _top5(self) -> dict[str, float]:
         return {name: s["top5"] for name, s in self.last.items() if "top5" in s}
+
+
+class Validation(Callback):
+    """Accuracy on the validation split (data.validate, train.keep_best) each epoch: what selects the best epoch or a
+    configuration and what the plateau schedule watches, never the test split."""
+
+    def __init__(self):
+        self.last: dict[str, float] | None = None
+
+    def on_epoch_end(self, loop: Loop, end: EpochEnd) -> None:
+        data = loop.data
+        end.val_acc = self.last = top1(scores(loop, None, data.val_images, data.val_labels))
+        end.record["val_acc"] = {k: round(v, 3) for k, v in end.val_acc.items()}
+        end.watched = sum(end.val_acc.values()) / len(end.val_acc)
+
+    def on_fit_end(self, loop: Loop, summary: dict) -> None:
+        if self.last is None:  # resumed after the last epoch's checkpoint
+            data = loop.data
+            self.last = top1(scores(loop, None, data.val_images, data.val_labels))
+        summary["val_acc"] = self.last
+

@@ -36,16 +36,17 @@ def _run_dirs(recipe, out: Path) -> list[tuple[str, Path]]:
 
 
 def train(recipe, out: str | Path, *, plan_path: str | None = None, force: bool = False,
-          show_progress: bool = True, console=None) -> dict[str, dict]:
+          show_progress: bool = True, console=None, callbacks: list = ()) -> dict[str, dict]:
     """Train every method of `recipe`; returns {method: summary}. Each method gets its own run folder.
 
     A run that stops before its first checkpoint leaves nothing behind (there is nothing to resume or export).
+    `callbacks`: parts of the caller's own (`clcli.train.Callback`) in every run's loop.
     Ctrl-C, SIGTERM and SIGHUP raise `Interrupted`, whose message says where training stopped and how to continue."""
     out = Path(out)
     with interrupt_signals():
         try:
             return _train(recipe, out, plan_path=plan_path, force=force, show_progress=show_progress,
-                          console=console)
+                          console=console, callbacks=callbacks)
         except Interrupted as e:  # the outermost call knows the folder to resume (a fold's run is inside it)
             e.hint = _resume_hint(out)
             raise
@@ -58,7 +59,7 @@ def _resume_hint(out: Path) -> str:
 
 
 def _train(recipe, out: Path, *, plan_path: str | None, force: bool, show_progress: bool,
-           console) -> dict[str, dict]:
+           console, callbacks) -> dict[str, dict]:
     from clcli import methods
 
     files.check_output_dir(out, "run folder")
@@ -83,14 +84,15 @@ def _train(recipe, out: Path, *, plan_path: str | None, force: bool, show_progre
         for _, run_dir in runs:
             run_dir.mkdir(exist_ok=True)
     try:
-        return _train_prepared(recipe, runs, plan, notes, main, show_progress, console)
+        return _train_prepared(recipe, runs, plan, notes, main, show_progress, console, callbacks)
     except BaseException:
         if main and not any((run_dir / run_folder.CHECKPOINT).is_file() for _, run_dir in runs):
             run_folder.discard_unstarted([run_dir for _, run_dir in runs], None if out_existed else out)
         raise
 
 
-def _train_prepared(recipe, runs, plan, notes, main: bool, show_progress: bool, console) -> dict[str, dict]:
+def _train_prepared(recipe, runs, plan, notes, main: bool, show_progress: bool, console,
+                    callbacks=()) -> dict[str, dict]:
     import yaml
 
     _apply_threads(recipe)
@@ -120,12 +122,13 @@ def _train_prepared(recipe, runs, plan, notes, main: bool, show_progress: bool, 
     results = {}
     for method_name, run_dir in runs:
         results[method_name] = _train_one(method_name, recipe, plan, data, run_dir, device, None, show_progress,
-                                          console)
+                                          console, callbacks)
         results[method_name]["skipped_images"] = len(data.skipped) + len(streamed_skips(data))
     return results
 
 
-def _train_one(method_name, recipe, plan, data, run_dir: Path, device, state, show_progress, console) -> dict:
+def _train_one(method_name, recipe, plan, data, run_dir: Path, device, state, show_progress, console,
+               callbacks=()) -> dict:
     from clcli import methods
 
     main = _dist.is_main_process()  # under torchrun, rank 0 alone writes the run folder
@@ -137,7 +140,7 @@ def _train_one(method_name, recipe, plan, data, run_dir: Path, device, state, sh
     try:
         method = _build_method(methods.get(method_name), recipe, plan, data, device, state)
         summary = fit(method, data, recipe, run_dir, start_state=state, show_progress=show_progress,
-                      console=console, trackers=trackers)
+                      console=console, trackers=trackers, callbacks=callbacks)
     except BaseException as e:
         status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
         trackers.close(status)
@@ -148,8 +151,9 @@ def _train_one(method_name, recipe, plan, data, run_dir: Path, device, state, sh
         if is_out_of_memory(e):
             raise _out_of_memory(e, device, plan, recipe, run_dir) from None
         raise
-    info.update(status="finished", epochs=summary["epochs"], test_acc=summary["test_acc"],
-                **{k: summary[k] for k in ("test_top5", "ema_test_acc", "best", "stopped_early", "per_class")
+    status = summary.get("status", "finished")  # a part that ended the run may say how (a pruned trial)
+    info.update(status=status, epochs=summary["epochs"], test_acc=summary["test_acc"],
+                **{k: summary[k] for k in ("test_top5", "val_acc", "ema_test_acc", "best", "stopped_early", "per_class")
                    if k in summary})
     met = streamed_skips(data)  # met while streaming: added to what loading found
     if met and main:
@@ -159,8 +163,8 @@ def _train_one(method_name, recipe, plan, data, run_dir: Path, device, state, sh
         from clcli._report import results_markdown
 
         trackers.finish(results_markdown(info))
-        trackers.close("finished")
-    _set_status(info, "finished", run_dir, main)
+        trackers.close("finished")  # ended normally, pruned or not
+    _set_status(info, status, run_dir, main)
     if main:
         from clcli.plots import run_curves_png
 
