@@ -1,8 +1,9 @@
 """Auto-augmentation and random erasing: timm's policies drawn per image on in-memory uint8 batches and run through
-torchvision's ops one batched call per distinct draw; timm's transform on streamed splits; timm's RandomErasing.
+torchvision's public functionals one batched call per distinct draw; timm's transform on streamed splits; timm's
+RandomErasing.
 
 Small random batches on the CPU; expected pixels come from torchvision's op on one image at a time, or from timm's own
-PIL ops."""
+PIL ops (each op on real images, at every level: tests/test_augment_vs_timm.py)."""
 import random
 
 import numpy as np
@@ -25,21 +26,23 @@ def images(b=24, c=3, h=20, w=20, seed=0) -> torch.Tensor:
 
 def one_by_one(policy, x, draws, fill) -> torch.Tensor:
     """Each image through torchvision's op for its own draws, one image at a time."""
+    fill = [float(v) for v in fill]
     out = []
     for i in range(len(x)):
         image = x[i:i + 1]
         for j in range(policy.slots):
             if not bool(draws["apply"][i, j]):
                 continue
-            target = policy.torchvision_op(int(draws["op"][i, j]), float(draws["level"][i, j]),
-                                           bool(draws["negative"][i, j]), x.shape[-2], x.shape[-1])
+            target = policy.call(int(draws["op"][i, j]), float(draws["level"][i, j]), bool(draws["negative"][i, j]),
+                                 x.shape[-2], x.shape[-1])
             if target is not None:
-                image = _autoaugment._run(_autoaugment._applier(fill), *target, image)
+                image = _autoaugment.run(target, image, fill)
         out.append(image)
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("spec", ["rand-m9-n2-mstd0.5", "rand-m7-n3-tweights", "original", "v0", "trivialaugment"])
+@pytest.mark.parametrize("spec", ["rand-m9-n2-mstd0.5", "rand-m7-n3-tweights", "original", "v0", "trivialaugment",
+                                  "rand-m15-n2-mmax20-inc1"])  # beyond m10: PosterizeIncreasing keeps 0 bits
 def test_each_op_group_equals_torchvisions_op_on_each_of_its_images(spec):
     x = images()
     policy = _autoaugment.Policy(spec)
@@ -56,14 +59,13 @@ def test_images_of_one_batch_draw_different_ops():
     x = images(b=32)
     aug = D.BatchAugment("none", auto_augment="rand-m9-n1-p1.0", fill=MEAN)
     got = aug(x, torch.Generator().manual_seed(0))
-    policy, fill = aug.policy, _autoaugment.fill_colour(MEAN, 3)
-    candidates = {policy.torchvision_op(op, 9.0, negative, 20, 20)
+    policy, fill = aug.policy, [float(v) for v in _autoaugment.fill_colour(MEAN, 3)]
+    candidates = {policy.call(op, 9.0, negative, 20, 20)
                   for op in range(len(policy.ops)) for negative in (False, True)} - {None}
     names = set()
     for i in range(len(x)):
-        matches = {name for name, magnitude in candidates
-                   if torch.equal(got[i:i + 1], _autoaugment._run(_autoaugment._applier(fill), name, magnitude,
-                                                                  x[i:i + 1]))}
+        matches = {call[0] for call in candidates
+                   if torch.equal(got[i:i + 1], _autoaugment.run(call, x[i:i + 1], fill))}
         assert matches, f"image {i} is no op of the policy"
         names |= matches
     assert len(names) >= 6
@@ -127,12 +129,13 @@ def test_ops_change_an_image_as_timms_pil_ops_do(name, level, negative):
     policy = _autoaugment.Policy(f"rand-m{int(level)}-n1-p1.0-inc1")
     op = timm_aa.AugmentOp(name, magnitude=level)
     policy.ops = [op]
-    hparams = dict(op.hparams, translate_const=9)
-    args = _autoaugment._with_sign(op.level_fn, negative)(level, hparams) if op.level_fn else ()
+    # timm's argument as its level function gives it with this sign (held to timm's level_fn in test_augment_vs_timm)
+    to_argument = _autoaugment.LEVEL_TO_ARGUMENT[name]
+    args = (to_argument(level, -1.0 if negative else 1.0, op.hparams),) if to_argument else ()
     fill = _autoaugment.fill_colour(MEAN, 3)
     expected = tensor(op.aug_fn(pil(x), *args, fillcolor=fill, resample=Image.BILINEAR))
-    target = policy.torchvision_op(0, level, negative, 20, 20)
-    got = x[None] if target is None else _autoaugment._run(_autoaugment._applier(fill), *target, x[None])
+    target = policy.call(0, level, negative, 20, 20)
+    got = x[None] if target is None else _autoaugment.run(target, x[None], [float(v) for v in fill])
     # PIL's blends and contrast stretch round through integer tables, torchvision's compute in float: one level apart
     rounding = 1 if name in ("Brightness", "Contrast", "AutoContrast", "SharpnessIncreasing") else 0
     assert int((got[0].int() - expected.int()).abs().max()) <= rounding
@@ -146,8 +149,8 @@ def test_the_sign_timm_would_draw_comes_from_the_generator_not_pythons_random():
     b = policy.draw(64, torch.Generator().manual_seed(3))
     assert all(torch.equal(a[k], b[k]) for k in a)
     rotate = next(i for i, op in enumerate(policy.ops) if op.name == "Rotate")
-    assert policy.torchvision_op(rotate, 9.0, False, 32, 32) == ("Rotate", 27.0)
-    assert policy.torchvision_op(rotate, 9.0, True, 32, 32) == ("Rotate", -27.0)
+    assert policy.call(rotate, 9.0, False, 32, 32) == ("rotate", 27.0)
+    assert policy.call(rotate, 9.0, True, 32, 32) == ("rotate", -27.0)
 
 
 @pytest.mark.parametrize("spec,why", [("foo", "Unknown AA policy"), ("rand-m9-msd0.5", "config section"),

@@ -1,22 +1,26 @@
 """Auto-augmentation policies on whole uint8 batches: every image draws its own ops and magnitudes, and the images that
-drew the same op with the same argument go through one batched call of torchvision.transforms.v2's op.
+drew the same op with the same argument go through one batched call of a public torchvision.transforms.v2 functional.
 
 Names (`data.auto_augment`): timm's `auto_augment` strings, RandAugment `rand-m9-n2-mstd0.5` (sections m, n, p, mstd,
 mmax, inc, t) and AutoAugment `original`, `originalr`, `v0`, `v0r` (with `-mstd`), and `trivialaugment`
 (torchvision's TrivialAugmentWide: timm 1.0 has no TrivialAugment string).
 
-What is honoured of a timm string, and how, in memory:
-  * the policy is timm's own: timm parses the string (`rand_augment_transform`, `auto_augment_transform`) and its ops,
-    their probabilities, the magnitude on timm's 0..10 scale, the magnitude noise (mstd: Gaussian per image and op;
-    uniform in [0, m] above 100), its upper bound (mmax), the increasing variants (inc1) and the weighted choice
-    (tweights, without replacement as in timm) are read from timm's objects;
-  * each op's argument comes from timm's own level function (timm's scale, not torchvision's 31 bins); only the random
-    sign, which timm draws from Python's `random` inside it, is drawn per image from our generator instead;
-  * the op is torchvision.transforms.v2's on uint8 tensors (`_apply_image_or_video_transform`, what its AutoAugment
-    classes call), bilinear (timm draws bilinear or bicubic per op on PIL images; tensor ops take nearest or bilinear),
-    filled with the dataset's mean colour as timm's `create_transform` does. Translations are whole pixels
-    (torchvision truncates); shears are about the top-left corner as in timm. SolarizeAdd has no torchvision op: one
-    torch expression equal to timm's lookup table.
+Only public names of timm and torchvision are used (tests/test_public_api.py holds clcli to it):
+  * the policy is timm's own: timm parses the string (`rand_augment_transform`, `auto_augment_transform`) and the
+    public attributes of what it returns are read: `RandAugment.ops`, `.num_layers`, `.choice_weights`,
+    `AutoAugment.policy`, and each `AugmentOp`'s `name`, `prob`, `magnitude`, `magnitude_std`, `magnitude_max` and
+    `hparams`. How timm draws them is redone on the generator: apply with the op's probability; magnitude + N(0, mstd)
+    per image and op (uniform in [0, m] for timm's infinite mstd), clipped to [0, mmax or LEVEL_MAX]; the weighted
+    choice (tweights) without replacement as timm's; the random sign timm draws inside its level functions;
+  * a magnitude becomes an op's argument through LEVEL_TO_ARGUMENT, timm's level functions written out here (timm
+    keeps them private): held equal to each op's public `level_fn` by tests/test_augment_vs_timm.py;
+  * an argument becomes a call (ARGUMENT_TO_CALL) of torchvision.transforms.v2.functional on uint8 tensors (`run`):
+    rotate and affine (bilinear; filled with the dataset's mean colour as timm's `create_transform` does; shears
+    about the top-left corner as PIL's affine; translations to the nearest whole pixel), adjust_brightness,
+    adjust_saturation, adjust_contrast and adjust_sharpness (PIL's enhance factor as it is), posterize, solarize,
+    autocontrast, equalize, invert. SolarizeAdd has no torchvision functional: one torch expression equal to timm's
+    lookup table. Each op is held against timm's own PIL op on real images (tests/test_augment_vs_timm.py);
+  * `trivialaugment` is TrivialAugmentWide's space (TRIVIAL_OPS, written out here, held against torchvision's class).
 Refused in memory (one line): AugMix (`augmix-...`) and 3-Augment (`3a`, `rand-t3a`, `rand-t3aw`: PIL's Gaussian blur
 has no torchvision op); on a streamed split they run as timm runs them, on PIL images in the workers.
 
@@ -25,64 +29,208 @@ images, or torchvision's TrivialAugmentWide.
 """
 from __future__ import annotations
 
-import functools
-import operator
-import types
-from typing import Sequence
+import math
+from typing import Callable, Sequence
 
 import torch
 
 from clcli.errors import ClcliError, one_line
 
 TRIVIAL = "trivialaugment"
-_TRIVIAL_BINS = 31  # TrivialAugmentWide's magnitude bins
 _EXAMPLES = "e.g. rand-m9-n2-mstd0.5, rand-m7-n1, original, v0, trivialaugment"
 
+# timm's magnitude scale: an op's level runs from 0 to LEVEL_MAX ('m9' is 9 / 10 of the op's range); a drawn magnitude
+# is clipped to [0, LEVEL_MAX] unless the string sets mmax (timm's default upper bound).
+LEVEL_MAX = 10.0
+TRANSLATE_PCT = 0.45  # timm's relative translation at LEVEL_MAX, unless hparams set translate_pct
+TRANSLATE_CONST = 0.45  # TranslateX/Y's pixels at LEVEL_MAX: 0.45 of the shorter side, as create_transform sets them
 
-def _same(value):
-    return value
+# A call: (torchvision functional, its argument), or None where the draw leaves the image as it is. Draws that agree
+# on the call share one batched call.
+Call = tuple[str, object]
 
 
-# timm op name -> (torchvision op, timm's argument -> torchvision's magnitude, or None to leave the image as it is).
-# Directions were checked against timm's PIL ops (tests/test_augment.py).
-_TO_TORCHVISION = {
-    "AutoContrast": ("AutoContrast", lambda a, h, w: 0.0),
-    "Equalize": ("Equalize", lambda a, h, w: 0.0),
-    "Invert": ("Invert", lambda a, h, w: 0.0),
-    "Rotate": ("Rotate", lambda a, h, w: a),                            # degrees, counter-clockwise in both
-    "Posterize": ("Posterize", lambda a, h, w: a if a < 8 else None),  # bits kept
-    "PosterizeIncreasing": ("Posterize", lambda a, h, w: a if a < 8 else None),
-    "PosterizeOriginal": ("Posterize", lambda a, h, w: a if a < 8 else None),
-    # inverts pixels >= a; torchvision's threshold is 255 * m: half a level below a, so float rounding cannot move it
-    "Solarize": ("Solarize", lambda a, h, w: (a - 0.5) / 255.0 if a < 256 else None),
-    "SolarizeIncreasing": ("Solarize", lambda a, h, w: (a - 0.5) / 255.0 if a < 256 else None),
-    "SolarizeAdd": ("SolarizeAdd", lambda a, h, w: a),
-    "Color": ("Color", lambda a, h, w: a - 1.0),                        # enhance factor f: torchvision's 1 + m
-    "ColorIncreasing": ("Color", lambda a, h, w: a - 1.0),
-    "Contrast": ("Contrast", lambda a, h, w: a - 1.0),
-    "ContrastIncreasing": ("Contrast", lambda a, h, w: a - 1.0),
-    "Brightness": ("Brightness", lambda a, h, w: a - 1.0),
-    "BrightnessIncreasing": ("Brightness", lambda a, h, w: a - 1.0),
-    "Sharpness": ("Sharpness", lambda a, h, w: a - 1.0),
-    "SharpnessIncreasing": ("Sharpness", lambda a, h, w: a - 1.0),
-    "ShearX": ("ShearX", lambda a, h, w: a),  # PIL's affine (1, a, 0, 0, 1, 0) is torchvision's shear by atan(a)
-    "ShearY": ("ShearY", lambda a, h, w: a),
-    "TranslateX": ("TranslateX", lambda a, h, w: -a),  # PIL samples at x + a: the content moves by -a
-    "TranslateY": ("TranslateY", lambda a, h, w: -a),
-    "TranslateXRel": ("TranslateX", lambda a, h, w: -a * w),
-    "TranslateYRel": ("TranslateY", lambda a, h, w: -a * h),
+def _scaled(level: float, scale: float) -> float:
+    return (level / LEVEL_MAX) * scale  # in timm's order of operations: the same float, bit for bit
+
+
+def _enhance(level, sign, hparams):  # PIL's enhance factor: 0.1 at level 0, 1.0 (no change) at 5, 1.9 at 10
+    return _scaled(level, 1.8) + 0.1
+
+
+def _enhance_increasing(level, sign, hparams):  # 1 +- 0.9 * level / 10, kept >= 0.1
+    return max(0.1, 1.0 + sign * _scaled(level, 0.9))
+
+
+# timm op name -> its argument at magnitude `level` (after the clip) with `sign` +1.0 or -1.0 (timm negates the
+# argument of the geometric and the increasing enhance ops half the time), or None for an op without argument.
+# This is timm's arithmetic (its auto_augment.py), written out because timm keeps its level functions private:
+# tests/test_augment_vs_timm.py holds each one equal to the op's public `level_fn` at many levels and both signs.
+LEVEL_TO_ARGUMENT: dict[str, Callable[[float, float, dict], float] | None] = {
+    "AutoContrast": None,
+    "Equalize": None,
+    "Invert": None,
+    "Rotate": lambda level, sign, hp: sign * _scaled(level, 30.0),  # degrees, counter-clockwise
+    "Posterize": lambda level, sign, hp: int(_scaled(level, 4)),  # bits kept
+    "PosterizeIncreasing": lambda level, sign, hp: 4 - int(_scaled(level, 4)),
+    "PosterizeOriginal": lambda level, sign, hp: int(_scaled(level, 4)) + 4,
+    "Solarize": lambda level, sign, hp: min(256, int(_scaled(level, 256))),  # pixels >= this are inverted
+    "SolarizeIncreasing": lambda level, sign, hp: 256 - min(256, int(_scaled(level, 256))),
+    "SolarizeAdd": lambda level, sign, hp: min(128, int(_scaled(level, 110))),  # added below 128
+    "Color": _enhance,
+    "ColorIncreasing": _enhance_increasing,
+    "Contrast": _enhance,
+    "ContrastIncreasing": _enhance_increasing,
+    "Brightness": _enhance,
+    "BrightnessIncreasing": _enhance_increasing,
+    "Sharpness": _enhance,
+    "SharpnessIncreasing": _enhance_increasing,
+    "ShearX": lambda level, sign, hp: sign * _scaled(level, 0.3),  # PIL's affine (1, a, 0, 0, 1, 0)
+    "ShearY": lambda level, sign, hp: sign * _scaled(level, 0.3),
+    "TranslateX": lambda level, sign, hp: sign * _scaled(level, float(hp["translate_const"])),  # pixels
+    "TranslateY": lambda level, sign, hp: sign * _scaled(level, float(hp["translate_const"])),
+    "TranslateXRel": lambda level, sign, hp: sign * _scaled(level, hp.get("translate_pct", TRANSLATE_PCT)),  # of w
+    "TranslateYRel": lambda level, sign, hp: sign * _scaled(level, hp.get("translate_pct", TRANSLATE_PCT)),  # of h
 }
 
 
-@functools.lru_cache(maxsize=None)
-def _with_sign(level_fn, negative: bool):
-    """timm's level function with its `_randomly_negate` bound to a fixed sign: the arithmetic stays timm's, the
-    sign is drawn per image from our generator (timm draws it from Python's `random` inside the function)."""
-    code = getattr(level_fn, "__code__", None)
-    if code is None or "_randomly_negate" not in code.co_names:
-        return level_fn
-    scope = dict(level_fn.__globals__, _randomly_negate=operator.neg if negative else _same)
-    return types.FunctionType(code, scope, level_fn.__name__, level_fn.__defaults__, level_fn.__closure__)
+def _posterize(bits: int) -> Call | None:
+    return None if bits >= 8 else ("posterize", max(0, int(bits)))  # PIL keeps none of them below 0, as at 0
+
+
+def _solarize(threshold: int) -> Call | None:
+    # PIL inverts pixels >= threshold; torchvision too, at a float threshold: half a level below, which no rounding
+    # moves across a pixel value
+    return None if threshold >= 256 else ("solarize", threshold - 0.5)
+
+
+def _shift(pixels: float) -> int:
+    """PIL's affine samples at x + pixels: the content moves by -pixels, to the nearest whole pixel (a whole pixel
+    keeps draws that differ in the noise of their magnitude in one call)."""
+    return round(-pixels)
+
+
+# timm op name -> (its argument from LEVEL_TO_ARGUMENT, image height, width) -> the torchvision call doing timm's PIL op
+ARGUMENT_TO_CALL: dict[str, Callable[[object, int, int], Call | None]] = {
+    "AutoContrast": lambda a, h, w: ("autocontrast", None),
+    "Equalize": lambda a, h, w: ("equalize", None),
+    "Invert": lambda a, h, w: ("invert", None),
+    "Rotate": lambda a, h, w: ("rotate", a),
+    "Posterize": lambda a, h, w: _posterize(a),
+    "PosterizeIncreasing": lambda a, h, w: _posterize(a),
+    "PosterizeOriginal": lambda a, h, w: _posterize(a),
+    "Solarize": lambda a, h, w: _solarize(a),
+    "SolarizeIncreasing": lambda a, h, w: _solarize(a),
+    "SolarizeAdd": lambda a, h, w: ("solarize_add", a) if a > 0 else None,
+    "Color": lambda a, h, w: ("saturation", a),  # ImageEnhance.Color: a blend with the image's grey
+    "ColorIncreasing": lambda a, h, w: ("saturation", a),
+    "Contrast": lambda a, h, w: ("contrast", a),
+    "ContrastIncreasing": lambda a, h, w: ("contrast", a),
+    "Brightness": lambda a, h, w: ("brightness", a),
+    "BrightnessIncreasing": lambda a, h, w: ("brightness", a),
+    "Sharpness": lambda a, h, w: ("sharpness", a),
+    "SharpnessIncreasing": lambda a, h, w: ("sharpness", a),
+    "ShearX": lambda a, h, w: ("shear_x", a),
+    "ShearY": lambda a, h, w: ("shear_y", a),
+    "TranslateX": lambda a, h, w: ("translate", (_shift(a), 0)),
+    "TranslateY": lambda a, h, w: ("translate", (0, _shift(a))),
+    "TranslateXRel": lambda a, h, w: ("translate", (_shift(a * w), 0)),  # timm: a fraction of the width
+    "TranslateYRel": lambda a, h, w: ("translate", (0, _shift(a * h))),
+}
+
+
+def timm_call(name: str, level: float, negative: bool, hparams: dict, h: int, w: int) -> Call | None:
+    """The torchvision call doing timm's op `name` at magnitude `level` (already clipped) with the sign drawn for it,
+    on h x w images."""
+    to_argument = LEVEL_TO_ARGUMENT[name]
+    argument = None
+    if to_argument is not None:
+        if name in ("TranslateX", "TranslateY"):  # in pixels: create_transform sets them for the image size
+            hparams = dict(hparams, translate_const=int(min(h, w) * TRANSLATE_CONST))
+        argument = to_argument(level, -1.0 if negative else 1.0, hparams)
+    return ARGUMENT_TO_CALL[name](argument, h, w)
+
+
+# TrivialAugmentWide (torchvision.transforms.v2, its default 31 magnitude bins), written out because torchvision keeps
+# its space private: op -> (its magnitudes, one a bin, or None; whether signed; magnitude -> the call torchvision's
+# class makes). tests/test_augment_vs_timm.py holds every output of torchvision's class to one of these calls.
+TRIVIAL_BINS = 31
+
+
+def _trivial_ops() -> dict[str, tuple[list[float] | None, bool, Callable[[float], Call | None]]]:
+    linear = torch.linspace(0.0, 0.99, TRIVIAL_BINS).tolist()  # float32 values, as torchvision's
+    return {
+        "Identity": (None, False, lambda m: None),
+        "ShearX": (linear, True, lambda m: ("shear_x", m)),
+        "ShearY": (linear, True, lambda m: ("shear_y", m)),
+        "TranslateX": (torch.linspace(0.0, 32.0, TRIVIAL_BINS).tolist(), True, lambda m: ("translate", (int(m), 0))),
+        "TranslateY": (torch.linspace(0.0, 32.0, TRIVIAL_BINS).tolist(), True, lambda m: ("translate", (0, int(m)))),
+        "Rotate": (torch.linspace(0.0, 135.0, TRIVIAL_BINS).tolist(), True, lambda m: ("rotate", m)),
+        "Brightness": (linear, True, lambda m: ("brightness", 1.0 + m)),
+        "Color": (linear, True, lambda m: ("saturation", 1.0 + m)),
+        "Contrast": (linear, True, lambda m: ("contrast", 1.0 + m)),
+        "Sharpness": (linear, True, lambda m: ("sharpness", 1.0 + m)),
+        "Posterize": ((8 - (torch.arange(TRIVIAL_BINS) / ((TRIVIAL_BINS - 1) / 6))).round().int().tolist(), False,
+                      lambda m: _posterize(int(m))),
+        "Solarize": (torch.linspace(1.0, 0.0, TRIVIAL_BINS).tolist(), False, lambda m: ("solarize", 255 * m)),
+        "AutoContrast": (None, False, lambda m: ("autocontrast", None)),
+        "Equalize": (None, False, lambda m: ("equalize", None)),
+    }
+
+
+TRIVIAL_OPS = _trivial_ops()
+
+
+def trivial_call(name: str, bin: int, negative: bool) -> Call | None:
+    """The call TrivialAugmentWide makes for op `name` at magnitude bin `bin` with the sign drawn for it."""
+    magnitudes, signed, to_call = TRIVIAL_OPS[name]
+    if magnitudes is None:
+        return to_call(0.0)
+    magnitude = float(magnitudes[int(bin)])
+    return to_call(-magnitude if signed and negative else magnitude)
+
+
+def run(call: Call, images: torch.Tensor, fill: list[float]) -> torch.Tensor:
+    """`images` (uint8 [B, C, H, W]) through one call of torchvision.transforms.v2.functional (bilinear, `fill`
+    outside the image)."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    kind, value = call
+    bilinear = InterpolationMode.BILINEAR
+    if kind == "rotate":
+        return F.rotate(images, angle=value, interpolation=bilinear, fill=fill)
+    if kind in ("shear_x", "shear_y"):
+        # PIL's (1, a, 0, 0, 1, 0) about the top-left corner is torchvision's shear by atan(a) about [0, 0]
+        angle = math.degrees(math.atan(value))
+        return F.affine(images, angle=0.0, translate=[0, 0], scale=1.0,
+                        shear=[angle, 0.0] if kind == "shear_x" else [0.0, angle], interpolation=bilinear, fill=fill,
+                        center=[0, 0])
+    if kind == "translate":
+        return F.affine(images, angle=0.0, translate=list(value), scale=1.0, shear=[0.0, 0.0],
+                        interpolation=bilinear, fill=fill)
+    if kind == "brightness":
+        return F.adjust_brightness(images, brightness_factor=value)
+    if kind == "saturation":
+        return F.adjust_saturation(images, saturation_factor=value)
+    if kind == "contrast":
+        return F.adjust_contrast(images, contrast_factor=value)
+    if kind == "sharpness":
+        return F.adjust_sharpness(images, sharpness_factor=value)
+    if kind == "posterize":
+        return F.posterize(images, bits=value)
+    if kind == "solarize":
+        return F.solarize(images, threshold=value)
+    if kind == "solarize_add":  # timm's lookup table: + value below 128, saturating at 255
+        added = (images.to(torch.int16) + int(value)).clamp_(max=255).to(torch.uint8)
+        return torch.where(images < 128, added, images)
+    if kind == "autocontrast":
+        return F.autocontrast(images)
+    if kind == "equalize":
+        return F.equalize(images)
+    if kind == "invert":
+        return F.invert(images)
+    raise ValueError(f"no torchvision call {kind!r}")
 
 
 def _timm_policy(spec: str):
@@ -122,11 +270,8 @@ class Policy:
         self.weights = None
         self.calls = 0  # batched op calls made so far: the cost of a batch (benchmarks/data_pipeline.py reports it)
         if spec == TRIVIAL:
-            from torchvision.transforms.v2 import TrivialAugmentWide
-
             self.kind, self.slots = "trivial", 1
-            self.space = TrivialAugmentWide._AUGMENTATION_SPACE
-            self.ops = list(self.space)
+            self.ops = list(TRIVIAL_OPS)
             return
         from timm.data import auto_augment as timm_aa
 
@@ -148,7 +293,7 @@ class Policy:
         else:
             raise ClcliError(f"data.auto_augment '{spec}' ({type(policy).__name__}) mixes several augmented copies "
                              f"of each image; it runs on streamed data only (data.stream: true)")
-        unsupported = sorted({op.name for op in self.ops} - set(_TO_TORCHVISION))
+        unsupported = sorted({op.name for op in self.ops} - set(LEVEL_TO_ARGUMENT))
         if unsupported:
             raise ClcliError(f"data.auto_augment '{spec}' uses {', '.join(unsupported)}: no torchvision op "
                              f"for in-memory batches; it runs on streamed data only (data.stream: true)")
@@ -157,8 +302,7 @@ class Policy:
         self.prob = torch.tensor([float(op.prob) for op in self.ops], dtype=torch.float64)
         self.level = torch.tensor([float(op.magnitude) for op in self.ops], dtype=torch.float64)
         self.std = torch.tensor([float(op.magnitude_std) for op in self.ops], dtype=torch.float64)
-        self.upper = torch.tensor([float(op.magnitude_max or timm_aa._LEVEL_DENOM) for op in self.ops],
-                                  dtype=torch.float64)
+        self.upper = torch.tensor([float(op.magnitude_max or LEVEL_MAX) for op in self.ops], dtype=torch.float64)
 
     def __repr__(self) -> str:
         return f"Policy({self.spec!r})"
@@ -171,7 +315,7 @@ class Policy:
         shape = (b, self.slots)
         if self.kind == "trivial":
             op = torch.randint(len(self.ops), shape, generator=generator, device=dev)
-            bins = torch.randint(_TRIVIAL_BINS, shape, generator=generator, device=dev)
+            bins = torch.randint(TRIVIAL_BINS, shape, generator=generator, device=dev)
             u_sign = torch.rand(shape, generator=generator, device=dev)
             op, level, u_sign = torch.stack([op.double(), bins.double(), u_sign.double()]).cpu().unbind(0)
             return {"op": op.long(), "apply": torch.ones(shape, dtype=torch.bool), "level": level,
@@ -196,38 +340,25 @@ class Policy:
         at = op.clamp(min=0)
         std, level = self.std[at], self.level[at]
         # timm's AugmentOp: apply with its probability; magnitude + N(0, mstd) (uniform in [0, m] for mstd = inf),
-        # clipped to [0, mmax or 10]
+        # clipped to [0, mmax or LEVEL_MAX]
         noisy = torch.where(torch.isinf(std), uniform * level, level + torch.nan_to_num(std, posinf=0.0) * gauss)
         noisy = torch.where(std > 0, noisy, level)
         level = torch.minimum(noisy.clamp(min=0.0), self.upper[at])
         # timm: apply unless random() > p; negate when random() > 0.5
         return {"op": op, "apply": known & (u_apply <= self.prob[at]), "level": level, "negative": u_sign > 0.5}
 
-    def torchvision_op(self, op: int, level: float, negative: bool, h: int, w: int) -> tuple[str, float] | None:
-        """(torchvision op, magnitude) of one draw on h x w images, or None where it leaves the image as it is."""
+    def call(self, op: int, level: float, negative: bool, h: int, w: int) -> Call | None:
+        """The torchvision call (`run`) of one draw on h x w images, or None where it leaves the image as it is."""
         if self.kind == "trivial":
-            name = self.ops[op]
-            magnitudes_fn, signed = self.space[name]
-            magnitudes = magnitudes_fn(_TRIVIAL_BINS, h, w)
-            if magnitudes is None:
-                return None if name == "Identity" else (name, 0.0)
-            magnitude = float(magnitudes[int(level)])
-            return name, -magnitude if signed and negative else magnitude
+            return trivial_call(self.ops[op], int(level), negative)
         timm_op = self.ops[op]
-        name, to_magnitude = _TO_TORCHVISION[timm_op.name]
-        args = ()
-        if timm_op.level_fn is not None:
-            # translate_const as create_transform sets it for this image size
-            hparams = dict(timm_op.hparams, translate_const=int(min(h, w) * 0.45))
-            args = _with_sign(timm_op.level_fn, negative)(level, hparams)
-        magnitude = to_magnitude(args[0] if args else None, h, w)
-        return None if magnitude is None else (name, magnitude)
+        return timm_call(timm_op.name, level, negative, timm_op.hparams, h, w)
 
     def apply(self, images: torch.Tensor, draws: dict[str, torch.Tensor], fill: Sequence[int]) -> torch.Tensor:
         """`images` (uint8 [B, C, H, W], rows matching `draws`) after every slot's ops: per slot, the images are
-        sorted by their (op, magnitude) and each run goes through one batched torchvision call."""
+        sorted by their call (op and argument) and each run goes through one batched torchvision call."""
         h, w = images.shape[-2:]
-        applier = _applier(tuple(int(v) for v in fill))
+        fill = [float(v) for v in fill]
         for j in range(self.slots):
             rows = draws["apply"][:, j].nonzero().flatten()
             if len(rows) == 0:
@@ -235,10 +366,10 @@ class Policy:
             keys = torch.stack([draws["op"][rows, j].double(), draws["level"][rows, j].double(),
                                 draws["negative"][rows, j].double()], 1)
             distinct, which = torch.unique(keys, dim=0, return_inverse=True)
-            calls: dict[tuple[str, float], int] = {}  # (op, magnitude) -> its call: draws that agree share it
+            calls: dict[Call, int] = {}  # call -> its index: draws that agree share it
             call_of = []
             for op, level, negative in distinct.tolist():
-                target = self.torchvision_op(int(op), level, bool(negative), h, w)
+                target = self.call(int(op), level, bool(negative), h, w)
                 call_of.append(-1 if target is None else calls.setdefault(target, len(calls)))
             call = torch.tensor(call_of, dtype=torch.int64)[which]
             rows, call = rows[call >= 0], call[call >= 0]
@@ -248,26 +379,9 @@ class Policy:
             order = torch.argsort(call, stable=True)
             rows, counts = rows[order], torch.bincount(call, minlength=len(calls)).tolist()
             at = rows.to(images.device)
-            parts = [_run(applier, name, magnitude, chunk)
-                     for (name, magnitude), chunk in zip(calls, images.index_select(0, at).split(counts))]
+            parts = [run(target, chunk, fill) for target, chunk in zip(calls, images.index_select(0, at).split(counts))]
             images = images.index_copy(0, at, torch.cat(parts))
         return images
-
-
-@functools.lru_cache(maxsize=16)
-def _applier(fill: tuple[int, ...]):
-    """A torchvision auto-augment object whose per-op method runs the ops (bilinear, `fill` outside the image)."""
-    from torchvision.transforms.v2 import InterpolationMode, TrivialAugmentWide
-
-    return TrivialAugmentWide(interpolation=InterpolationMode.BILINEAR, fill=list(fill))
-
-
-def _run(applier, name: str, magnitude: float, images: torch.Tensor) -> torch.Tensor:
-    if name == "SolarizeAdd":  # timm's lookup table: + magnitude below 128, saturating at 255
-        added = (images.to(torch.int16) + int(magnitude)).clamp_(max=255).to(torch.uint8)
-        return torch.where(images < 128, added, images)
-    return applier._apply_image_or_video_transform(images, name, magnitude, interpolation=applier.interpolation,
-                                                   fill=applier._fill)
 
 
 def fill_colour(mean: Sequence[float] | None, channels: int) -> tuple[int, ...]:
@@ -283,7 +397,9 @@ def stream_transform(spec: str, size: int, mean: Sequence[float] | None):
     """The auto-augment stage of a streamed training transform (PIL image in, PIL image out): timm's, as its
     `create_transform` builds it for `spec`, or torchvision's TrivialAugmentWide."""
     if spec == TRIVIAL:
-        return _applier(fill_colour(mean, 3))
+        from torchvision.transforms.v2 import InterpolationMode, TrivialAugmentWide
+
+        return TrivialAugmentWide(interpolation=InterpolationMode.BILINEAR, fill=list(fill_colour(mean, 3)))
     from timm.data import create_transform
 
     _timm_policy(spec)  # one line for a string timm does not know, before timm asserts
@@ -292,4 +408,3 @@ def stream_transform(spec: str, size: int, mean: Sequence[float] | None):
                                    mean=tuple(mean) if mean is not None else (0.5, 0.5, 0.5), use_prefetcher=True,
                                    separate=True)
     return stage
-
