@@ -594,8 +594,7 @@ def tune(
         table.add_row(str(r["trial"]), r["state"], "IL" if r["method"] == "il" else r["sites"],
                       "" if r["alpha"] is None else f"{r['alpha']:.3g}",
                       *(f"{r['val_acc'][n]:.2f}" if n in r["val_acc"] else "" for n in networks),
-                      *(f"{r['minus_il'][n]:+.2f}" if n in r["minus_il"] and r["method"] != "il" else ""
-                        for n in networks))
+                      *(f"{r['minus_il'][n]:+.2f}" if n in r["minus_il"] else "" for n in networks))
     console.print(table)
     console.print(result["verdict"], highlight=False, soft_wrap=True)
     for what, path in result["paths"].items():

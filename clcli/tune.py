@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,11 +126,12 @@ def tune(recipe, out: str | Path, *, trials: int, epochs: int | None = None, stu
     space = search_space(base, len(data.class_names))
     del data
     out.mkdir(parents=True, exist_ok=True)
+    # the table and the trials' own lines say what happens; Optuna's warnings for a failed trial carry a traceback
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = _open_study(optuna, recipe.tune, space, study_name or out.resolve().name, storage or _default_storage(out))
     _rerun_interrupted(optuna, study)
     done = optuna.study.MaxTrialsCallback(trials, states=(optuna.trial.TrialState.COMPLETE,
                                                           optuna.trial.TrialState.PRUNED))
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     failures = _Failures()
     try:
         with interrupt_signals():  # Ctrl-C, SIGTERM, SIGHUP: the trial in progress is marked to be run again
@@ -190,9 +192,10 @@ def _open_study(optuna, cfg, space: Space, name: str, storage: str):
         # SQLite: a process waits for another's write instead of failing at once
         engine = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else None
         try:
-            store = optuna.storages.RDBStorage(
-                storage, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3))
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna's words, and used as documented
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                store = optuna.storages.RDBStorage(storage, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
+                                                   grace_period=GRACE_S, **_retry_stale(optuna))
         except Exception as e:  # noqa: BLE001 - a storage URL that does not open: one line
             raise ClcliError(f"cannot open the study storage {storage}: {str(e).splitlines()[0][:200]}") from None
     else:  # a journal file, shared through the file system
@@ -207,6 +210,14 @@ def _open_study(optuna, cfg, space: Space, name: str, storage: str):
                                  pruner=_pruner(optuna, cfg))
     study.enqueue_trial({}, user_attrs=IL_TRIAL)
     return study
+
+
+def _retry_stale(optuna) -> dict:
+    """A trial whose heartbeat stopped (its process died on another machine) is run again, up to 3 times: Optuna
+    4.9 renamed the option, both are public."""
+    if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):
+        return {"heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)}
+    return {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=3)}
 
 
 def _sampler(optuna, cfg, space: Space):
@@ -327,9 +338,10 @@ def _finish(optuna, study, recipe, space: Space, out: Path) -> dict:
                    f"of validation accuracy ({kind} over the networks), more than twice its sampling error "
                    f"(± {error:.2f}); seeds vary more than that, so confirm it at full budget with a few seeds")
     else:
-        verdict = (f"no trial beats IL beyond the sampling error of the validation accuracy (± {error:.2f} points): "
-                   f"the best, trial {best.number} ({_describe(best.params)}), is {best.value - il.value:+.2f}; "
-                   f"on this data and budget CL shows no gain over training the networks alone")
+        verdict = (f"no trial beats IL by more than twice the sampling error of the validation accuracy (± {error:.2f} "
+                   f"points on {il.user_attrs['val_images']} images): the best, trial {best.number} "
+                   f"({_describe(best.params)}), is {best.value - il.value:+.2f}; at this budget and validation size "
+                   f"the search cannot tell CL from IL (a larger data.val_fraction or more epochs per trial can)")
     paths = {"table": out / "study.md"}
     files.write_text(paths["table"], _table_md(rows, verdict, study.study_name))
     if best is not None:
@@ -356,7 +368,8 @@ def _row(t, il, kind: str) -> dict:
         else None
     return {"trial": t.number, "state": t.state.name.lower(), "method": t.user_attrs.get("method", "cl"),
             "sites": t.params.get("sites", "—"), "alpha": t.params.get("alpha"), "lr": t.params.get("lr"),
-            "val_acc": acc, "minus_il": {k: v - il.user_attrs["val_acc"][k] for k, v in acc.items()} if acc else {},
+            "val_acc": acc, "minus_il": {k: v - il.user_attrs["val_acc"][k] for k, v in acc.items()}
+            if acc and t.number != il.number else {},
             "value": t.value, "epochs": t.user_attrs.get("epochs"), "seconds": seconds}
 
 

@@ -1,0 +1,145 @@
+"""`clcli tune`: a study of pruned trials on a validation split, resumable after a kill, shared by two processes."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from clcli import recipes
+from clcli.errors import ClcliError
+
+from _helpers import TINY, cli, tiny_recipe
+
+optuna = pytest.importorskip("optuna")
+
+SMALL = ["--set", "data.train_limit=96", "--set", "data.test_limit=40", "--set", "train.batch_size=24",
+         "--set", "train.threads=1", "--set", "stem=small", "--set", "data.val_fraction=0.25"]
+
+
+def tune_args(out, trials=3, epochs=1, *more):
+    return ["tune", "--models", *TINY, "--trials", str(trials), "--epochs", str(epochs), "--out", str(out),
+            "--no-progress", *SMALL, "--set", "tune.sites=[8x8, 4x4]", *more]
+
+
+def small_recipe(**tune):
+    recipe = tiny_recipe(epochs=1)
+    recipe.data.train_limit, recipe.data.test_limit, recipe.train.batch_size = 96, 40, 24
+    recipe.data.val_fraction, recipe.train.threads = 0.25, 1
+    recipe.tune.sites = tune.get("sites", ["8x8", "4x4"])
+    return recipe
+
+
+def study_of(out):
+    return optuna.load_study(study_name=out.name, storage=f"sqlite:///{out / 'study.db'}")
+
+
+def test_a_study_trains_il_first_then_cl_trials_each_a_run_folder_and_writes_the_best_recipe(tmp_path):
+    from clcli.tune import tune
+
+    out = tmp_path / "study"
+    result = tune(small_recipe(), out, trials=3, show_progress=False)
+    trials = study_of(out).get_trials()
+    assert trials[0].user_attrs["method"] == "il" and result["il"] == 0
+    assert {t.state for t in trials} <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
+    assert len(trials) == 3 and all(t.params["sites"] in ("8x8", "4x4") for t in trials[1:])
+    for t in trials:  # an ordinary run folder per trial, trained and validated on the training images only
+        run_dir = out / "trials" / f"{t.number:03d}"
+        info = json.loads((run_dir / "run.json").read_text())
+        assert (run_dir / "recipe.yaml").is_file() and (run_dir / "plan.json").is_file()
+        assert info["method"] == ("il" if t.number == 0 else "cl") and info["val_acc"] == t.user_attrs["val_acc"]
+        assert info["data"]["train_images"] == 72  # 96 less the quarter held out for validation
+        assert all("val_acc" in r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+                   if r["type"] == "epoch")
+    assert "IL" not in result["verdict"] or "trial" in result["verdict"]
+    best = recipes.load(str(out / "best.yaml"))  # `clcli train --recipe OUT/best.yaml` trains it at full budget
+    chosen = study_of(out).trials[result["best"]]
+    assert best.cl.sites == chosen.params["sites"].split("+") and best.cl.alpha == pytest.approx(chosen.params["alpha"])
+    assert best.train.epochs == 1 and best.methods == ["cl"] and not best.data.validate
+    assert "| 0 | complete | il |" in (out / "study.md").read_text()
+
+
+def test_a_pruned_trial_stops_cleanly_marked_pruned(tmp_path, monkeypatch):
+    from clcli import tune as tune_module
+
+    # a pruner that stops every trial it is asked about (IL is never asked: the reference runs to the end)
+    monkeypatch.setattr(tune_module, "_pruner", lambda optuna, cfg: optuna.pruners.ThresholdPruner(lower=101.0))
+    out = tmp_path / "study"
+    tune_module.tune(small_recipe(sites=["4x4"]), out, trials=2, epochs=2, show_progress=False)
+    il, cl = study_of(out).get_trials()
+    assert il.state == optuna.trial.TrialState.COMPLETE and il.user_attrs["epochs"] == 2
+    assert cl.state == optuna.trial.TrialState.PRUNED
+    info = json.loads((out / "trials" / "001" / "run.json").read_text())
+    assert info["status"] == "pruned" and info["epochs"] == 1 and (out / "trials" / "001" / "checkpoint.pt").is_file()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("tune.sites=[3x3]", "do not meet at 3x3; they meet at"),
+    ("tune.alpha.low=-0.1", "'tune.alpha.low' must be between"),
+    ("tune.alpha.values=[0.1]", "either a range (low, high) or a choice (values)"),
+    ("tune.depth=3", "unknown key 'tune.depth'"),
+])
+def test_a_bad_search_space_is_one_line_before_any_trial(tmp_path, override, message):
+    out = tmp_path / "study"
+    done = cli(tune_args(out, 3, 1, "--set", override))
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    assert not (out / "trials").exists()
+
+
+def test_a_killed_study_continues_with_the_same_command_rerunning_the_interrupted_trial(tmp_path):
+    out = tmp_path / "study"
+    dead = cli(tune_args(out, 3), env={"CLCLI_FAULT_KILL_AT_STEP": "1"})  # SIGKILL in IL's second step
+    assert dead.returncode == -9
+    assert study_of(out).get_trials()[0].state == optuna.trial.TrialState.RUNNING
+    again = cli(tune_args(out, 3))
+    assert again.returncode == 0, again.stderr
+    trials = study_of(out).get_trials()
+    assert trials[0].state == optuna.trial.TrialState.FAIL  # the killed one, run again as a new trial
+    rerun = [t for t in trials if t.user_attrs.get("retry_of") == 0]
+    assert len(rerun) == 1 and rerun[0].user_attrs["method"] == "il" and rerun[0].state.is_finished()
+    finished = [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    assert len(finished) == 3
+
+
+def test_ctrl_c_is_one_line_and_the_same_command_continues(tmp_path):
+    out = tmp_path / "study"
+    stopped = cli(tune_args(out, 3), env={"CLCLI_FAULT_KILL_AT_STEP": "1", "CLCLI_FAULT_SIGNAL": "INT"})
+    assert stopped.returncode == 130 and "Traceback" not in stopped.stderr, stopped.stderr
+    assert "run the same `clcli tune` again to continue" in stopped.stderr
+    assert cli(tune_args(out, 3)).returncode == 0
+    trials = study_of(out).get_trials()
+    assert trials[0].user_attrs.get("interrupted") and [t.user_attrs.get("retry_of") for t in trials].count(0) == 1
+
+
+def test_two_processes_work_on_one_study(tmp_path):
+    out = tmp_path / "study"
+    env = {**os.environ, "COLUMNS": "120"}
+    first = subprocess.Popen([sys.executable, "-m", "clcli", *tune_args(out, 5)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "trials" / "000").exists() and time.time() < deadline:  # the first has created the study
+        time.sleep(0.5)
+    second = cli(tune_args(out, 5))
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0 and second.returncode == 0, err + second.stderr
+    trials = study_of(out).get_trials()
+    finished = [t for t in trials if t.state.is_finished()]
+    assert 5 <= len(finished) <= 6  # each process stops once the study holds 5; one may be finishing its last
+    assert [t.user_attrs.get("method") for t in trials].count("il") == 1
+    hosts_pids = {t.user_attrs["pid"] for t in trials}
+    assert len(hosts_pids) == 2  # both took trials
+    assert sorted(p.name for p in (out / "trials").iterdir()) == [f"{t.number:03d}" for t in trials]
+
+
+def test_without_optuna_tune_says_how_to_install_it(monkeypatch):
+    import builtins
+
+    from clcli import tune as tune_module
+
+    real = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name == "optuna" else real(name, *a, **k))
+    with pytest.raises(ClcliError, match=r"pip install 'clcli\[tune\]'"):
+        tune_module.require_optuna()
