@@ -393,7 +393,6 @@ def _numbered(listed: list[Site], specs: list[int | str], names: list[str]) -> l
             numbers.append(equal[spec])
         else:
             numbers.append(spec)
-    numbers = list(dict.fromkeys(numbers))
     bad = [n for n in numbers if not 1 <= n <= len(listed)]
     if bad:
         raise ClcliError(f"site {bad[0]} is not listed: the probe lists sites 1 to {len(listed)} for these models "
