@@ -319,9 +319,10 @@ def _check_value(key: str, tp, value: Any, where: str, meta=None) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        arm = next((a for a in inner if isinstance(value, a) and not (a is int and isinstance(value, bool))),
+        arm = next((a for a in inner if isinstance(value, typing.get_origin(a) or a)
+                    and not (a is int and isinstance(value, bool))),
                    inner[0])  # int | str: the arm the value is, else the first (whose check says what is wrong)
-        if len(inner) > 1 and not isinstance(value, arm):
+        if len(inner) > 1 and not isinstance(value, typing.get_origin(arm) or arm):
             raise ClcliError(f"{where}: '{key}' must be {' or '.join(map(_type_name, inner))}, got {value!r}")
         return _check_value(key, arm, value, where, meta)
     if origin is list:
