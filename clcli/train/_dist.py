@@ -120,7 +120,7 @@ def _teardown() -> None:
         dist.destroy_process_group()
 
 
-def check(d: Dist, method, recipe, n_nets: int, batch_size: int, scaler) -> None:
+def check_placement(d: Dist, method, recipe, n_nets: int, batch_size: int, scaler) -> None:
     """Refuse what a placement cannot do, with one line, on every process alike."""
     cfg = recipe.train
     shards = d.part[1] * cfg.accumulate

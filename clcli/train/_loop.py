@@ -75,7 +75,7 @@ def _start(method, data: Data, recipe, run_dir: Path, console) -> Loop:
     d = _dist.current()
     feed = Feed(data, recipe, method, d)  # under torchrun: this process's slice of each batch (DDP)
     optimisation = Optimisation(method, recipe, feed.steps, feed.device)
-    _dist.check(d, method, recipe, len(method.cohort.networks), feed.batch_size, optimisation.scaler)
+    _dist.check_placement(d, method, recipe, len(method.cohort.networks), feed.batch_size, optimisation.scaler)
     note = feed.small_batch_note()
     if note and console is not None and d.main:
         console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
