@@ -6,6 +6,7 @@ wd 5e-4, cosine, pad-4 crop + flip), ImageNet stems at 32 px.
 
     python scripts/site_study.py run DATA OUT resnet10t regnetx_002 8x8 4x4+2x2 all --seeds 0,1
     python scripts/site_study.py table OUT            # the tables of every pair under OUT (markdown)
+    python scripts/train_accuracy.py OUT/PAIR/* --out OUT/train_accuracy.json   # then: table OUT --train-accuracy ...
 
 A configuration is a set of map sizes joined by '+' (each size is the probe's best equal-size site of that size for
 the pair: `8x8`, `4x4+2x2`), `all` (one MKB at every size where both networks have an equal-size site of at least
@@ -112,16 +113,20 @@ def run(args) -> None:
 
 
 def table(args) -> None:
-    """Per pair: IL and each configuration, test accuracy mean ± std, each seed's difference to IL, sites used."""
+    """Per pair: IL and each configuration, test accuracy mean ± std, each seed's difference to IL, the sites used,
+    and with --train-accuracy (scripts/train_accuracy.py's file) the mean train / test accuracy and their gap."""
+    fits = json.loads(Path(args.train_accuracy).read_text()) if args.train_accuracy else {}
     for pair in sorted(p for p in Path(args.out).iterdir() if (p / "il").is_dir()):
         names = pair.name.split("+")
         il = _accuracies(pair / "il" / "runs" / "il")
         print(f"\n### {' + '.join(names)}\n")
         print("| config | sites | seeds | " + " | ".join(f"{n} test" for n in names) + " | "
-              + " | ".join(f"{n} − IL per seed (mean ± std)" for n in names) + " |")
-        print("|" + "---|" * (3 + 2 * len(names)))
+              + " | ".join(f"{n} − IL per seed (mean ± std)" for n in names)
+              + (" | train / test (gap) |" if fits else " |"))
+        print("|" + "---|" * (3 + 2 * len(names) + bool(fits)))
         print(f"| IL | — | {','.join(map(str, il))} | "
-              + " | ".join(_mean_std([il[s][i] for s in il]) for i in range(len(names))) + " | — | — |")
+              + " | ".join(_mean_std([il[s][i] for s in il]) for i in range(len(names))) + " | — | — |"
+              + (f" {_fit(fits, pair / 'il' / 'runs' / 'il', names)} |" if fits else ""))
         for folder in sorted(p for p in pair.iterdir() if p.name != "il" and (p / "runs" / "cl").is_dir()):
             cl = _accuracies(folder / "runs" / "cl")
             if not cl:
@@ -130,7 +135,21 @@ def table(args) -> None:
             print(f"| {folder.name} | {_sites(folder / 'runs' / 'cl')} | {','.join(map(str, cl))} | "
                   + " | ".join(_mean_std([cl[s][i] for s in cl]) for i in range(len(names))) + " | "
                   + " | ".join(", ".join(f"{d:+.2f}" for d in ds) + f" ({_mean_std(ds, '+')})" for ds in diffs)
-                  + " |")
+                  + (f" | {_fit(fits, folder / 'runs' / 'cl', names)} |" if fits else " |"))
+
+
+def _fit(fits: dict, runs: Path, names: list[str]) -> str:
+    """Mean training accuracy (un-augmented training images) / test accuracy (gap) per network over the measured
+    seeds: 'resnet10t 98.5 / 75.4 (+23.1); ...'."""
+    measured = [fits[k] for k in fits if Path(k).resolve().parent == runs.resolve()]
+    if not measured:
+        return "—"
+    cells = []
+    for n in names:
+        train = statistics.mean(m["networks"][n]["last"]["train_acc"] for m in measured)
+        test = statistics.mean(m["networks"][n]["last"]["test_acc"] for m in measured)
+        cells.append(f"{train:.1f} / {test:.1f} ({train - test:+.1f})")
+    return "; ".join(cells) + f" ({len(measured)} seeds)"
 
 
 def _accuracies(runs: Path) -> dict[int, list[float]]:
@@ -175,6 +194,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="threads per run (0: the recipe's default)")
     t = sub.add_parser("table", help="print the tables of every pair under OUT")
     t.add_argument("out")
+    t.add_argument("--train-accuracy", help="scripts/train_accuracy.py's file for these runs (the train/test gap)")
     args = parser.parse_args()
     run(args) if args.command == "run" else table(args)
 
