@@ -143,3 +143,16 @@ def test_without_optuna_tune_says_how_to_install_it(monkeypatch):
                         if name == "optuna" else real(name, *a, **k))
     with pytest.raises(ClcliError, match=r"pip install 'clcli\[tune\]'"):
         tune_module.require_optuna()
+
+
+def test_a_space_of_choices_is_searched_as_a_grid_that_ends_the_study_when_exhausted(tmp_path):
+    from clcli.tune import tune
+
+    recipe = small_recipe(sites=["8x8", "4x4"])
+    recipe.tune.alpha.low = recipe.tune.alpha.high = None
+    recipe.tune.alpha.values = [0.2]
+    out = tmp_path / "study"
+    tune(recipe, out, trials=10, show_progress=False)  # IL + a grid of 2: the study ends at 3 trials, not 10
+    trials = study_of(out).get_trials()
+    assert len(trials) == 3 and sorted(t.params["sites"] for t in trials[1:]) == ["4x4", "8x8"]
+    assert all(t.params["alpha"] == 0.2 for t in trials[1:])
