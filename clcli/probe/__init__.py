@@ -249,11 +249,31 @@ def analyse(
             raise ClcliError(f"{name}: --stem small breaks the model ({e}); use --stem imagenet") from None
     else:
         model, graph = _traced(model, in_chans, hw, build_real=lambda: models.create(name, kwargs))
-    taps = _module_taps(model, graph, in_chans, hw)
     stages = _feature_stages(model, graph)
+    taps = _placed(_module_taps(model, graph, in_chans, hw), stages)
     return ModelProbe(name, kwargs, change, graph.tracer, models.count_params(model), graph.macs,
                       taps, stage_taps(taps, {node for _, node, _ in stages if node}), _patch_notes(name, model, hw),
                       stages)
+
+
+def _placed(taps: list[Tap], stages: list[tuple[str, str | None, float | None]]) -> list[Tap]:
+    """Each tap's place among timm's stages, 0 at the end of the first stage and 1 at the end of the last (k / (n - 1)
+    at the end of stage k), a tap inside a stage in proportion to its graph depth between the two stage ends around
+    it; before the first stage's end 0, after the last's 1."""
+    import dataclasses
+
+    ends = sorted(depth for _, _, depth in stages if depth is not None)
+    if len(ends) < 2:
+        return taps
+
+    def place(depth: float) -> float:
+        k = next((i for i, e in enumerate(ends) if e >= depth), None)
+        if k is None or k == 0:
+            return 0.0 if k == 0 else 1.0
+        inside = (depth - ends[k - 1]) / max(ends[k] - ends[k - 1], 1e-9)
+        return round((k - 1 + inside) / (len(ends) - 1), 4)
+
+    return [dataclasses.replace(t, place=place(t.depth)) for t in taps]
 
 
 def _feature_stages(model, graph) -> list[tuple[str, str | None, float | None]]:

@@ -31,6 +31,9 @@ class Tap:
     stage: int                # downsampling level: round(log2(input_height / height))
     depth: float              # 0 = input, 1 = head, by position in the graph
     is_module_output: bool
+    # where the tap sits among the stages timm's feature_info names: 0 = in the first, 1 = in the last (None: the
+    # model has no feature_info, or a plan written before this field)
+    place: float | None = None
 
     @property
     def size(self) -> tuple[int, int]:
