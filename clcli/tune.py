@@ -206,8 +206,9 @@ def _open_study(optuna, cfg, space: Space, name: str, storage: str):
         study = optuna.create_study(study_name=name, storage=store, direction="maximize",
                                     sampler=_sampler(optuna, cfg, space), pruner=_pruner(optuna, cfg))
     except optuna.exceptions.DuplicatedStudyError:
-        return optuna.load_study(study_name=name, storage=store, sampler=_sampler(optuna, cfg, space),
-                                 pruner=_pruner(optuna, cfg))
+        study = optuna.load_study(study_name=name, storage=store, pruner=_pruner(optuna, cfg))
+        study.sampler = _sampler(optuna, cfg, space, seed=_joining_seed(optuna, study))
+        return study
     study.enqueue_trial({}, user_attrs=IL_TRIAL)
     return study
 
@@ -220,15 +221,26 @@ def _retry_stale(optuna) -> dict:
     return {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=3)}
 
 
-def _sampler(optuna, cfg, space: Space):
+def _joining_seed(optuna, study) -> int | None:
+    """A process that continues a study alone draws reproducibly (seeded by the trials so far); one that joins a
+    study another process is working on draws fresh: with one seed, two workers would sample the same
+    configurations one for one."""
+    state = optuna.trial.TrialState
+    if study.get_trials(deepcopy=False, states=(state.RUNNING,)):
+        return None
+    return len(study.get_trials(deepcopy=False))
+
+
+def _sampler(optuna, cfg, space: Space, seed: int | None = 0):
     grid = space.grid()
     if cfg.sampler == "grid" or (cfg.sampler == "auto" and grid is not None):
         if grid is None:
             raise ClcliError("tune.sampler grid needs every searched number given as values, not a range")
-        return optuna.samplers.GridSampler(grid, seed=0)
+        return optuna.samplers.GridSampler(grid, seed=seed)
     if cfg.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=0)
-    return optuna.samplers.TPESampler(seed=0)
+        return optuna.samplers.RandomSampler(seed=seed)
+    # constant liar: a trial still running counts as a poor one, so parallel workers spread out (Optuna's advice)
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
 
 
 def _pruner(optuna, cfg):
@@ -256,6 +268,8 @@ def _rerun_interrupted(optuna, study) -> None:
     run again with the same parameters, once."""
     state = optuna.trial.TrialState
     retried = {t.user_attrs.get("retry_of") for t in study.get_trials(deepcopy=False)}
+    # a configuration already measured (or queued here) is not run twice
+    measured = [t.params for t in study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED))]
     host = socket.gethostname()
     for t in study.get_trials(deepcopy=False, states=(state.RUNNING, state.FAIL)):
         if t.number in retried or t.user_attrs.get("host") != host:
@@ -266,6 +280,9 @@ def _rerun_interrupted(optuna, study) -> None:
             study.tell(t.number, state=state.FAIL)
         elif not t.user_attrs.get("interrupted"):
             continue  # failed on its own (a diverging configuration): not run again
+        if t.params and t.params in measured:
+            continue
+        measured.append(t.params)
         keep = {k: v for k, v in t.user_attrs.items() if k == "method"}
         study.enqueue_trial(t.params, user_attrs={**keep, "retry_of": t.number})
 

@@ -131,6 +131,35 @@ def test_two_processes_work_on_one_study(tmp_path):
     hosts_pids = {t.user_attrs["pid"] for t in trials}
     assert len(hosts_pids) == 2  # both took trials
     assert sorted(p.name for p in (out / "trials").iterdir()) == [f"{t.number:03d}" for t in trials]
+    drawn = [tuple(sorted(t.params.items())) for t in trials if t.params]
+    assert len(drawn) == len(set(drawn))  # the second process does not draw the first one's configurations again
+
+
+def test_an_interrupted_twin_of_a_measured_configuration_is_not_run_again(tmp_path):
+    import socket
+
+    from clcli import tune
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", direction="maximize")
+    alpha = optuna.distributions.FloatDistribution(0.01, 1.0, log=True)
+    here = {"host": socket.gethostname(), "interrupted": True}
+    study.add_trial(optuna.trial.create_trial(params={"alpha": 0.3}, distributions={"alpha": alpha}, value=1.0))
+    for value in (0.3, 0.5, 0.5):  # a twin of the finished one, and one configuration interrupted twice
+        study.add_trial(optuna.trial.create_trial(params={"alpha": value}, distributions={"alpha": alpha},
+                                                  state=optuna.trial.TrialState.FAIL, user_attrs=here))
+    tune._rerun_interrupted(optuna, study)
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert [(t.system_attrs["fixed_params"], t.user_attrs["retry_of"]) for t in waiting] == [({"alpha": 0.5}, 2)]
+
+
+def test_a_process_joining_a_busy_study_draws_apart_and_one_continuing_alone_draws_reproducibly(tmp_path):
+    from clcli import tune
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}")
+    study.enqueue_trial({})
+    assert tune._joining_seed(optuna, study) == 1
+    study.ask()  # a trial running in another process
+    assert tune._joining_seed(optuna, study) is None
 
 
 def test_without_optuna_tune_says_how_to_install_it(monkeypatch):
