@@ -586,19 +586,25 @@ def tune(
         result = tune_lib(loaded, out, trials=trials, epochs=epochs, study_name=study, storage=storage,
                           show_progress=not no_progress, console=console)
     networks = list(next((r["val_acc"] for r in result["rows"] if r["val_acc"]), {}))
-    table = Table(title="trials: validation accuracy (%) and the difference to IL (trial "
+    table = Table(title="trials: validation accuracy (%), in brackets the difference to IL (trial "
                   f"{result['il']})", title_justify="left")
-    for column in ("trial", "state", "sites", "alpha", *networks, *(f"{n} − IL" for n in networks)):
-        table.add_column(column)
+    for column in ("trial", "state", "sites", "alpha", *networks):
+        table.add_column(column, no_wrap=True)  # one column per network keeps two networks whole at 80 columns
     for r in result["rows"]:
         table.add_row(str(r["trial"]), r["state"], "IL" if r["method"] == "il" else r["sites"],
                       "" if r["alpha"] is None else f"{r['alpha']:.3g}",
-                      *(f"{r['val_acc'][n]:.2f}" if n in r["val_acc"] else "" for n in networks),
-                      *(f"{r['minus_il'][n]:+.2f}" if n in r["minus_il"] else "" for n in networks))
+                      *(_with_difference(r, n) for n in networks))
     console.print(table)
     console.print(result["verdict"], highlight=False, soft_wrap=True)
     for what, path in result["paths"].items():
         console.print(f"{what}: [bold]{path}[/]")
+
+
+def _with_difference(row: dict, network: str) -> str:
+    if network not in row["val_acc"]:
+        return ""
+    text = f"{row['val_acc'][network]:.2f}"
+    return f"{text} ({row['minus_il'][network]:+.2f})" if network in row["minus_il"] else text
 
 
 @app.command()

@@ -108,7 +108,10 @@ def test_ctrl_c_is_one_line_and_the_same_command_continues(tmp_path):
     stopped = cli(tune_args(out, 3), env={"CLCLI_FAULT_KILL_AT_STEP": "1", "CLCLI_FAULT_SIGNAL": "INT"})
     assert stopped.returncode == 130 and "Traceback" not in stopped.stderr, stopped.stderr
     assert "run the same `clcli tune` again to continue" in stopped.stderr
-    assert cli(tune_args(out, 3)).returncode == 0
+    again = cli(tune_args(out, 3), env={"COLUMNS": "80"})
+    assert again.returncode == 0
+    table = [line for line in again.stdout.splitlines() if line[:1] in "┏┃┡│└"]
+    assert max(map(len, table)) <= 80 and "test_efficientnet" in "".join(table)  # names whole at 80 columns
     trials = study_of(out).get_trials()
     assert trials[0].user_attrs.get("interrupted") and [t.user_attrs.get("retry_of") for t in trials].count(0) == 1
 
