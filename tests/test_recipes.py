@@ -69,3 +69,13 @@ def test_a_shown_recipe_copied_to_a_file_is_named_after_that_file(tmp_path):
     copy.write_text(result.stdout)
     assert recipes.load(str(copy)).name == "my"
     assert recipes.load(str(copy)).to_dict() == dict(recipes.load("cifar10").to_dict(), name="my")
+
+
+def test_a_folder_named_like_a_built_in_recipe_does_not_hide_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "quickstart").mkdir()  # e.g. `clcli train --out quickstart`, then `--recipe quickstart` again
+    assert recipes.load("quickstart").data.source == "builtin:quickstart"
+    with pytest.raises(ClcliError, match="is a folder, not a file"):
+        recipes.find(str(tmp_path / "quickstart"))
+    with pytest.raises(ClcliError, match="recipe file not found"):
+        recipes.find("missing.yaml")

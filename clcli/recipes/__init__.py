@@ -290,16 +290,16 @@ def builtin_names() -> list[str]:
 
 def find(name_or_path: str) -> Path:
     path = Path(name_or_path).expanduser()
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if path.is_dir():
-            raise ClcliError(f"recipe {path} is a folder, not a file")
-        if not path.exists():
-            raise ClcliError(f"recipe file not found: {path}")
+    if path.is_file():
         return path
-    for d in _builtin_dirs():
-        candidate = d / f"{name_or_path}.yaml"
-        if candidate.is_file():
-            return candidate
+    builtin = next((d / f"{name_or_path}.yaml" for d in _builtin_dirs() if (d / f"{name_or_path}.yaml").is_file()),
+                   None)
+    if builtin is not None and path.suffix not in (".yaml", ".yml"):
+        return builtin  # a folder named like a built-in recipe (an --out folder `quickstart/`) does not hide it
+    if path.is_dir():
+        raise ClcliError(f"recipe {path} is a folder, not a file")
+    if path.suffix in (".yaml", ".yml"):
+        raise ClcliError(f"recipe file not found: {path}")
     raise ClcliError(f"unknown recipe '{name_or_path}'; built-in recipes: {', '.join(builtin_names())}")
 
 
