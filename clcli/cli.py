@@ -587,11 +587,12 @@ def tune(
                           show_progress=not no_progress, console=console)
     networks = list(next((r["val_acc"] for r in result["rows"] if r["val_acc"]), {}))
     table = Table(title="trials: validation accuracy (%), in brackets the difference to IL (trial "
-                  f"{result['il']})", title_justify="left")
+                  f"{result['il']}) at the same epoch", title_justify="left")
     for column in ("trial", "state", "sites", "alpha", *networks):
         table.add_column(column, no_wrap=True)  # one column per network keeps two networks whole at 80 columns
     for r in result["rows"]:
-        table.add_row(str(r["trial"]), r["state"], "IL" if r["method"] == "il" else r["sites"],
+        state = f"pruned at {r['epochs']}" if r["state"] == "pruned" and r["epochs"] else r["state"]
+        table.add_row(str(r["trial"]), state, "IL" if r["method"] == "il" else r["sites"],
                       "" if r["alpha"] is None else f"{r['alpha']:.3g}",
                       *(_with_difference(r, n) for n in networks))
     console.print(table)

@@ -95,9 +95,12 @@ class TrialReport(Callback):
 
     def __init__(self, trial, kind: str, prunable: bool):
         self.trial, self.kind, self.prunable = trial, kind, prunable
-        self.pruned = False
+        self.pruned, self.curve = False, []
 
     def on_epoch_end(self, loop, end) -> None:
+        self.curve.append(end.val_acc)
+        # each network's curve: a trial pruned at epoch k is compared with IL at epoch k, not at IL's end
+        self.trial.set_user_attr("val_acc_by_epoch", self.curve)
         self.trial.report(objective_value(end.val_acc, self.kind), end.epoch)
         if self.prunable and self.trial.should_prune():
             self.pruned = True
@@ -383,18 +386,23 @@ def _row(t, il, kind: str) -> dict:
     acc = t.user_attrs.get("val_acc") or {}
     seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start \
         else None
+    reached = len(t.user_attrs.get("val_acc_by_epoch", [])) or None
+    il_curve = il.user_attrs.get("val_acc_by_epoch", [])
+    reference = il_curve[reached - 1] if reached and reached <= len(il_curve) else il.user_attrs["val_acc"]
     return {"trial": t.number, "state": t.state.name.lower(), "method": t.user_attrs.get("method", "cl"),
             "sites": t.params.get("sites", "—"), "alpha": t.params.get("alpha"), "lr": t.params.get("lr"),
-            "val_acc": acc, "minus_il": {k: v - il.user_attrs["val_acc"][k] for k, v in acc.items()}
+            "val_acc": acc, "minus_il": {k: v - reference[k] for k, v in acc.items()}
             if acc and t.number != il.number else {},
-            "value": t.value, "epochs": t.user_attrs.get("epochs"), "seconds": seconds}
+            "value": t.value, "epochs": reached or t.user_attrs.get("epochs"), "seconds": seconds}
 
 
 def _table_md(rows: list[dict], verdict: str, name: str) -> str:
     networks = list(next((r["val_acc"] for r in rows if r["val_acc"]), {}))
     head = ("| trial | state | method | sites | alpha | lr | " + " | ".join(f"{n} val" for n in networks)
             + " | " + " | ".join(f"{n} − IL" for n in networks) + " | epochs | time |")
-    lines = [f"# clcli tune: {name}", "", verdict, "", head, "|" + "---|" * (8 + 2 * len(networks))]
+    lines = [f"# clcli tune: {name}", "", verdict, "",
+             "− IL: the difference to the IL trial's validation accuracy at the epoch the trial reached (a pruned "
+             "trial stops early).", "", head, "|" + "---|" * (8 + 2 * len(networks))]
     for r in rows:
         cells = [str(r["trial"]), r["state"], r["method"], r["sites"],
                  "—" if r["alpha"] is None else f"{r['alpha']:.3g}", "—" if r["lr"] is None else f"{r['lr']:.3g}",

@@ -66,8 +66,11 @@ def test_a_pruned_trial_stops_cleanly_marked_pruned(tmp_path, monkeypatch):
     # a pruner that stops every trial it is asked about (IL is never asked: the reference runs to the end)
     monkeypatch.setattr(tune_module, "_pruner", lambda optuna, cfg: optuna.pruners.ThresholdPruner(lower=101.0))
     out = tmp_path / "study"
-    tune_module.tune(small_recipe(sites=["4x4"]), out, trials=2, epochs=2, show_progress=False)
+    result = tune_module.tune(small_recipe(sites=["4x4"]), out, trials=2, epochs=2, show_progress=False)
     il, cl = study_of(out).get_trials()
+    pruned = result["rows"][1]  # set against IL at the epoch it reached, not at IL's end
+    assert pruned["epochs"] == 1 and len(il.user_attrs["val_acc_by_epoch"]) == 2
+    assert pruned["minus_il"] == {k: v - il.user_attrs["val_acc_by_epoch"][0][k] for k, v in pruned["val_acc"].items()}
     assert il.state == optuna.trial.TrialState.COMPLETE and il.user_attrs["epochs"] == 2
     assert cl.state == optuna.trial.TrialState.PRUNED
     info = json.loads((out / "trials" / "001" / "run.json").read_text())
