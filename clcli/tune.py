@@ -131,7 +131,8 @@ def tune(recipe, out: str | Path, *, trials: int, epochs: int | None = None, stu
     out.mkdir(parents=True, exist_ok=True)
     # the table and the trials' own lines say what happens; Optuna's warnings for a failed trial carry a traceback
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    study = _open_study(optuna, recipe.tune, space, study_name or out.resolve().name, storage or _default_storage(out))
+    study = _open_study(optuna, recipe.tune, space, study_name or out.resolve().name, storage or _default_storage(out),
+                        base.train.epochs)
     _rerun_interrupted(optuna, study)
     done = optuna.study.MaxTrialsCallback(trials, states=(optuna.trial.TrialState.COMPLETE,
                                                           optuna.trial.TrialState.PRUNED))
@@ -188,7 +189,7 @@ def _default_storage(out: Path) -> str:
     return f"sqlite:///{(out / 'study.db').resolve()}"
 
 
-def _open_study(optuna, cfg, space: Space, name: str, storage: str):
+def _open_study(optuna, cfg, space: Space, name: str, storage: str, epochs: int):
     """The study, created with IL as its first trial (the process that creates it enqueues it; the storage makes
     one the creator), or loaded as it is."""
     if "://" in storage:
@@ -207,9 +208,9 @@ def _open_study(optuna, cfg, space: Space, name: str, storage: str):
         store = optuna.storages.JournalStorage(JournalFileBackend(str(Path(storage).expanduser())))
     try:
         study = optuna.create_study(study_name=name, storage=store, direction="maximize",
-                                    sampler=_sampler(optuna, cfg, space), pruner=_pruner(optuna, cfg))
+                                    sampler=_sampler(optuna, cfg, space), pruner=_pruner(optuna, cfg, epochs))
     except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=name, storage=store, pruner=_pruner(optuna, cfg))
+        study = optuna.load_study(study_name=name, storage=store, pruner=_pruner(optuna, cfg, epochs))
         study.sampler = _sampler(optuna, cfg, space, seed=_joining_seed(optuna, study))
         return study
     study.enqueue_trial({}, user_attrs=IL_TRIAL)
@@ -246,14 +247,15 @@ def _sampler(optuna, cfg, space: Space, seed: int | None = 0):
     return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
 
 
-def _pruner(optuna, cfg):
+def _pruner(optuna, cfg, epochs: int):
     if cfg.pruner == "none":
         return optuna.pruners.NopPruner()
     if cfg.pruner == "halving":
         return optuna.pruners.SuccessiveHalvingPruner()
-    # after IL and two configurations, a trial below the median of the others at the same epoch stops; never in the
-    # first epoch, where every trial is noise
-    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+    # after IL and two configurations, a trial below the median of the others at the same epoch stops, but not in
+    # the first third of its epochs: at a high learning rate the early epochs are noise (docs/results.md section 8:
+    # pruned at epoch 2 of 10, near twins of the two best configurations were lost)
+    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=max(1, epochs // 3))
 
 
 def _alive(pid: int) -> bool:

@@ -64,7 +64,7 @@ def test_a_pruned_trial_stops_cleanly_marked_pruned(tmp_path, monkeypatch):
     from clcli import tune as tune_module
 
     # a pruner that stops every trial it is asked about (IL is never asked: the reference runs to the end)
-    monkeypatch.setattr(tune_module, "_pruner", lambda optuna, cfg: optuna.pruners.ThresholdPruner(lower=101.0))
+    monkeypatch.setattr(tune_module, "_pruner", lambda optuna, cfg, epochs: optuna.pruners.ThresholdPruner(lower=101.0))
     out = tmp_path / "study"
     result = tune_module.tune(small_recipe(sites=["4x4"]), out, trials=2, epochs=2, show_progress=False)
     il, cl = study_of(out).get_trials()
@@ -191,3 +191,21 @@ def test_a_space_of_choices_is_searched_as_a_grid_that_ends_the_study_when_exhau
     trials = study_of(out).get_trials()
     assert len(trials) == 3 and sorted(t.params["sites"] for t in trials[1:]) == ["4x4", "8x8"]
     assert all(t.params["alpha"] == 0.2 for t in trials[1:])
+
+
+def test_the_median_pruner_waits_a_third_of_the_epochs(tmp_path):
+    from clcli import tune
+
+    pruner = tune._pruner(optuna, small_recipe().tune, 10)
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    for value in (90.0, 80.0, 70.0):  # three finished trials, the startup the median needs
+        trial = study.ask()
+        for epoch in range(10):
+            trial.report(value, epoch)
+        study.tell(trial, value)
+    worst = study.ask()
+    for epoch in range(3):
+        worst.report(10.0, epoch)
+        assert worst.should_prune() == (epoch >= 3)  # epochs 0-2 (the first third) are never judged
+    worst.report(10.0, 3)
+    assert worst.should_prune()
