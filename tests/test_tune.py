@@ -80,7 +80,7 @@ def test_a_pruned_trial_stops_cleanly_marked_pruned(tmp_path, monkeypatch):
 @pytest.mark.parametrize("override, message", [
     ("tune.sites=[3x3]", "do not meet at 3x3; they meet at"),
     ("tune.alpha.low=-0.1", "'tune.alpha.low' must be between"),
-    ("tune.alpha.values=[0.1]", "either a range (low, high) or a choice (values)"),
+    ("tune.lr.low=0.01", "'tune.lr' needs both low and high"),
     ("tune.depth=3", "unknown key 'tune.depth'"),
 ])
 def test_a_bad_search_space_is_one_line_before_any_trial(tmp_path, override, message):
@@ -209,3 +209,14 @@ def test_the_median_pruner_waits_a_third_of_the_epochs(tmp_path):
         assert worst.should_prune() == (epoch >= 3)  # epochs 0-2 (the first third) are never judged
     worst.report(10.0, 3)
     assert worst.should_prune()
+
+
+def test_a_choice_of_values_replaces_the_default_range_and_a_range_given_beside_it_is_one_line(tmp_path):
+    choice = tmp_path / "choice.yaml"
+    choice.write_text("tune:\n  alpha: {values: [0.1, 0.2]}\n")  # the form docs/cli.md shows
+    alpha = recipes.load(str(choice)).tune.alpha
+    assert (alpha.low, alpha.high, alpha.values) == (None, None, [0.1, 0.2])
+    both = tmp_path / "both.yaml"
+    both.write_text("tune:\n  alpha: {low: 0.05, high: 1.0, values: [0.1]}\n")
+    with pytest.raises(ClcliError, match="either a range"):
+        recipes.load(str(both))

@@ -451,7 +451,10 @@ def load(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
 
 
 def _check_tune(recipe: Recipe, where: str) -> None:
-    for key, r in (("tune.alpha", recipe.tune.alpha), ("tune.lr", recipe.tune.lr)):
+    default = TuneConfig()
+    for key, r, d in (("tune.alpha", recipe.tune.alpha, default.alpha), ("tune.lr", recipe.tune.lr, default.lr)):
+        if r.values and (r.low, r.high) == (d.low, d.high):
+            r.low = r.high = None  # `alpha: {values: [...]}` replaces the default range, it does not sit beside it
         if (r.low is None) != (r.high is None):
             raise ClcliError(f"{where}: '{key}' needs both low and high (a range), or values (a choice)")
         if r.low is not None and r.values:
