@@ -124,14 +124,15 @@ def tune(recipe, out: str | Path, *, trials: int, epochs: int | None = None, stu
     files.check_output_dir(out, "tune folder")
     if trials < 2:
         raise ClcliError(f"--trials must be at least 2 (IL, the reference, is one of them), got {trials}")
-    base = _trial_base(recipe, epochs)
+    name = study_name or out.resolve().name
+    base = _trial_base(recipe, epochs, name)
     data = load_data(base, resolve_device("cpu"))  # the data and the search space checked before any trial
     space = search_space(base, len(data.class_names))
     del data
     out.mkdir(parents=True, exist_ok=True)
     # the table and the trials' own lines say what happens; Optuna's warnings for a failed trial carry a traceback
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    study = _open_study(optuna, recipe.tune, space, study_name or out.resolve().name, storage or _default_storage(out),
+    study = _open_study(optuna, recipe.tune, space, name, storage or _default_storage(out),
                         base.train.epochs)
     _rerun_interrupted(optuna, study)
     done = optuna.study.MaxTrialsCallback(trials, states=(optuna.trial.TrialState.COMPLETE,
@@ -172,7 +173,7 @@ class _Failures:
             study.stop()
 
 
-def _trial_base(recipe, epochs: int | None):
+def _trial_base(recipe, epochs: int | None, study_name: str):
     """The recipe every trial starts from: CL on the training images less a validation split, at the trial budget,
     the study's runs grouped in the trackers."""
     base = recipes.from_dict(recipe.to_dict())
@@ -181,7 +182,7 @@ def _trial_base(recipe, epochs: int | None):
     if epochs is not None:
         base.train.epochs = epochs
     if base.train.log and base.train.log_group is None:
-        base.train.log_group = f"tune-{base.name}"
+        base.train.log_group = f"tune-{study_name}"  # one group a study, not a recipe
     return base
 
 

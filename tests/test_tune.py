@@ -220,3 +220,13 @@ def test_a_choice_of_values_replaces_the_default_range_and_a_range_given_beside_
     both.write_text("tune:\n  alpha: {low: 0.05, high: 1.0, values: [0.1]}\n")
     with pytest.raises(ClcliError, match="either a range"):
         recipes.load(str(both))
+
+
+def test_a_studys_trials_are_one_group_in_the_trackers():
+    from clcli.tune import _trial_base
+
+    recipe = small_recipe()
+    recipe.train.log = ["tensorboard"]
+    assert _trial_base(recipe, 2, "mine").train.log_group == "tune-mine"
+    recipe.train.log = []
+    assert _trial_base(recipe, 2, "mine").train.log_group is None
