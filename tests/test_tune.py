@@ -80,6 +80,7 @@ def test_a_pruned_trial_stops_cleanly_marked_pruned(tmp_path, monkeypatch):
 @pytest.mark.parametrize("override, message", [
     ("tune.sites=[3x3]", "do not meet at 3x3; they meet at"),
     ("tune.alpha.low=-0.1", "'tune.alpha.low' must be between"),
+    ("tune.alpha.values=[0.1]", "either a range (low, high) or a choice (values)"),
     ("tune.lr.low=0.01", "'tune.lr' needs both low and high"),
     ("tune.depth=3", "unknown key 'tune.depth'"),
 ])
@@ -220,6 +221,8 @@ def test_a_choice_of_values_replaces_the_default_range_and_a_range_given_beside_
     both.write_text("tune:\n  alpha: {low: 0.05, high: 1.0, values: [0.1]}\n")
     with pytest.raises(ClcliError, match="either a range"):
         recipes.load(str(both))
+    given = recipes.load("quickstart", ["tune.alpha={values: [0.3]}"]).tune.alpha  # the --set form the error names
+    assert (given.low, given.high, given.values) == (None, None, [0.3])
 
 
 def test_a_studys_trials_are_one_group_in_the_trackers():

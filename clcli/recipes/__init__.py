@@ -412,11 +412,16 @@ def _defaults_raw() -> dict:
     return Recipe().to_dict()
 
 
+# mappings a file gives whole, never merged key by key into the defaults: per-network tables, and tune's search
+# ranges (`alpha: {values: [0.1, 0.2]}` is a choice, not a choice beside the default range)
+_GIVEN_WHOLE = ("network_lr", "network_weight_decay", "model_kwargs", "alpha", "lr")
+
+
 def _merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
         out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) and k not in (
-            "network_lr", "network_weight_decay", "model_kwargs") else v
+            _GIVEN_WHOLE) else v
     return out
 
 
@@ -451,14 +456,12 @@ def load(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
 
 
 def _check_tune(recipe: Recipe, where: str) -> None:
-    default = TuneConfig()
-    for key, r, d in (("tune.alpha", recipe.tune.alpha, default.alpha), ("tune.lr", recipe.tune.lr, default.lr)):
-        if r.values and (r.low, r.high) == (d.low, d.high):
-            r.low = r.high = None  # `alpha: {values: [...]}` replaces the default range, it does not sit beside it
+    for key, r in (("tune.alpha", recipe.tune.alpha), ("tune.lr", recipe.tune.lr)):
         if (r.low is None) != (r.high is None):
             raise ClcliError(f"{where}: '{key}' needs both low and high (a range), or values (a choice)")
         if r.low is not None and r.values:
-            raise ClcliError(f"{where}: '{key}' is either a range (low, high) or a choice (values), not both")
+            raise ClcliError(f"{where}: '{key}' is either a range (low, high) or a choice (values), not both "
+                             f"(--set '{key}={{values: [0.1, 0.2]}}' gives a choice in place of the range)")
         if r.low is not None and not 0 < r.low < r.high:
             raise ClcliError(f"{where}: '{key}' must have 0 < low < high (searched on a log scale), got "
                              f"{r.low}, {r.high}")
