@@ -260,6 +260,7 @@ def _placed(taps: list[Tap], stages: list[tuple[str, str | None, float | None]])
     """Each tap's place among timm's stages, 0 at the end of the first stage and 1 at the end of the last (k / (n - 1)
     at the end of stage k), a tap inside a stage in proportion to its graph depth between the two stage ends around
     it; before the first stage's end 0, after the last's 1."""
+    import bisect
     import dataclasses
 
     ends = sorted(depth for _, _, depth in stages if depth is not None)
@@ -267,8 +268,8 @@ def _placed(taps: list[Tap], stages: list[tuple[str, str | None, float | None]])
         return taps
 
     def place(depth: float) -> float:
-        k = next((i for i, e in enumerate(ends) if e >= depth), None)
-        if k is None or k == 0:
+        k = bisect.bisect_left(ends, depth)  # the first stage end at or after the tap
+        if k in (0, len(ends)):
             return 0.0 if k == 0 else 1.0
         inside = (depth - ends[k - 1]) / max(ends[k] - ends[k - 1], 1e-9)
         return round((k - 1 + inside) / (len(ends) - 1), 4)

@@ -292,10 +292,11 @@ def find(name_or_path: str) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
-    builtin = next((d / f"{name_or_path}.yaml" for d in _builtin_dirs() if (d / f"{name_or_path}.yaml").is_file()),
-                   None)
-    if builtin is not None and path.suffix not in (".yaml", ".yml"):
-        return builtin  # a folder named like a built-in recipe (an --out folder `quickstart/`) does not hide it
+    if path.suffix not in (".yaml", ".yml"):
+        # a built-in name wins over a folder of that name (an --out folder `quickstart/`)
+        for d in _builtin_dirs():
+            if (d / f"{name_or_path}.yaml").is_file():
+                return d / f"{name_or_path}.yaml"
     if path.is_dir():
         raise ClcliError(f"recipe {path} is a folder, not a file")
     if path.suffix in (".yaml", ".yml"):
