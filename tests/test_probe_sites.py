@@ -284,3 +284,15 @@ def test_a_trunk_without_the_class_token_it_declares_is_a_token_grid():
     # CaiT and XCiT declare one class token but join it only after their trunk: 196 tokens are a 14 x 14 grid
     assert _layout((1, 196, 192), (224, 224), 1, None) == ("NLC", 192, 14, 14, 0)
     assert _layout((1, 197, 192), (224, 224), 1, None) == ("NLC", 192, 14, 14, 1)
+
+
+def test_each_tap_has_its_place_among_timms_stages():
+    """0 at the end of timm's first feature_info stage, 1 at the last, k / (n - 1) at the end of stage k, rising with
+    depth in between (the quantity a stage-based rule scores)."""
+    result = probe.analyse("resnet10t", 32)
+    ends = sorted(depth for _, _, depth in result.feature_stages if depth is not None)
+    by_depth = {round(t.depth, 6): t.place for t in result.taps}
+    assert [by_depth[round(e, 6)] for e in ends if round(e, 6) in by_depth] == \
+        [round(k / (len(ends) - 1), 4) for k, e in enumerate(ends) if round(e, 6) in by_depth]
+    places = [t.place for t in sorted(result.taps, key=lambda t: t.depth)]
+    assert places == sorted(places) and places[0] == 0.0 and places[-1] <= 1.0
