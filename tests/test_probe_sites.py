@@ -131,6 +131,19 @@ def test_two_mkbs_never_share_a_tap():
         assert p.sites[0].taps[i].node != p.sites[1].taps[i].node
 
 
+def test_the_default_plan_is_one_mkb_and_all_is_one_at_every_shared_size():
+    """One MKB by default (several at once took the quickstart's small network to chance: docs/results.md section 5,
+    the site study); `--site all` plans one at every map size where every network has a tap."""
+    models = ["test_resnet", "test_efficientnet"]
+    default = probe.plan(models, 32, stem="small")
+    assert len(default.sites) == 1 and default.sites[0] is default.candidates[0]
+    every = probe.plan(models, 32, stem="small", sites=["all"])
+    sizes = probe.equal_sizes(every.candidates)
+    assert len(sizes) >= 2 and len(every.sites) == len(sizes)
+    assert sorted(f"{s.size[0]}x{s.size[1]}" for s in every.sites) == sorted(sizes)
+    assert all(s.pairing == "equal" for s in every.sites)
+
+
 def test_a_site_chosen_by_its_number_is_planned_and_trained(tmp_path):
     """`clcli probe --site N` and the recipe's cl.sites plan the listed site N instead of the best: the table numbers
     the sites and marks the planned one; the run trains exactly that site."""

@@ -177,7 +177,7 @@ def test_different_inputs_pair_images_the_same_way_every_epoch_so_w2_is_cached(t
     from clcli import probe
     from clcli.train import build_cohort
 
-    plan = probe.plan(recipe.models, 32, stem="small")
+    plan = probe.plan(recipe.models, 32, stem="small", mkbs=1)  # one MKB: one look-up a pair a step
     method = methods.create("cl", build_cohort(plan, num_classes=10, seed=0, with_mkb=True), recipe)
     (tmp_path / "run").mkdir()
     fit(method, data, recipe, tmp_path / "run", show_progress=False)
