@@ -5,10 +5,13 @@
     <run>/run.json         method, models, classes, normalisation, status and final accuracies
     <run>/metrics.jsonl    one line per logged step and per epoch
     <run>/checkpoint.pt    the last completed epoch (tensors and plain containers only: weights_only loads it)
+    <run>/.clcli.lock      only while a process trains the run (`held`)
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
 
 from clcli import files, models
@@ -258,10 +261,46 @@ def prepare(run_dir: Path, *, resume: bool, force: bool) -> None:
         if not holds_runs(run_dir):
             raise ClcliError(f"{run_dir} holds files that are not a clcli run; --force replaces run folders only: "
                              "choose a new or empty --out")
+        for lock in run_dir.rglob(LOCK):  # --force never removes a run that a process is training
+            with held(lock.parent):
+                pass
         import shutil
 
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+
+
+LOCK = ".clcli.lock"
+
+
+@contextlib.contextmanager
+def held(run_dir: Path):
+    """Hold `run_dir` for this process while it trains: a second process that would train or resume the same run
+    (a second `clcli compare` over the same runs, a second `--resume`) stops with one line instead of writing its
+    checkpoints and metrics into this one's. An OS lock (flock), so a killed process holds nothing; the lock file
+    goes when the run ends."""
+    try:
+        import fcntl
+    except ImportError:  # no flock on this OS: train unguarded
+        yield
+        return
+    path = run_dir / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            raise ClcliError(f"{run_dir} is being trained by {holder}: wait for it to end, or train into another "
+                             f"--out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()}".encode(), 0)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
 
 
 def discard_unstarted(run_dirs: list[Path], root: Path | None = None) -> list[Path]:

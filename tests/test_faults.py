@@ -600,3 +600,24 @@ def test_out_of_memory_while_training_is_one_line_with_what_to_change(error, epo
         assert json.loads((out / "run.json").read_text())["status"] == "failed"
     else:
         assert not out.exists()
+
+
+def test_a_run_another_process_trains_is_neither_resumed_nor_replaced(trained_run, tmp_path):
+    """Two processes over one run folder (a second `clcli compare` over the same runs while the first still trains
+    one) interleaved their checkpoints and metrics; now the second stops with one line and writes nothing."""
+    from clcli import run as run_folder
+    from clcli.errors import ClcliError
+
+    out = tmp_path / "out"
+    shutil.copytree(trained_run, out / "cl")
+    with run_folder.held(out / "cl"):  # what training holds; a second open file description cannot take it
+        before = _snapshot(out)
+        with pytest.raises(ClcliError, match=rf"{out / 'cl'} is being trained by process {os.getpid()}"):
+            with run_folder.held(out / "cl"):
+                pass
+        with pytest.raises(ClcliError, match="is being trained by process"):
+            run_folder.prepare(out, resume=False, force=True)
+        assert _snapshot(out) == before
+    assert not (out / "cl" / run_folder.LOCK).exists()  # the lock file goes with the run
+    run_folder.prepare(out, resume=False, force=True)  # no one holds it: --force replaces it
+    assert not any(out.iterdir())

@@ -3,6 +3,7 @@ run folder from its checkpoint. A run folder's status in run.json goes pending, 
 interrupted; out of memory is one line saying what to change."""
 from __future__ import annotations
 
+import contextlib
 import platform
 from pathlib import Path
 
@@ -129,9 +130,17 @@ def _train_prepared(recipe, runs, plan, notes, main: bool, show_progress: bool, 
 
 def _train_one(method_name, recipe, plan, data, run_dir: Path, device, state, show_progress, console,
                callbacks=()) -> dict:
+    main = _dist.is_main_process()  # under torchrun, rank 0 alone writes the run folder
+    with run_folder.held(run_dir) if main else contextlib.nullcontext():
+        return _train_held(method_name, recipe, plan, data, run_dir, device, state, show_progress, console,
+                           callbacks)
+
+
+def _train_held(method_name, recipe, plan, data, run_dir: Path, device, state, show_progress, console,
+                callbacks) -> dict:
     from clcli import methods
 
-    main = _dist.is_main_process()  # under torchrun, rank 0 alone writes the run folder
+    main = _dist.is_main_process()
     info = files.read_json(run_dir / "run.json", "run file") if main else {}
     trackers = start_tracking(method_name, recipe, plan, run_dir, info, state, console) if main else tracking.NONE
     if trackers.ids():
