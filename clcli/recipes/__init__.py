@@ -415,14 +415,15 @@ def _defaults_raw() -> dict:
 
 # mappings a file gives whole, never merged key by key into the defaults: per-network tables, and tune's search
 # ranges (`alpha: {values: [0.1, 0.2]}` is a choice, not a choice beside the default range)
-_GIVEN_WHOLE = ("network_lr", "network_weight_decay", "model_kwargs", "alpha", "lr")
+_GIVEN_WHOLE = {"train.network_lr", "train.network_weight_decay", "model_kwargs", "tune.alpha", "tune.lr"}
 
 
-def _merge(base: dict, over: dict) -> dict:
+def _merge(base: dict, over: dict, path: str = "") -> dict:
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) and k not in (
-            _GIVEN_WHOLE) else v
+        key = f"{path}{k}"
+        out[k] = (_merge(base[k], v, f"{key}.") if isinstance(v, dict) and isinstance(base.get(k), dict)
+                  and key not in _GIVEN_WHOLE else v)
     return out
 
 

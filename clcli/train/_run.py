@@ -122,25 +122,24 @@ def _train_prepared(recipe, runs, plan, notes, main: bool, show_progress: bool, 
             files.write_json(run_dir / "run.json", info)
     results = {}
     for method_name, run_dir in runs:
-        results[method_name] = _train_one(method_name, recipe, plan, data, run_dir, device, None, show_progress,
-                                          console, callbacks)
+        with _held(run_dir):
+            results[method_name] = _train_one(method_name, recipe, plan, data, run_dir, device, None,
+                                              show_progress, console, callbacks)
         results[method_name]["skipped_images"] = len(data.skipped) + len(streamed_skips(data))
     return results
 
 
+def _held(run_dir: Path):
+    """The run folder held by this process while it trains (`run.held`); under torchrun rank 0, its writer, holds it."""
+    return run_folder.held(run_dir) if _dist.is_main_process() else contextlib.nullcontext()
+
+
 def _train_one(method_name, recipe, plan, data, run_dir: Path, device, state, show_progress, console,
                callbacks=()) -> dict:
-    main = _dist.is_main_process()  # under torchrun, rank 0 alone writes the run folder
-    with run_folder.held(run_dir) if main else contextlib.nullcontext():
-        return _train_held(method_name, recipe, plan, data, run_dir, device, state, show_progress, console,
-                           callbacks)
-
-
-def _train_held(method_name, recipe, plan, data, run_dir: Path, device, state, show_progress, console,
-                callbacks) -> dict:
+    """Train one run folder; its caller holds it (`_held`)."""
     from clcli import methods
 
-    main = _dist.is_main_process()
+    main = _dist.is_main_process()  # under torchrun, rank 0 alone writes the run folder
     info = files.read_json(run_dir / "run.json", "run file") if main else {}
     trackers = start_tracking(method_name, recipe, plan, run_dir, info, state, console) if main else tracking.NONE
     if trackers.ids():
@@ -263,16 +262,17 @@ def _resume(run_dir: Path, *, show_progress: bool, console) -> dict[str, dict]:
                               **({"test_top5": info["test_top5"]} if "test_top5" in info else {})}}
     _apply_threads(recipe)  # a resumed run keeps the thread count it was started with
     device = _dist.setup(recipe)  # joins the torchrun process group, if any
-    started_with, now = info.get("processes"), _dist.current().world
-    if started_with is not None and started_with != now and console is not None:
-        console.print(f"[yellow]note:[/] {run_dir} was trained with {started_with} process"
-                      f"{'es' if started_with != 1 else ''} and resumes with {now}: training continues correctly, "
-                      f"but the result will not be bit-exact with an uninterrupted run", highlight=False,
-                      soft_wrap=True)
-    data = load_data(recipe, device)
-    state = run.state(map_location=device) if (run_dir / run_folder.CHECKPOINT).exists() else None
-    return {method_name: _train_one(method_name, recipe, plan, data, run_dir, device, state, show_progress,
-                                    console)}
+    with _held(run_dir):  # before the data is loaded: a run another process trains is one line at once
+        started_with, now = info.get("processes"), _dist.current().world
+        if started_with is not None and started_with != now and console is not None:
+            console.print(f"[yellow]note:[/] {run_dir} was trained with {started_with} process"
+                          f"{'es' if started_with != 1 else ''} and resumes with {now}: training continues "
+                          f"correctly, but the result will not be bit-exact with an uninterrupted run",
+                          highlight=False, soft_wrap=True)
+        data = load_data(recipe, device)
+        state = run.state(map_location=device) if (run_dir / run_folder.CHECKPOINT).exists() else None
+        return {method_name: _train_one(method_name, recipe, plan, data, run_dir, device, state, show_progress,
+                                        console)}
 
 
 def _apply_threads(recipe) -> None:
