@@ -94,9 +94,9 @@ def _stage_coverage(name: str, size: tuple[int, int], m) -> dict:
         return {"error": f"{type(e).__name__}: {text[0][:160] if text else ''}"}
     # where the graph does not show a stage's module (no such scope, or a features_only model with other stages),
     # the stage is counted by size alone, and the count says how many were
-    ends = m.feature_stages if len(m.feature_stages) == len(sizes) else [(None, None, None)] * len(sizes)
+    ends = m.feature_stages if len(m.feature_stages) == len(sizes) else [(None, None, None, None)] * len(sizes)
     stages, missing, by_size = [], [], 0
-    for s, (module, _, depth) in zip(sizes, ends):
+    for s, (module, _, depth, _) in zip(sizes, ends):
         if min(s) < 2:
             continue
         stages.append(tuple(s))

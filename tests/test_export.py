@@ -62,15 +62,16 @@ def test_each_file_holds_only_its_network_and_its_mkb_half(cl_run, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "models, size, stem, layout",
+    "models, size, stem, site, layout",
     [
-        (["test_mambaout", "test_resnet"], 64, "imagenet", "NHWC"),
-        (["test_vit", "test_resnet"], 64, "imagenet", "NLC"),
+        (["test_mambaout", "test_resnet"], 64, "imagenet", "8x8", "NHWC"),  # mambaout's stages.1 (planned: stages.0)
+        (["test_vit", "test_resnet"], 64, "imagenet", "4x4", "NLC"),
     ],
 )
-def test_round_trip_for_nhwc_and_token_grid_taps(tmp_path, models, size, stem, layout):
+def test_round_trip_for_nhwc_and_token_grid_taps(tmp_path, models, size, stem, site, layout):
     recipe = tiny_recipe(models=models, epochs=1)
     recipe.input_size, recipe.stem = size, stem
+    recipe.cl.sites = [site]
     recipe.data.image_size = size
     recipe.data.train_limit, recipe.data.test_limit = 64, 32
     train(recipe, tmp_path / "run", show_progress=False)

@@ -182,6 +182,7 @@ def test_fitnets_reads_a_hint_at_a_graph_node_by_fx_splicing(grid, plan, batch):
     out, _ = grid
     node_plan = copy.deepcopy(plan)
     site = node_plan.sites[0]
+    stage = site.taps[0].module  # the stage output the plan taps (test_resnet's layer1 .. layer3)
     # the teacher's residual `add` before its block activation: no module produces it, so no hook can read it
     (add,) = [t for t in node_plan.models[0].taps if t.module is None and t.size == site.size]
     site.taps[0] = dataclasses.replace(add)
@@ -199,10 +200,10 @@ def test_fitnets_reads_a_hint_at_a_graph_node_by_fx_splicing(grid, plan, batch):
     assert set(method.teacher.state_dict()) == set(plain.state_dict())  # timm's keys, nothing spliced in
     plain.load_state_dict(method.teacher.state_dict())
     seen = {}
-    plain.layer3.register_forward_hook(lambda m, a, o: seen.__setitem__("layer3", o))
+    plain.get_submodule(stage).register_forward_hook(lambda m, a, o: seen.__setitem__("stage", o))
     with torch.no_grad():  # the capture passes the node's value on unchanged: the teacher computes what it did
         assert torch.equal(method.teacher(batch.images[0]), plain.eval()(batch.images[0]))
-    assert torch.equal(torch.relu(method.recorder[0]), seen["layer3"])  # the add is layer3's output before act
+    assert torch.equal(torch.relu(method.recorder[0]), seen["stage"])  # the add is the stage's output before act
 
 
 def test_fitnets_hint_reads_nhwc_and_token_taps_as_feature_maps():

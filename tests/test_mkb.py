@@ -7,20 +7,20 @@ from clcli.methods import Batch, create
 from clcli.train import build_cohort
 
 
-def _plan(names, size=64, stem="small", mkbs=1):
-    return probe.plan(names, size, stem=stem, mkbs=mkbs, num_classes=10)
+def _plan(names, size=64, stem="small", mkbs=1, sites=None):
+    return probe.plan(names, size, stem=stem, mkbs=mkbs, num_classes=10, sites=sites)
 
 
 @pytest.mark.parametrize(
-    "names, size, stem, layouts",
+    "names, size, stem, sites, layouts",
     [
-        (["test_resnet", "test_efficientnet"], 64, "small", {"NCHW"}),
-        (["test_mambaout", "test_resnet"], 64, "imagenet", {"NHWC", "NCHW"}),
-        (["test_vit", "test_resnet"], 64, "imagenet", {"NLC", "NCHW"}),
+        (["test_resnet", "test_efficientnet"], 64, "small", None, {"NCHW"}),
+        (["test_mambaout", "test_resnet"], 64, "imagenet", ["8x8"], {"NHWC", "NCHW"}),  # mambaout's NHWC stages.1
+        (["test_vit", "test_resnet"], 64, "imagenet", None, {"NLC", "NCHW"}),
     ],
 )
-def test_mkb_halves_keep_every_tap_shape_and_give_the_planned_embedding(names, size, stem, layouts):
-    plan = _plan(names, size, stem)
+def test_mkb_halves_keep_every_tap_shape_and_give_the_planned_embedding(names, size, stem, sites, layouts):
+    plan = _plan(names, size, stem, sites=sites)
     site = plan.sites[0]
     assert {t.layout for t in site.taps} == layouts
     cohort = build_cohort(plan, num_classes=10, seed=0, with_mkb=True)

@@ -25,10 +25,10 @@ runner = CliRunner()
 CLASSES = [f"c{i}" for i in range(10)]
 
 
-def _network(models, size, stem, spliced=False):
+def _network(models, size, stem, spliced=False, sites=None):
     """The first network of a cohort with its MKB half, its gate far from the identity (so the half changes the
     logits well beyond the tolerance), and the plain network it is built on."""
-    plan = probe.plan(models, size, stem=stem, mkbs=1, num_classes=10)
+    plan = probe.plan(models, size, stem=stem, mkbs=1, num_classes=10, sites=sites)
     if spliced:  # test_resnet's residual add before the block activation: no module outputs it, fx splices it in
         site = plan.sites[0]
         nodes = [t for t in plan.models[0].taps if t.module is None and t.size == site.size
@@ -60,20 +60,21 @@ def _session(path):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-LAYOUTS = [  # (models, size, stem, spliced, tap layout, site kind)
-    (["test_resnet", "test_efficientnet"], 32, "small", False, "NCHW", "hooked"),
-    (["test_resnet", "test_efficientnet"], 32, "imagenet", True, "NCHW", "spliced"),
-    (["test_mambaout", "test_resnet"], 64, "imagenet", False, "NHWC", "hooked"),
-    (["test_vit", "test_resnet"], 64, "imagenet", False, "NLC", "hooked"),
+LAYOUTS = [  # (models, size, stem, spliced, sites (None: the planned one), tap layout, site kind)
+    (["test_resnet", "test_efficientnet"], 32, "small", False, None, "NCHW", "hooked"),
+    (["test_resnet", "test_efficientnet"], 32, "imagenet", True, None, "NCHW", "spliced"),
+    (["test_mambaout", "test_resnet"], 64, "imagenet", False, ["8x8"], "NHWC", "hooked"),  # mambaout's stages.1
+    (["test_vit", "test_resnet"], 64, "imagenet", False, None, "NLC", "hooked"),
 ]
 
 
-@pytest.mark.parametrize("models, size, stem, spliced, layout, kind", LAYOUTS,
+@pytest.mark.parametrize("models, size, stem, spliced, sites, layout, kind", LAYOUTS,
                          ids=["nchw-hooked-small-stem", "nchw-spliced", "nhwc", "token-grid"])
-def test_onnx_export_holds_the_mkb_half_and_matches_pytorch(tmp_path, models, size, stem, spliced, layout, kind):
+def test_onnx_export_holds_the_mkb_half_and_matches_pytorch(tmp_path, models, size, stem, spliced, sites, layout,
+                                                            kind):
     import onnx
 
-    net, plain, plan = _network(models, size, stem, spliced)
+    net, plain, plan = _network(models, size, stem, spliced, sites)
     tap = plan.sites[0].taps[0]
     assert tap.layout == layout and (tap.module is None) == (kind == "spliced")
     target = tmp_path / f"{models[0]}.onnx"

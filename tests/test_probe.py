@@ -46,7 +46,7 @@ def test_a_first_stage_that_keeps_the_stem_size_offers_its_own_output(name):
     m = probe.analyse(name, 32)
     assert m.feature_stages, "timm's feature_info was not read"
     offered = {t.node: t for t in m.stage_taps}
-    ends = {node: module for module, node, _ in m.feature_stages if node}
+    ends = {node: module for module, node, _, _ in m.feature_stages if node}
     sizes = {t.node: t.size for t in m.taps}
     for node, module in ends.items():
         if node in sizes and min(sizes[node]) >= 2:
@@ -79,11 +79,14 @@ def test_small_stem_keeps_resolution_and_is_found_generically():
     assert eff.stem.conv == "conv_stem" and eff.stem.pool is None
 
 
-def test_plan_prefers_equal_sizes_middle_to_late_and_spreads_sites():
+def test_plan_prefers_equal_sizes_early_past_the_stem_and_spreads_sites():
     p = probe.plan(["test_resnet", "test_efficientnet"], 64, stem="small", mkbs=2)
     assert len(p.sites) == 2
-    assert len({t.size for t in p.sites[0].taps}) == 1  # equal H x W where both networks have it at a good depth
-    assert all(0.25 <= t.depth <= 0.9 for site in p.sites for t in site.taps)  # never the stem, never before the head
+    assert len({t.size for t in p.sites[0].taps}) == 1  # equal H x W where both networks have it at a good place
+    assert all(0 <= t.place < 1 for site in p.sites for t in site.taps)  # never the stem, never before the head
+    # the first site: one network at its first stage past the stem (test_efficientnet's blocks.1, place 0), the
+    # other one stage later (test_resnet's layer2), rather than the efficientnet's stem-level blocks.0 at 64x64
+    assert [(t.module, t.place) for t in p.sites[0].taps] == [("layer2", 0.3333), ("blocks.1", 0.0)]
     for site in p.candidates:
         assert min(site.size) >= 2                     # never the pooled classifier vector
     assert p.candidates[0].score >= p.candidates[-1].score

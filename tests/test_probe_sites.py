@@ -1,5 +1,6 @@
 """Where the probe finds taps and where it puts MKB sites (issue 28): every stage of a network is a tap whatever its
-spatial size, and each network's site sits mid-to-late in that network."""
+spatial size, and each network's site sits past its stem and before its head (early, where the site study found
+CL helps most)."""
 import json
 from pathlib import Path
 
@@ -110,6 +111,33 @@ def test_nearest_sizes_at_a_good_depth_beat_an_equal_size_at_the_stem():
     best = candidate_sites([a, b])[0]
     assert [t.module for t in best["taps"]] != ["a32", "b32"]
     assert all(EXTREMES[0] <= t.depth <= EXTREMES[1] for t in best["taps"]), best
+
+
+def _placed_tap(name, size, place):
+    return probe.Tap(name, name, "NCHW", 16, size, size, 0, 0, 0.5, True, place=place)
+
+
+def test_the_first_stage_past_the_stem_wins_then_each_later_one_less():
+    # the site study (docs/results.md section 5): at equal sizes, each network's first stage past the stem (place 0)
+    # beat every later single site; the stem (place < 0) and the last stage's end (place 1) come last
+    a = [_placed_tap("a16", 16, -1 / 3), _placed_tap("a8", 8, 0.0), _placed_tap("a4", 4, 1 / 3),
+         _placed_tap("a2", 2, 2 / 3)]
+    b = [_placed_tap("b16", 16, -1 / 3), _placed_tap("b8", 8, 0.0), _placed_tap("b4", 4, 1 / 3),
+         _placed_tap("b2", 2, 2 / 3)]
+    equal = [[t.module for t in s["taps"]] for s in candidate_sites([a, b]) if s["pairing"] == "equal"]
+    assert equal == [["a8", "b8"], ["a4", "b4"], ["a16", "b16"], ["a2", "b2"]]
+    # one network's stem never carries the site to suit the other: its first stage one size smaller wins
+    c = [_placed_tap("c16", 16, -1 / 3), _placed_tap("c8", 8, 0.0), _placed_tap("c4", 4, 1 / 3)]
+    d = [_placed_tap("d16", 16, 0.0), _placed_tap("d8", 8, 1 / 3), _placed_tap("d4", 4, 2 / 3)]
+    assert [t.module for t in candidate_sites([c, d])[0]["taps"]] == ["c8", "d8"]
+
+
+def test_the_study_pairs_plan_their_measured_best_single_site():
+    # docs/results.md section 5: one MKB at 8x8, each network's first stage past the stem, on both pairs trained
+    for names, modules in ((["resnet10t", "regnetx_002"], ["layer1", "s1"]),
+                           (["resnet10t", "convnext_atto"], ["layer1", "stages.0"])):
+        plan = probe.plan(names, 32)
+        assert [t.module for t in plan.sites[0].taps] == modules and plan.sites[0].size == (8, 8)
 
 
 def test_equal_sizes_win_at_equal_depths():
@@ -299,13 +327,19 @@ def test_a_trunk_without_the_class_token_it_declares_is_a_token_grid():
     assert _layout((1, 197, 192), (224, 224), 1, None) == ("NLC", 192, 14, 14, 1)
 
 
-def test_each_tap_has_its_place_among_timms_stages():
-    """0 at the end of timm's first feature_info stage, 1 at the last, k / (n - 1) at the end of stage k, rising with
-    depth in between (the quantity a stage-based rule scores)."""
+def test_each_tap_has_its_place_among_timms_stages_past_the_stem():
+    """0 at the end of the first feature_info stage past the stem (resnet's layer1, reduction 4), 1 at the last,
+    k / (n - 1) at the end of the k-th after it, the stem's act1 (reduction 2) one step below 0, rising with depth."""
     result = probe.analyse("resnet10t", 32)
-    ends = sorted(depth for _, _, depth in result.feature_stages if depth is not None)
-    by_depth = {round(t.depth, 6): t.place for t in result.taps}
-    assert [by_depth[round(e, 6)] for e in ends if round(e, 6) in by_depth] == \
-        [round(k / (len(ends) - 1), 4) for k, e in enumerate(ends) if round(e, 6) in by_depth]
+    assert [(m, r) for m, _, _, r in result.feature_stages] == \
+        [("act1", 2), ("layer1", 4), ("layer2", 8), ("layer3", 16), ("layer4", 32)]
+    place = {t.module: t.place for t in result.stage_taps}
+    assert place == {"act1": -0.3333, "layer1": 0.0, "layer2": 0.3333, "layer3": 0.6667, "layer4": 1.0}
     places = [t.place for t in sorted(result.taps, key=lambda t: t.depth)]
-    assert places == sorted(places) and places[0] == 0.0 and places[-1] <= 1.0
+    assert places == sorted(places) and places[0] == -0.6667 and places[-1] <= 1.0
+    # no stem among feature_info's stages (ConvNeXt's stages.0 is at reduction 4): its first stage is 0, the
+    # patchify stem before it below
+    convnext = probe.analyse("test_convnext", 32)
+    first = convnext.feature_stages[0]
+    assert first[3] == 4 and {t.module: t.place for t in convnext.stage_taps}[first[0]] == 0.0
+    assert all(t.place < 0 for t in convnext.taps if t.depth < first[2])

@@ -14,9 +14,11 @@ from clcli.models import STEMS, StemChange
 from ._taps import MIN_SIDE, Tap, has_site
 
 # 2: a model's taps may hold several of one size (an isotropic trunk's depths), any spatial size is a tap, and a
-# site's score is its worse-placed network's (docs/probe.md). A version-1 plan reads the same and trains as written.
-PLAN_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# site's score is its worse-placed network's (docs/probe.md). 3: a tap's `place` counts from the first stage past
+# the stem and the score reads it (the site study, docs/results.md section 5). Older plans read the same and train
+# as written.
+PLAN_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 
 @dataclass
@@ -30,9 +32,9 @@ class ModelProbe:
     taps: list[Tap]              # every spatial cut point
     stage_taps: list[Tap]        # what sites may use: a stage output per size, several depths of an isotropic trunk
     notes: list[str] = field(default_factory=list)  # what the user should know about this model at this input
-    # timm's feature_info stages in order: (module, the graph node that ends it or None, that node's depth); not in
-    # the plan file (a plan keeps the taps chosen), read by the zoo's stage coverage
-    feature_stages: list[tuple[str, str | None, float | None]] = field(default_factory=list)
+    # timm's feature_info stages in order: (module, the graph node that ends it or None, that node's depth, its
+    # reduction of the input); not in the plan file (a plan keeps the taps chosen), read by the zoo's stage coverage
+    feature_stages: list[tuple[str, str | None, float | None, int | None]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
@@ -99,13 +101,14 @@ class Plan:
         pairings = {s.pairing for s in self.sites}
         notes = []
         if "x2" in pairings:
-            notes.append("no equal spatial size sits mid-to-late in every network: sites pair sizes in a ratio of 2, "
-                         "bridged by a resize")
+            notes.append("no equal spatial size sits well in every network (past the stem, before the last stage): "
+                         "sites pair sizes in a ratio of 2, bridged by a resize")
         if "nearest" in pairings:
             sizes = "; ".join(" / ".join(f"{t.height}x{t.width}" for t in s.taps) for s in self.sites
                               if s.pairing == "nearest")
-            notes.append(f"no equal spatial size or one in a ratio of 2 sits mid-to-late in every network: sites "
-                         f"pair each model's nearest size ({sizes}), every encoder resampling to the one code size")
+            notes.append(f"no equal spatial size or one in a ratio of 2 sits well in every network (past the stem, "
+                         f"before the last stage): sites pair each model's nearest size ({sizes}), every encoder "
+                         f"resampling to the one code size")
         return notes
 
     @classmethod
@@ -252,34 +255,47 @@ def analyse(
     stages = _feature_stages(model, graph)
     taps = _placed(_module_taps(model, graph, in_chans, hw), stages)
     return ModelProbe(name, kwargs, change, graph.tracer, models.count_params(model), graph.macs,
-                      taps, stage_taps(taps, {node for _, node, _ in stages if node}), _patch_notes(name, model, hw),
+                      taps, stage_taps(taps, {node for _, node, _, _ in stages if node}), _patch_notes(name, model, hw),
                       stages)
 
 
-def _placed(taps: list[Tap], stages: list[tuple[str, str | None, float | None]]) -> list[Tap]:
-    """Each tap's place among timm's stages, 0 at the end of the first stage and 1 at the end of the last (k / (n - 1)
-    at the end of stage k), a tap inside a stage in proportion to its graph depth between the two stage ends around
-    it; before the first stage's end 0, after the last's 1."""
+# feature_info stages that downsample the input by at most this much belong to the stem: resnet's act1, regnet's
+# stem, mobilenet's bn1, efficientnet's blocks.0 (one depthwise block at stride 2), dla's level0-1
+STEM_REDUCTION = 2
+
+
+def _placed(taps: list[Tap], stages: list[tuple[str, str | None, float | None, int | None]]) -> list[Tap]:
+    """Each tap's place among timm's stages past the stem: 0 at the end of the first stage past the stem (the first
+    feature_info stage that reduces the input more than `STEM_REDUCTION`), 1 at the end of the last, k / (n - 1) at the
+    end of the k-th after it, in proportion to graph depth in between, 1 after the last end. The stem's stages lie
+    below 0 on the same scale (resnet's act1 at -1/3), a tap before the first stage end one step below that. A ViT's
+    blocks (all at reduction 16) count from blocks.0."""
     import bisect
     import dataclasses
 
-    ends = sorted(depth for _, _, depth in stages if depth is not None)
-    if len(ends) < 2:
+    ends = sorted((depth, reduction) for _, _, depth, reduction in stages if depth is not None)
+    depths = [d for d, _ in ends]
+    stem = next((k for k, (_, r) in enumerate(ends) if r is None or r > STEM_REDUCTION), 0)
+    span = len(ends) - 1 - stem
+    if span < 1:
         return taps
 
     def place(depth: float) -> float:
-        k = bisect.bisect_left(ends, depth)  # the first stage end at or after the tap
-        if k in (0, len(ends)):
-            return 0.0 if k == 0 else 1.0
-        inside = (depth - ends[k - 1]) / max(ends[k] - ends[k - 1], 1e-9)
-        return round((k - 1 + inside) / (len(ends) - 1), 4)
+        k = bisect.bisect_left(depths, depth)  # the first stage end at or after the tap
+        if k == len(depths):
+            return 1.0
+        inside = 1.0 if k == 0 else (depth - depths[k - 1]) / max(depths[k] - depths[k - 1], 1e-9)
+        if k == 0 and depth < depths[0]:
+            inside = 0.0  # before the first end: the step below it
+        return round((k - 1 - stem + inside) / span, 4)
 
     return [dataclasses.replace(t, place=place(t.depth)) for t in taps]
 
 
-def _feature_stages(model, graph) -> list[tuple[str, str | None, float | None]]:
+def _feature_stages(model, graph) -> list[tuple[str, str | None, float | None, int | None]]:
     """timm's own stages (the model's public `feature_info`): each module with the graph node that ends it (the last
-    node run in its scope) and that node's depth; None where the graph has no such scope."""
+    node run in its scope), that node's depth (None where the graph has no such scope) and the stage's reduction of
+    the input (None where feature_info gives none)."""
     info = getattr(model, "feature_info", None)
     if not isinstance(info, list):
         return []
@@ -295,8 +311,10 @@ def _feature_stages(model, graph) -> list[tuple[str, str | None, float | None]]:
         module = entry.get("module") if isinstance(entry, dict) else None
         if isinstance(module, str):
             i = last.get(module)
+            reduction = entry.get("reduction")
             stages.append((module, None if i is None else graph.nodes[i].name,
-                           None if i is None else round(i / output_pos, 4)))
+                           None if i is None else round(i / output_pos, 4),
+                           reduction if isinstance(reduction, int) else None))
     return stages
 
 

@@ -1,7 +1,10 @@
-"""Rank candidate MKB sites across models, following the paper (section III-B, Table 5): feature maps of equal
-spatial size, convolutional stages rather than the classifier, the middle-to-late stage best and the first and last
-stages worst (conv2_x of three stages in Table 5). Each network's own depth counts: a site is as good as the worse
-placed of its taps, so that no network's MKB sits at its stem or right before its head to suit the other."""
+"""Rank candidate MKB sites across models: feature maps of equal spatial size (the paper, section III-B), and each
+network's tap as early as its first stage past the stem, never in the stem or at the last stage before the head.
+Where the MKB goes was measured (docs/results.md section 5, the site study): on both pairs trained, one MKB at the
+end of each network's first stage past the stem was the best single site, the sites after it less and less good;
+the paper's Table 5 (one pair, one seed, CIFAR networks without a stem) put the best at the second of three stages
+and the classifier last. Each network's own place counts: a site is as good as the worse placed of its taps, so that
+no network's MKB sits at its stem or right before its head to suit the other."""
 from __future__ import annotations
 
 import itertools
@@ -10,10 +13,10 @@ import math
 from ._taps import MIN_SIDE, TARGET_DEPTH, Tap
 
 GOOD_SIDE = 4         # below this the unified code is smaller than the paper's 4x4
-EXTREMES = (0.25, 0.9)  # a tap shallower or deeper than these sits at the stem or right before the head
+EXTREMES = (0.25, 0.9)  # by graph depth (a model without timm stages): the stem, and right before the head
 EXTREME_COST = 1.0    # what sitting there costs: more than pairing sizes a ratio of 4 apart
-RATIO_COST = 0.4      # per doubling between two taps' sides (an encoder resamples them to one code): as much as
-                      # the widest gap in depth quality between two taps inside EXTREMES, so equal sizes win there
+RATIO_COST = 0.4      # per doubling between two taps' sides (an encoder resamples them to one code): more than one
+                      # stage of place between two taps of a four-stage network (1/3), so equal sizes win there
 SMALL_COST = 1.0      # a map smaller than 4x4
 SPLICE_COST = 0.1     # a tap that is not a module output (a graph rewrite instead of a hook)
 MAX_RATIO = 8         # sites pair sides at most this far apart
@@ -21,9 +24,22 @@ MAX_COMBINATIONS = 20_000
 SHOWN = 8             # sites a plan lists besides the chosen ones
 
 
+def tap_quality(tap: Tap) -> float:
+    """How good one network's tap is for an MKB. By its place among timm's stages (`Tap.place`): 1 at the end of the
+    first stage past the stem (place 0), falling linearly to 0 at the end of the last; `EXTREME_COST` lower in the
+    stem (place < 0) and at the last stage's end (right before the head). A model without timm stages (no
+    feature_info) keeps the graph-depth rule of the paper's Table 5, which the site study did not measure."""
+    if tap.place is None:
+        return depth_quality(tap.depth)
+    quality = 1.0 - abs(tap.place)
+    if tap.place < 0 or tap.place >= 1:
+        quality -= EXTREME_COST
+    return quality
+
+
 def depth_quality(depth: float) -> float:
-    """How good one network's tap depth is: 1 at the target depth, falling linearly, `EXTREME_COST` lower outside
-    `EXTREMES` (Table 5: the first and last stages are the worst sites)."""
+    """A tap's quality by graph depth alone: 1 at `TARGET_DEPTH`, falling linearly, `EXTREME_COST` lower outside
+    `EXTREMES` (Table 5: the middle-to-late stage best, the first and last stages the worst sites)."""
     quality = 1.0 - abs(depth - TARGET_DEPTH)
     if not EXTREMES[0] <= depth <= EXTREMES[1]:
         quality -= EXTREME_COST
@@ -37,8 +53,8 @@ def _spread(taps: list[Tap]) -> float:
 
 
 def _score(taps: list[Tap]) -> float:
-    """The worse-placed network's depth quality (a tenth of the mean breaks ties), less the costs of the sizes."""
-    qualities = [depth_quality(t.depth) for t in taps]
+    """The worse-placed network's tap quality (a tenth of the mean breaks ties), less the costs of the sizes."""
+    qualities = [tap_quality(t) for t in taps]
     score = min(qualities) + 0.1 * sum(qualities) / len(qualities) - RATIO_COST * _spread(taps)
     if min(min(t.height, t.width) for t in taps) < GOOD_SIDE:
         score -= SMALL_COST
@@ -64,9 +80,8 @@ def candidate_sites(per_model: list[list[Tap]]) -> list[dict]:
     usable = [[t for t in taps if min(t.size) >= MIN_SIDE] for taps in per_model]
     if not all(usable):
         return []
-    if math.prod(len(u) for u in usable) > MAX_COMBINATIONS:  # many models: each keeps its stage outputs only
-        usable = [list({t.size: t for t in sorted(u, key=lambda t: abs(t.depth - TARGET_DEPTH), reverse=True)}
-                       .values()) for u in usable]
+    if math.prod(len(u) for u in usable) > MAX_COMBINATIONS:  # many models: each keeps its best tap per size
+        usable = [list({t.size: t for t in sorted(u, key=tap_quality)}.values()) for u in usable]
     sites = []
     for combo in itertools.product(*usable):
         taps = list(combo)
@@ -99,14 +114,18 @@ def spread(sites: list[dict], k: int) -> list[dict]:
 
 
 def shown(sites: list[dict], chosen: list[dict]) -> list[dict]:
-    """The sites a plan lists, best first: the chosen ones and the best site of each of the `SHOWN` best
-    combinations of sizes."""
-    out, sizes = [], set()
+    """The sites a plan lists, best first: the chosen ones, the best site of each of the `SHOWN` best combinations
+    of sizes, and the best site of every size all networks share (what `--site 4x4` and `--site all` name), however
+    low it scores."""
+    out, sizes, equal = [], set(), set()
     for site in sites:
         key = tuple(t.size for t in site["taps"])
-        if any(site is c for c in chosen) or (key not in sizes and len(sizes) < SHOWN):
+        first_equal = site["pairing"] == "equal" and key not in equal
+        if any(site is c for c in chosen) or (key not in sizes and len(sizes) < SHOWN) or first_equal:
             out.append(site)
             sizes.add(key)
+        if site["pairing"] == "equal":
+            equal.add(key)
     return out
 
 
