@@ -6,8 +6,11 @@ family model's own input size and at 32 px with `--stem small`; each network's s
     PYTHONPATH=<an older checkout> python benchmarks/probe_pairs.py --out before.json     # the same with older code
     python benchmarks/probe_pairs.py --markdown docs/results/probe_pairs_before.json docs/results/probe_pairs.json
 
-Depth is the probe's: a tap's position in the traced graph, 0 = input, 1 = head. A site below 0.25 sits at a
-network's stem, one above 0.9 right before its head (docs/probe.md). Each plan runs in a worker with a time limit.
+Depth is the probe's: a tap's position in the traced graph, 0 = input, 1 = head; place is its place among timm's
+stages past the stem (0 = the end of the first stage past the stem, 1 = the end of the last, below 0 the stem;
+None where the model has no feature_info), what the ranking reads since issue 34 (docs/probe.md). The summary counts
+sites in a stem or at a last stage by place (by depth, below 0.25 or above 0.9, where a network has no place), and by
+depth alone as before. Each plan runs in a worker with a time limit.
 """
 from __future__ import annotations
 
@@ -45,7 +48,8 @@ def _plan_one(args) -> dict:
         _cache_analyses(probe)
         plan = probe.plan([model, partner], size, stem="small" if setting == "small32" else "imagenet")
         site = plan.sites[0]
-        result.update(status="ok", depths=[t.depth for t in site.taps], sizes=[list(t.size) for t in site.taps],
+        result.update(status="ok", depths=[t.depth for t in site.taps], places=[t.place for t in site.taps],
+                      sizes=[list(t.size) for t in site.taps],
                       taps=[t.module or t.node for t in site.taps],
                       pairing=getattr(site, "pairing", "x2" if site.resized else "equal"))
     except BaseException as e:  # noqa: BLE001 - a sweep records every refusal and goes on
@@ -75,8 +79,17 @@ def _cache_analyses(probe) -> None:
     probe.analyse = cached
 
 
+def _badly_placed(r: dict, i: int) -> tuple[bool, bool]:
+    """(in the stem, at the last stage) for network i of a planned pair: by place where it has one, else by depth."""
+    place = (r.get("places") or [None, None])[i]
+    if place is None:
+        return r["depths"][i] < LOW, r["depths"][i] > HIGH
+    return place < 0, place >= 1
+
+
 def summary(results: list[dict]) -> dict:
-    """Per setting and partner kind: plans made, and how many put a network's site below LOW or above HIGH."""
+    """Per setting and partner kind: plans made, how many put a network's site below LOW or above HIGH in depth, and
+    how many in its stem or at its last stage by place (`_badly_placed`)."""
     out = {}
     for setting in ("own", "small32"):
         for kind in ("cnn", "vit"):
@@ -89,6 +102,12 @@ def summary(results: list[dict]) -> dict:
                 "partner_low": sum(r["depths"][1] < LOW for r in ok),
                 "partner_high": sum(r["depths"][1] > HIGH for r in ok),
                 "either_outside": sum(any(d < LOW or d > HIGH for d in r["depths"]) for r in ok),
+                "family_stem": sum(_badly_placed(r, 0)[0] for r in ok),
+                "family_last": sum(_badly_placed(r, 0)[1] for r in ok),
+                "partner_stem": sum(_badly_placed(r, 1)[0] for r in ok),
+                "partner_last": sum(_badly_placed(r, 1)[1] for r in ok),
+                "either_badly_placed": sum(any(_badly_placed(r, 0)) or any(_badly_placed(r, 1)) for r in ok),
+                "family_first_stage": sum((r.get("places") or [None])[0] == 0 for r in ok),
                 "pairings": {p: sum(r["pairing"] == p for r in ok) for p in sorted({r["pairing"] for r in ok})},
             }
     return out
@@ -104,8 +123,11 @@ def markdown(paths: list[str]) -> str:
         cells = []
         for f in files:
             s = f["summary"][key]
+            by_place = (f"; by place: stem / last {s['family_stem']} / {s['family_last']}, "
+                        f"{s['partner_stem']} / {s['partner_last']}, **{s['either_badly_placed']}**; family net at "
+                        f"its first stage past the stem {s['family_first_stage']}") if "family_stem" in s else ""
             cells.append(f"{s['planned']}/{s['pairs']}, {s['family_low']} / {s['family_high']}, "
-                         f"{s['partner_low']} / {s['partner_high']}, **{s['either_outside']}**")
+                         f"{s['partner_low']} / {s['partner_high']}, **{s['either_outside']}**{by_place}")
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
