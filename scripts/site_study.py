@@ -1,4 +1,4 @@
-"""Where should the MKB go? The site study of docs/results.md section 8 (issue 34), run through `clcli compare`.
+"""Where should the MKB go? The site study of docs/results.md section 5 (issue 34), run through `clcli compare`.
 
 For one pair of networks, IL and CL at each MKB configuration, several seeds each, in section 5's regime: the first
 10,000 CIFAR-10 training images, all 10,000 test images, batch 128, 40 epochs, the paper recipe (SGD lr 0.1 Nesterov,
@@ -115,7 +115,10 @@ def run(args) -> None:
 def table(args) -> None:
     """Per pair: IL and each configuration, test accuracy mean ± std, each seed's difference to IL, the sites used,
     and with --train-accuracy (scripts/train_accuracy.py's file) the mean train / test accuracy and their gap."""
-    fits = json.loads(Path(args.train_accuracy).read_text()) if args.train_accuracy else {}
+    fits = {}
+    if args.train_accuracy:  # one entry per run: relative keys are relative to the file's folder, links resolved
+        path = Path(args.train_accuracy)
+        fits = {str((path.parent / k).resolve()): v for k, v in json.loads(path.read_text()).items()}
     for pair in sorted(p for p in Path(args.out).iterdir() if (p / "il").is_dir()):
         names = pair.name.split("+")
         il = _accuracies(pair / "il" / "runs" / "il")
@@ -141,7 +144,7 @@ def table(args) -> None:
 def _fit(fits: dict, runs: Path, names: list[str]) -> str:
     """Mean training accuracy (un-augmented training images) / test accuracy (gap) per network over the measured
     seeds: 'resnet10t 98.5 / 75.4 (+23.1); ...'."""
-    measured = [fits[k] for k in fits if Path(k).resolve().parent == runs.resolve()]
+    measured = [fits[k] for k in fits if Path(k).parent == runs.resolve()]
     if not measured:
         return "—"
     cells = []
