@@ -175,6 +175,29 @@ def test_a_recipe_with_an_unknown_string_stops_before_any_image_is_decoded(tmp_p
             recipes.load("quickstart", [f"data.{key}={value}"])
 
 
+def test_a_streamed_posterize_that_keeps_no_bits_makes_the_image_black_instead_of_raising():
+    # Pillow 13 refuses ImageOps.posterize(image, 0), which timm's levels reach (AutoAugment v0: ~3 % of images,
+    # PosterizeIncreasing at high magnitudes); the in-memory path makes such an image black, as Pillow did before
+    import random
+
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    state = random.getstate()
+    random.seed(0)
+    try:
+        for spec in ("v0", "rand-m9-mstd0.5-inc1"):
+            stage = _autoaugment.stream_transform(spec, 32, MEAN)
+            posterizes = [op for op in _autoaugment._augment_ops(stage) if op.name.startswith("Posterize")]
+            assert posterizes and all(op.aug_fn is _autoaugment._posterize_keeping_none for op in posterizes)
+            for _ in range(300):  # v0 drew 0 bits in 89 of 3,000 before
+                stage(photo)
+    finally:
+        random.setstate(state)
+    black = _autoaugment._posterize_keeping_none(photo, 0)
+    assert black.size == photo.size and not np.asarray(black).any()
+    assert np.array_equal(np.asarray(_autoaugment._posterize_keeping_none(photo, 3)),
+                          np.asarray(timm_aa.posterize(photo, 3)))
+
+
 def test_the_streamed_transform_runs_timms_auto_augment_after_todays_crop():
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
     transform = _stream._transform(True, 24, "rrc_flip", 4, None, "rand-m9-n2-mstd0.5", MEAN)

@@ -25,7 +25,7 @@ Refused in memory (one line): AugMix (`augmix-...`) and 3-Augment (`3a`, `rand-t
 has no torchvision op); on a streamed split they run as timm runs them, on PIL images in the workers.
 
 Streamed splits use timm's transform itself (`create_transform(..., separate=True)`'s auto-augment stage) on PIL
-images, or torchvision's TrivialAugmentWide.
+images, or torchvision's TrivialAugmentWide; its posterize ops keep 0 bits as a black image (Pillow 13 refuses 0).
 """
 from __future__ import annotations
 
@@ -407,4 +407,34 @@ def stream_transform(spec: str, size: int, mean: Sequence[float] | None):
     _, stage, _ = create_transform(size, is_training=True, auto_augment=spec, interpolation="bilinear",
                                    mean=tuple(mean) if mean is not None else (0.5, 0.5, 0.5), use_prefetcher=True,
                                    separate=True)
+    for op in _augment_ops(stage):
+        if op.name.startswith("Posterize"):
+            op.aug_fn = _posterize_keeping_none
     return stage
+
+
+def _augment_ops(node):
+    """Every timm `AugmentOp` in an auto-augment stage: RandAugment's and AugMix's `ops`, AutoAugment's `policy`
+    (sub-policies of ops), a Compose's `transforms`."""
+    from timm.data.auto_augment import AugmentOp
+
+    if isinstance(node, AugmentOp):
+        yield node
+    elif isinstance(node, (list, tuple)):
+        for item in node:
+            yield from _augment_ops(item)
+    else:
+        for attribute in ("ops", "policy", "transforms"):
+            yield from _augment_ops(getattr(node, attribute, ()))
+
+
+def _posterize_keeping_none(image, bits_to_keep, **kwargs):
+    """timm's posterize on a PIL image, where keeping 0 bits (timm's levels reach 0: Posterize at a low magnitude,
+    PosterizeIncreasing at a high one, AutoAugment v0) makes the image black, as Pillow before 13 and the in-memory
+    path do: Pillow 13 refuses 0 bits, which stopped a streamed run in its first epoch."""
+    from PIL import Image
+    from timm.data.auto_augment import posterize
+
+    if bits_to_keep <= 0:
+        return Image.new(image.mode, image.size, 0)
+    return posterize(image, bits_to_keep, **kwargs)
