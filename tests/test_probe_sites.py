@@ -140,6 +140,16 @@ def test_the_study_pairs_plan_their_measured_best_single_site():
         assert [t.module for t in plan.sites[0].taps] == modules and plan.sites[0].size == (8, 8)
 
 
+def test_every_size_all_networks_share_stays_listed_however_low_it_scores():
+    # at 32 px with a small stem the two meet at 4x4 only at test_resnet's last stage (place 1): it ranks below
+    # the 8 best size combinations, but `--site 4x4`, `cl.sites: [all]` and clcli tune's default space name it
+    plan = probe.plan(["test_resnet", "test_efficientnet"], 32, stem="small")
+    shared = probe.equal_sizes(plan.candidates)
+    assert "4x4" in shared and plan.candidates[shared["4x4"] - 1].score < plan.candidates[7].score
+    (site,) = probe.plan(["test_resnet", "test_efficientnet"], 32, stem="small", sites=["4x4"]).sites
+    assert site.size == (4, 4) and site.pairing == "equal"
+
+
 def test_equal_sizes_win_at_equal_depths():
     a = [_tap("a16", 16, 0.4), _tap("a8", 8, 0.65)]
     b = [_tap("b16", 16, 0.4), _tap("b8", 8, 0.65), _tap("b4", 4, 0.7)]
