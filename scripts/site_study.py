@@ -17,7 +17,9 @@ keeps the plan.json it trained (the sites it used), so a reader checks which tap
 OUT/PAIR/il/runs/il/seedN holds the IL runs; OUT/PAIR/CONFIG/ is one `clcli compare --out` folder per configuration,
 its runs/il a link to the IL runs (IL is trained once per seed, before any CL run of that seed). Runs go JOBS at a
 time (one thread each with --threads 1: the CPU setting; on a GPU use --jobs 1 --threads 0). Re-running the same
-command resumes: finished runs are reused, an interrupted one is resumed from its last checkpoint.
+command resumes: finished runs are reused, an interrupted one is resumed from its last checkpoint. Instances side by
+side take disjoint seeds: a `compare --methods cl` trains its seed's linked IL run when it is missing, and a second
+process on the same run is refused (the run lock).
 """
 from __future__ import annotations
 
