@@ -1,7 +1,8 @@
 """Rank candidate MKB sites across models: feature maps of equal spatial size (the paper, section III-B), and each
 network's tap as early as its first stage past the stem, never in the stem or at the last stage before the head.
 Where the MKB goes was measured (docs/results.md section 5, the site study): on both pairs trained, one MKB at the
-end of each network's first stage past the stem was the best single site, the sites after it less and less good;
+end of each network's first stage past the stem gave the weaker network the most of any single site and each later
+one less (the stronger network gained about the same at every site);
 the paper's Table 5 (one pair, one seed, CIFAR networks without a stem) put the best at the second of three stages
 and the classifier last. Each network's own place counts: a site is as good as the worse placed of its taps, so that
 no network's MKB sits at its stem or right before its head to suit the other."""
