@@ -95,6 +95,7 @@ def summary(results: list[dict]) -> dict:
         for kind in ("cnn", "vit"):
             rows = [r for r in results if r["setting"] == setting and r["kind"] == kind]
             ok = [r for r in rows if r["status"] == "ok"]
+            placed = [(_badly_placed(r, 0), _badly_placed(r, 1)) for r in ok]  # ((stem, last) family, partner)
             out[f"{setting}/{kind}"] = {
                 "pairs": len(rows), "planned": len(ok),
                 "family_low": sum(r["depths"][0] < LOW for r in ok),
@@ -102,11 +103,11 @@ def summary(results: list[dict]) -> dict:
                 "partner_low": sum(r["depths"][1] < LOW for r in ok),
                 "partner_high": sum(r["depths"][1] > HIGH for r in ok),
                 "either_outside": sum(any(d < LOW or d > HIGH for d in r["depths"]) for r in ok),
-                "family_stem": sum(_badly_placed(r, 0)[0] for r in ok),
-                "family_last": sum(_badly_placed(r, 0)[1] for r in ok),
-                "partner_stem": sum(_badly_placed(r, 1)[0] for r in ok),
-                "partner_last": sum(_badly_placed(r, 1)[1] for r in ok),
-                "either_badly_placed": sum(any(_badly_placed(r, 0)) or any(_badly_placed(r, 1)) for r in ok),
+                "family_stem": sum(family[0] for family, _ in placed),
+                "family_last": sum(family[1] for family, _ in placed),
+                "partner_stem": sum(partner[0] for _, partner in placed),
+                "partner_last": sum(partner[1] for _, partner in placed),
+                "either_badly_placed": sum(any(family) or any(partner) for family, partner in placed),
                 "family_first_stage": sum((r.get("places") or [None])[0] == 0 for r in ok),
                 "pairings": {p: sum(r["pairing"] == p for r in ok) for p in sorted({r["pairing"] for r in ok})},
             }

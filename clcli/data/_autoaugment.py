@@ -432,9 +432,8 @@ def _posterize_keeping_none(image, bits_to_keep, **kwargs):
     """timm's posterize on a PIL image, where keeping 0 bits (timm's levels reach 0: Posterize at a low magnitude,
     PosterizeIncreasing at a high one, AutoAugment v0) makes the image black, as Pillow before 13 and the in-memory
     path do: Pillow 13 refuses 0 bits, which stopped a streamed run in its first epoch."""
-    from PIL import Image
+    if bits_to_keep <= 0:
+        return image.point(lambda _: 0)  # every bit of every band cleared, in the image's own mode
     from timm.data.auto_augment import posterize
 
-    if bits_to_keep <= 0:
-        return Image.new(image.mode, image.size, 0)
     return posterize(image, bits_to_keep, **kwargs)

@@ -284,9 +284,10 @@ def _placed(taps: list[Tap], stages: list[tuple[str, str | None, float | None, i
         k = bisect.bisect_left(depths, depth)  # the first stage end at or after the tap
         if k == len(depths):
             return 1.0
-        inside = 1.0 if k == 0 else (depth - depths[k - 1]) / max(depths[k] - depths[k - 1], 1e-9)
-        if k == 0 and depth < depths[0]:
-            inside = 0.0  # before the first end: the step below it
+        if k == 0:  # the first stage end itself, or the step below it
+            inside = 1.0 if depth == depths[0] else 0.0
+        else:
+            inside = (depth - depths[k - 1]) / max(depths[k] - depths[k - 1], 1e-9)
         return round((k - 1 - stem + inside) / span, 4)
 
     return [dataclasses.replace(t, place=place(t.depth)) for t in taps]
