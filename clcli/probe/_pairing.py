@@ -1,8 +1,9 @@
 """Rank candidate MKB sites across models: feature maps of equal spatial size (the paper, section III-B), and each
 network's tap as early as its first stage past the stem, never in the stem or at the last stage before the head.
-Where the MKB goes was measured (docs/results.md section 5, the site study): on both pairs trained, one MKB at the
-end of each network's first stage past the stem gave the weaker network the most of any single site and each later
-one less (the stronger network gained about the same at every site);
+Where the MKB goes was measured (docs/results.md section 5, the site study): on the two pairs where a network
+overfits, one MKB at the end of each network's first stage past the stem gave the weaker network the most of any
+single site and each later one less (the stronger network gained about the same at every site); on a pair where
+both underfit CL helped at no site and cost most there, and the rule stays as the best on average;
 the paper's Table 5 (one pair, one seed, CIFAR networks without a stem) put the best at the second of three stages
 and the classifier last. Each network's own place counts: a site is as good as the worse placed of its taps, so that
 no network's MKB sits at its stem or right before its head to suit the other."""
