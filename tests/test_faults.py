@@ -49,21 +49,6 @@ def _snapshot(folder):
     return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_mode) for p in sorted(folder.rglob("*"))}
 
 
-@pytest.fixture(autouse=True)
-def signals_not_ignored():
-    """A parent that ignores SIGINT or SIGHUP (`nohup`, a background job of a script) passes that on to this process
-    and to the commands it starts, and clcli rightly leaves an ignored signal ignored; these tests send them."""
-    import signal
-
-    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGHUP: signal.SIG_DFL}
-    ignored = [s for s in defaults if signal.getsignal(s) is signal.SIG_IGN]
-    for s in ignored:
-        signal.signal(s, defaults[s])
-    yield
-    for s in ignored:
-        signal.signal(s, signal.SIG_IGN)
-
-
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A finished 1-epoch CL run of two tiny networks."""

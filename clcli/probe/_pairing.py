@@ -1,6 +1,6 @@
 """Rank candidate MKB sites across models: feature maps of equal spatial size (the paper, section III-B), and each
 network's tap as early as its first stage past the stem, never in the stem or at the last stage before the head.
-Where the MKB goes was measured (docs/results.md section 5, the site study): on the two pairs where a network
+Where the MKB goes was measured (docs/results.md section 5, the site study): on the three pairs where a network
 overfits, one MKB at the end of each network's first stage past the stem gave the weaker network the most of any
 single site and each later one less (the stronger network gained about the same at every site); on a pair where
 both underfit CL helped at no site and cost most there, and the rule stays as the best on average;
