@@ -1,4 +1,5 @@
 import os
+import signal
 
 import pytest
 
@@ -28,8 +29,6 @@ def signals_not_ignored():
     """A parent that ignores SIGINT or SIGHUP (`nohup`, a background job of a script) passes that on to this process
     and to the commands it starts, and clcli rightly leaves an ignored signal ignored; tests that stop a run
     send them (test_faults.py, test_gpu_paths.py, test_tune.py), so the suite passes however it is started."""
-    import signal
-
     defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGHUP: signal.SIG_DFL}
     ignored = [s for s in defaults if signal.getsignal(s) is signal.SIG_IGN]
     for s in ignored:
